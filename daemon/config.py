@@ -1,0 +1,202 @@
+"""Configuration: read once from YAML into frozen dataclasses, validated with errors that name the key.
+
+A config error is a user mistake, not a bug: it is raised as `ConfigError` with one line saying which key is
+wrong and what is allowed, and the CLI exits with status 78 (EX_CONFIG) so systemd does not restart-loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EX_CONFIG = 78
+
+
+class ConfigError(Exception):
+    """A config key is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class FoldersConfig:
+    classes: str = "classes"
+    inbox: str = "inbox"
+    outbox: str = "outbox"
+    review: str = "review"
+    rejected: str = "rejected"
+    state: str = "state"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    engine: str = "auto"
+    batch_size: int = 32
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    validation_percentage: float = 10.0
+    testing_percentage: float = 10.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    quiet_period_seconds: float = 3.0
+    l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    max_iterations: int = 500
+    class_weighting: bool = True
+    keep_versions: int = 5
+    gate_tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    top_k: int = 5
+    confidence_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = 1.0
+    rescan_interval_seconds: float = 300.0
+    max_image_pixels: int = 89_478_485
+    max_file_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9721
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    disable: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Config:
+    data_root: Path = Path("data")
+    folders: FoldersConfig = field(default_factory=FoldersConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    log_level: str = "INFO"
+
+    def folder(self, name: str) -> Path:
+        """Absolute path of one of the configured folders (`classes`, `inbox`, ..., `state`)."""
+        return self.data_root / str(getattr(self.folders, name))
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "backbone.batch_size": (1, 4096),
+    "backbone.threads": (0, 1024),
+    "split.validation_percentage": (0, 100),
+    "split.testing_percentage": (0, 100),
+    "training.quiet_period_seconds": (0, 86400),
+    "training.max_iterations": (1, 100_000),
+    "training.keep_versions": (1, 1000),
+    "training.gate_tolerance": (0, 1),
+    "classify.top_k": (1, 1000),
+    "classify.confidence_threshold": (0, 1),
+    "watch.settle_seconds": (0, 3600),
+    "watch.rescan_interval_seconds": (0, 86400 * 7),
+    "watch.max_image_pixels": (1, 10**10),
+    "watch.max_file_bytes": (1, 10**12),
+    "http.port": (0, 65535),
+    "http.max_body_bytes": (1, 10**10),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "backbone.engine": ("auto", "keras", "tflite"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    """Check `value` against the type hint `hint`, converting only where YAML is ambiguous (int → float)."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check(key: str, value: Any) -> None:
+    if key in _RANGES:
+        low, high = _RANGES[key]
+        if not low <= value <= high:
+            raise ConfigError(f"{key}: {value!r} is out of range [{low}, {high}]")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+
+
+def _build(cls: Any, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _convert(key, hints[name], value)
+        _check(key, values[name])
+    return cls(**values)
+
+
+def _resolve_root(config: Config, base: Path) -> Config:
+    root = (base / config.data_root).resolve()
+    if not root.parent.is_dir():
+        raise ConfigError(f"data_root: parent folder {root.parent} does not exist; create it or fix the path")
+    if config.split.validation_percentage + config.split.testing_percentage >= 100:
+        raise ConfigError("split: validation_percentage + testing_percentage must be below 100")
+    return dataclasses.replace(config, data_root=root)
+
+
+def parse_config(raw: Any, base: Path) -> Config:
+    """Validate a decoded YAML document; relative paths are resolved against `base` (the config's folder)."""
+    return _resolve_root(_build(Config, raw, ""), base)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`; every problem is a `ConfigError` naming the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return parse_config(raw, path.parent.resolve())
+

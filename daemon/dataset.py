@@ -1,0 +1,74 @@
+"""The training set as matrices: cached bottlenecks of catalog files, split by retrain.py's stable name hash."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from daemon.config import SplitConfig
+from daemon.split import SPLITS, TRAIN, split_of
+from daemon.store import CatalogEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One split: bottlenecks `x`, label indices `y`, and the catalog paths they came from."""
+
+    x: np.ndarray
+    y: np.ndarray
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    labels: tuple[str, ...]
+    parts: dict[str, Part]
+    manifest_sha256: str
+    #: labels with no training image, trained on all their images instead (retrain.py would fail on them)
+    borrowed: tuple[str, ...] = field(default=())
+
+    @property
+    def train(self) -> Part:
+        return self.parts[TRAIN]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per label and split, for metrics and `metrics.json`."""
+        out: dict[str, dict[str, int]] = {label: dict.fromkeys(SPLITS, 0) for label in self.labels}
+        for split, part in self.parts.items():
+            for index in part.y:
+                out[self.labels[int(index)]][split] += 1
+        return out
+
+
+def manifest_of(entries: list[CatalogEntry]) -> str:
+    """A hash of (label, content, name) over `entries` in path order: equal manifests, equal training sets."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(f"{entry.label}\0{entry.sha256}\0{PurePosixPath(entry.path).name}\n".encode())
+    return digest.hexdigest()
+
+
+def build_dataset(entries: list[CatalogEntry], matrix: np.ndarray, split: SplitConfig) -> Dataset:
+    """Split catalog rows (aligned with `matrix`) into train/validation/test by file name."""
+    labels = tuple(sorted({entry.label for entry in entries}))
+    index = {label: i for i, label in enumerate(labels)}
+    names = [PurePosixPath(e.path).name for e in entries]
+    splits = np.array([split_of(n, split.validation_percentage, split.testing_percentage) for n in names])
+    y = np.array([index[e.label] for e in entries], dtype=np.int64)
+    train_mask = splits == TRAIN
+    borrowed = tuple(label for label in labels if not np.any(train_mask & (y == index[label])))
+    for label in borrowed:
+        log.warning("label %r has no training image by the name split; training on all its images", label)
+        train_mask |= y == index[label]
+    parts: dict[str, Part] = {}
+    for name in SPLITS:
+        mask = train_mask if name == TRAIN else (splits == name) & ~train_mask
+        rows = np.flatnonzero(mask)
+        parts[name] = Part(matrix[rows], y[rows], tuple(entries[i].path for i in rows))
+    return Dataset(labels, parts, manifest_of(entries), borrowed)

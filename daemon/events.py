@@ -1,0 +1,26 @@
+"""Immutable file events: the only thing watchdog handlers and scans hand to the pipeline."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class EventKind(enum.Enum):
+    CREATED = "created"
+    MODIFIED = "modified"
+    CLOSED = "closed"
+    DELETED = "deleted"
+    MOVED = "moved"
+    SCANNED = "scanned"
+    RESCAN = "rescan"
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """Something happened to `path` (for MOVED, `dest` is the new path). RESCAN asks for a full scan."""
+
+    kind: EventKind
+    path: Path
+    dest: Path | None = None

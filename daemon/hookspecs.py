@@ -1,0 +1,135 @@
+"""The one hook contract of retraind. Every hook a plugin may implement is declared, typed and documented here.
+
+Built-in behaviour (in the top-level `plugins` package) implements these same hooks and is registered through
+the same `retraind` entry-point group as a third-party plugin; built-in defaults are `trylast` so a user's
+plugin that returns a result first replaces them. Verbs tell the shape: `make_*`/`decode_*`/`train_*` build
+something (firstresult), `accept_*`/`should_*`/`route_*` decide (firstresult), `write_*` contributes to a
+folder being built (every plugin), `on_*` notifies (every plugin; a failure is logged and counted, never
+propagated). firstresult hooks stop at the first non-None result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pluggy
+
+if TYPE_CHECKING:
+    from daemon.backbone import Backbone
+    from daemon.config import BackboneConfig, Config, TrainingConfig
+    from daemon.dataset import Dataset
+    from daemon.events import FileEvent
+    from daemon.head import Head
+    from daemon.registry import ModelVersion
+    from daemon.results import ClassificationResult
+    from daemon.retrain_policy import RetrainState
+
+PROJECT = "retraind"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(firstresult=True)
+def retraind_make_backbone(config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+    """Build the backbone named `config.name`, or return None when this plugin does not provide that name.
+
+    Called once at start-up (and on a config reload that changes the backbone), on the main thread.
+    `cache_dir` is a folder under the state dir where downloaded weights may be cached. Raise
+    `daemon.backbone.BackboneUnavailable` with a message naming the config key to set when the weights cannot
+    be had. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+    """Decode encoded image bytes into a uint8 RGB array of shape (size[1], size[0], 3), or return None to
+    let the next decoder try.
+
+    Called on the pipeline worker thread for every image, and on HTTP threads for classify requests. Raise
+    `daemon.images.ImageRejected(reason, message)` for content that is not a usable image; the file then goes
+    to `rejected/` (inbox) or is skipped with a warning (classes). `max_pixels` bounds decompression bombs.
+    Stops at the first non-None result; the built-in Pillow decoder is `trylast`.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_accept_path(path: Path, area: str) -> bool | None:
+    """Decide whether a file under a watched area (`"classes"` or `"inbox"`) is ours to process.
+
+    Called on the pipeline worker thread for every file event and scan hit. Return False to ignore the file
+    (it is left where it is), True to take it, None to defer to the next plugin. Stops at the first non-None
+    result; the built-in filter (`trylast`) ignores sidecar records and the daemon's own temporary files.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_should_retrain(state: RetrainState) -> bool | None:
+    """Decide whether the trainer thread starts a training run now.
+
+    Called on the trainer thread about every quarter second while the training set has changed since the
+    last run. Return True to train now, False to wait, None to defer. Stops at the first non-None result;
+    the built-in policy (`trylast`) waits for `training.quiet_period_seconds` without a change.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head | None:
+    """Train a classifier head on cached bottlenecks and return it, or None to defer to the next trainer.
+
+    Called on the trainer thread. `dataset` holds float32 train/validation/test matrices and integer labels
+    indexing `dataset.labels`. Stops at the first non-None result; the built-in L-BFGS softmax trainer is
+    `trylast`.
+    """
+
+
+@hookspec
+def retraind_write_model_artifacts(version: ModelVersion, directory: Path, dataset: Dataset) -> None:
+    """Add files (plots, logs, exports) to a model version folder while it is being built.
+
+    Called on the trainer thread for every plugin, after the head, `labels.txt` and `metrics.json` are
+    written and before the folder is atomically published; `directory` is the temporary folder. A failure
+    is logged and counted, and the version is still published.
+    """
+
+
+@hookspec
+def retraind_on_model_published(version: ModelVersion) -> None:
+    """Notification that `version` is now CURRENT and serving. Called on the trainer thread."""
+
+
+@hookspec(firstresult=True)
+def retraind_route_result(result: ClassificationResult, config: Config) -> Path | None:
+    """Choose the folder an inbox image moves to once classified (it is moved atomically by the core).
+
+    Called on the pipeline worker thread. Stops at the first non-None result; the built-in router
+    (`trylast`) picks `outbox/<label>/`, or `review/` below `classify.confidence_threshold`.
+    """
+
+
+@hookspec
+def retraind_on_result(result: ClassificationResult, config: Config) -> None:
+    """Sink a classification result after its image has reached its final place (`result.destination`).
+
+    Called on the pipeline worker thread for every plugin; the built-in sinks write the sidecar record and
+    append to `results.jsonl`. A sink may be called again for the same `result.id` after a crash, so it
+    must be idempotent. A failing sink is logged and counted; the others still run.
+    """
+
+
+@hookspec
+def retraind_on_file_event(event: FileEvent) -> None:
+    """Observe every file event the watcher or a rescan produced, before it is processed.
+
+    Called on the pipeline worker thread. Must return quickly; failures are logged and counted.
+    """
+
+
+@hookspec
+def retraind_on_rejected(path: Path, reason: str, message: str) -> None:
+    """Notification that a file could not be used as an image: `reason` is a short metric label
+    (`empty`, `corrupt`, `too_large`, `unsupported`, `unreadable`), `message` says why for a person.
+
+    Called on the pipeline worker thread; for inbox files `path` is where the file now lies in `rejected/`.
+    """

@@ -1,0 +1,51 @@
+"""Prometheus metrics, all on one injected registry (a fresh one per daemon, so tests never share state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from daemon import __version__
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the daemon exports; names follow Prometheus conventions (base units, `_total`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        Info("retraind_build", "Version of retraind", registry=r).info({"version": __version__})
+        self.model_info = Gauge("retraind_model_info", "The model serving now", ["version", "backbone"], registry=r)
+        self.model_version = Gauge("retraind_model_version", "Serving model version (0: none)", registry=r)
+        self.images = Gauge("retraind_images", "Training images by label and split", ["label", "split"], registry=r)
+        self.cache_hits = Counter(
+            "retraind_bottleneck_cache_hits", "Bottlenecks found in the store", registry=r)
+        self.cache_misses = Counter(
+            "retraind_bottleneck_cache_misses", "Bottlenecks computed by the backbone", registry=r)
+        self.compute_seconds = Histogram(
+            "retraind_bottleneck_compute_seconds", "Backbone time per batch", buckets=_LATENCY_BUCKETS, registry=r)
+        self.training_runs = Counter(
+            "retraind_training_runs", "Training runs by result", ["result"], registry=r)
+        self.training_seconds = Histogram(
+            "retraind_training_duration_seconds", "Training run duration", buckets=_LATENCY_BUCKETS, registry=r)
+        self.accuracy = Gauge(
+            "retraind_model_accuracy_ratio", "Serving model accuracy by split", ["split"], registry=r)
+        self.last_training = Gauge(
+            "retraind_last_training_timestamp_seconds", "End of the last training run", registry=r)
+        self.classifications = Counter(
+            "retraind_classifications", "Inbox images classified", ["label", "outcome"], registry=r)
+        self.classification_seconds = Histogram(
+            "retraind_classification_duration_seconds", "Time per classification stage", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.confidence = Histogram(
+            "retraind_prediction_confidence", "Top-1 score of classifications",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), registry=r)
+        self.inbox_pending = Gauge("retraind_inbox_pending_files", "Inbox files waiting", registry=r)
+        self.rejected = Counter("retraind_rejected_files", "Files that are not usable images", ["reason"], registry=r)
+        self.overflows = Counter(
+            "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)
+        self.plugin_errors = Counter(
+            "retraind_plugin_errors", "Exceptions raised by plugins", ["hook", "plugin"], registry=r)
+        for result in ("promoted", "rejected", "failed"):
+            self.training_runs.labels(result=result)
+        self.model_version.set(0)

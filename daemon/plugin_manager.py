@@ -1,0 +1,109 @@
+"""The plugin manager is built by a function; the core calls hooks only through the typed `Hooks` facade."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pluggy
+
+from daemon import hookspecs
+from daemon.hookspecs import PROJECT
+
+if TYPE_CHECKING:
+    from daemon.backbone import Backbone
+    from daemon.config import BackboneConfig, Config, TrainingConfig
+    from daemon.dataset import Dataset
+    from daemon.events import FileEvent
+    from daemon.head import Head
+    from daemon.metrics import Metrics
+    from daemon.registry import ModelVersion
+    from daemon.results import ClassificationResult
+    from daemon.retrain_policy import RetrainState
+
+log = logging.getLogger(__name__)
+
+#: Built-in plugins, registered like third-party ones; listed here too so a source checkout without the
+#: installed entry points still works.
+DEFAULT_PLUGINS = (
+    "plugins.pillow_decoder",
+    "plugins.path_filter",
+    "plugins.quiet_period",
+    "plugins.softmax_head",
+    "plugins.file_sinks",
+    "plugins.inception_v3",
+    "plugins.efficientnet_lite0",
+)
+
+
+def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> pluggy.PluginManager:
+    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in disabled:
+        pm.set_blocked(name)
+    for module_name in DEFAULT_PLUGINS:
+        name = module_name.rsplit(".", 1)[1]
+        if not pm.is_blocked(name):
+            pm.register(importlib.import_module(module_name), name=name)
+    pm.load_setuptools_entrypoints(PROJECT)
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+class Hooks:
+    """Typed calls into the plugins; notification hooks are isolated so one failing plugin stops nothing."""
+
+    def __init__(self, pm: pluggy.PluginManager, metrics: Metrics | None = None) -> None:
+        self.pm = pm
+        self._metrics = metrics
+
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every implementation separately: pluggy would stop at the first exception."""
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                impl.function(*(kwargs[arg] for arg in impl.argnames))
+            except Exception:
+                log.exception("plugin %s failed in %s (%s)", impl.plugin_name, hook_name, kwargs)
+                if self._metrics is not None:
+                    self._metrics.plugin_errors.labels(hook=hook_name, plugin=impl.plugin_name).inc()
+
+    def make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        return self.pm.hook.retraind_make_backbone(config=config, cache_dir=cache_dir)  # type: ignore[no-any-return]
+
+    def decode_image(self, data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+        return self.pm.hook.retraind_decode_image(data=data, size=size, max_pixels=max_pixels)  # type: ignore[no-any-return]
+
+    def accept_path(self, path: Path, area: str) -> bool:
+        return self.pm.hook.retraind_accept_path(path=path, area=area) is not False
+
+    def should_retrain(self, state: RetrainState) -> bool:
+        return bool(self.pm.hook.retraind_should_retrain(state=state))
+
+    def train_head(self, dataset: Dataset, config: TrainingConfig) -> Head | None:
+        return self.pm.hook.retraind_train_head(dataset=dataset, config=config)  # type: ignore[no-any-return]
+
+    def route_result(self, result: ClassificationResult, config: Config) -> Path | None:
+        return self.pm.hook.retraind_route_result(result=result, config=config)  # type: ignore[no-any-return]
+
+    def write_model_artifacts(self, version: ModelVersion, directory: Path, dataset: Dataset) -> None:
+        self._notify("retraind_write_model_artifacts", version=version, directory=directory, dataset=dataset)
+
+    def on_model_published(self, version: ModelVersion) -> None:
+        self._notify("retraind_on_model_published", version=version)
+
+    def on_result(self, result: ClassificationResult, config: Config) -> None:
+        self._notify("retraind_on_result", result=result, config=config)
+
+    def on_file_event(self, event: FileEvent) -> None:
+        self._notify("retraind_on_file_event", event=event)
+
+    def on_rejected(self, path: Path, reason: str, message: str) -> None:
+        self._notify("retraind_on_rejected", path=path, reason=reason, message=message)

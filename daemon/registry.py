@@ -1,0 +1,102 @@
+"""Model versions on disk: `models/<n>/` folders published whole, and a `CURRENT` pointer swapped atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic
+from daemon.head import Head
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE, LABELS_FILE, METRICS_FILE, CURRENT_FILE = "head.npz", "labels.txt", "metrics.json", "CURRENT"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A published (or being published) model: the head, its labels in output order, and its metrics."""
+
+    number: int
+    directory: Path
+    labels: tuple[str, ...]
+    backbone: str
+    head: Head
+    metrics: dict[str, Any]
+
+
+class ModelRegistry:
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root
+        self.keep = keep
+        root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[int]:
+        return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def load(self, number: int) -> ModelVersion:
+        directory = self.root / str(number)
+        labels = tuple((directory / LABELS_FILE).read_text(encoding="utf-8").splitlines())
+        metrics = json.loads((directory / METRICS_FILE).read_text(encoding="utf-8"))
+        head = Head.load(directory / HEAD_FILE)
+        if head.weights.shape[1] != len(labels):
+            raise ValueError(f"{directory}: head has {head.weights.shape[1]} outputs for {len(labels)} labels")
+        return ModelVersion(number, directory, labels, str(metrics["backbone"]), head, metrics)
+
+    def current(self) -> ModelVersion | None:
+        """The version `CURRENT` points to, or None when there is none yet."""
+        pointer = self.root / CURRENT_FILE
+        if not pointer.exists():
+            return None
+        return self.load(int(pointer.read_text().strip()))
+
+    def publish(
+        self, head: Head, labels: tuple[str, ...], metrics: dict[str, Any],
+        add_artifacts: Callable[[ModelVersion, Path], None],
+    ) -> ModelVersion:
+        """Build the next version in a temporary folder, rename it into place, then swap `CURRENT`."""
+        number = max(self.versions(), default=0) + 1
+        final = self.root / str(number)
+        tmp = self.root / f"{TMP_PREFIX}{number}-{time.time_ns()}"
+        tmp.mkdir()
+        try:
+            metrics = {**metrics, "version": number}
+            head.save(tmp / HEAD_FILE)
+            (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            add_artifacts(ModelVersion(number, tmp, labels, str(metrics["backbone"]), head, metrics), tmp)
+            _fsync_tree(tmp)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_atomic(self.root / CURRENT_FILE, f"{number}\n".encode())
+        self._prune(number)
+        return ModelVersion(number, final, labels, str(metrics["backbone"]), head, metrics)
+
+    def _prune(self, current: int) -> None:
+        for number in self.versions()[: -self.keep]:
+            if number != current:
+                shutil.rmtree(self.root / str(number), ignore_errors=True)
+        for leftover in self.root.glob(f"{TMP_PREFIX}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Make every file of a version durable before the rename makes it visible."""
+    for item in folder.rglob("*"):
+        if item.is_file():
+            fd = os.open(item, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)

@@ -1,0 +1,46 @@
+"""A classification result: what sinks receive and what the JSON record holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    """`destination` is where the image lies once moved (None while still being routed)."""
+
+    id: str
+    source: Path
+    sha256: str
+    top_k: tuple[tuple[str, float], ...]
+    model_version: int
+    backbone: str
+    time: str
+    destination: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0][0]
+
+    @property
+    def confidence(self) -> float:
+        return self.top_k[0][1]
+
+    def record(self) -> dict[str, Any]:
+        """The machine-readable record (sidecar and `results.jsonl` line)."""
+        return {
+            "id": self.id,
+            "file": self.source.name,
+            "destination": str(self.destination) if self.destination else None,
+            "label": self.label,
+            "confidence": self.confidence,
+            "top_k": [{"label": label, "score": score} for label, score in self.top_k],
+            "model_version": self.model_version,
+            "backbone": self.backbone,
+            "sha256": self.sha256,
+            "time": self.time,
+            **self.extra,
+        }

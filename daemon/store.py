@@ -1,0 +1,219 @@
+"""The embedded store (SQLite, WAL): bottlenecks keyed by content, the training-file catalog, the inbox journal.
+
+SQLite gives atomic, durable commits, so a power cut never leaves half an entry; every vector also carries a
+CRC32 checked on read, and a vector that fails it is treated as missing and recomputed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bottlenecks (
+    sha256 TEXT NOT NULL, backbone TEXT NOT NULL, variant TEXT NOT NULL,
+    vector BLOB NOT NULL, crc INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (sha256, backbone, variant)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, label TEXT NOT NULL, sha256 TEXT, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ok INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (
+    id TEXT PRIMARY KEY, source TEXT NOT NULL, destination TEXT NOT NULL, record TEXT NOT NULL,
+    state TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID;
+"""
+
+ORIGINAL = ""  # the `variant` of an undistorted image's bottleneck
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A training file as last seen: `path` is relative to `classes/`, `ok` False for unusable content."""
+
+    path: str
+    label: str
+    sha256: str | None
+    size: int
+    mtime_ns: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """An inbox file whose move to `destination` is decided; `state` is `moving` until its sinks ran."""
+
+    id: str
+    source: str
+    destination: str
+    record: str
+    state: str
+
+
+class Store:
+    """One SQLite database; each thread gets its own connection (SQLite connections are not shareable)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._db().executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- bottlenecks -------------------------------------------------------------------------------------
+
+    def put_bottlenecks(self, backbone: str, items: Iterable[tuple[str, str, np.ndarray]]) -> None:
+        """Store (sha256, variant, vector) triples for `backbone` in one transaction."""
+        now = time.time()
+        rows = []
+        for sha, variant, vector in items:
+            blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+            rows.append((sha, backbone, variant, blob, zlib.crc32(blob), now))
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO bottlenecks VALUES (?,?,?,?,?,?)", rows)
+
+    def missing_bottlenecks(self, backbone: str, shas: Iterable[str], variant: str = ORIGINAL) -> set[str]:
+        """Which of `shas` have no valid bottleneck yet for `backbone`."""
+        wanted = set(shas)
+        found = self.get_bottlenecks(backbone, wanted, variant)
+        return wanted - set(found)
+
+    def get_bottlenecks(self, backbone: str, shas: Iterable[str], variant: str = ORIGINAL) -> dict[str, np.ndarray]:
+        """Valid vectors by sha256; entries failing their CRC are left out (and so get recomputed)."""
+        out: dict[str, np.ndarray] = {}
+        query = "SELECT sha256, vector, crc FROM bottlenecks WHERE backbone=? AND variant=? AND sha256=?"
+        db = self._db()
+        for sha in shas:
+            row = db.execute(query, (backbone, variant, sha)).fetchone()
+            if row is not None and zlib.crc32(row[1]) == row[2]:
+                out[sha] = np.frombuffer(row[1], dtype=np.float32)
+        return out
+
+    def count_bottlenecks(self, backbone: str | None = None) -> int:
+        if backbone is None:
+            return int(self._db().execute("SELECT COUNT(*) FROM bottlenecks").fetchone()[0])
+        query = "SELECT COUNT(*) FROM bottlenecks WHERE backbone=?"
+        return int(self._db().execute(query, (backbone,)).fetchone()[0])
+
+    def prune_bottlenecks(self, older_than_seconds: float) -> int:
+        """Drop vectors no catalog file refers to, once they are older than the given age."""
+        cutoff = time.time() - older_than_seconds
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM bottlenecks WHERE created < ? AND sha256 NOT IN "
+                "(SELECT sha256 FROM files WHERE sha256 IS NOT NULL)",
+                (cutoff,),
+            )
+            return cur.rowcount
+
+    # -- training-file catalog ---------------------------------------------------------------------------
+
+    def upsert_file(self, entry: CatalogEntry) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                (entry.path, entry.label, entry.sha256, entry.size, entry.mtime_ns, int(entry.ok)),
+            )
+
+    def remove_files(self, path: str) -> int:
+        """Forget `path` and everything below it (a deleted folder); returns how many entries went."""
+        with self._tx() as db:
+            prefix = path.rstrip("/") + "/"
+            cur = db.execute(
+                "DELETE FROM files WHERE path = ? OR substr(path, 1, ?) = ?", (path, len(prefix), prefix)
+            )
+            return cur.rowcount
+
+    def catalog_entry(self, path: str) -> CatalogEntry | None:
+        row = self._db().execute(
+            "SELECT path, label, sha256, size, mtime_ns, ok FROM files WHERE path = ?", (path,)
+        ).fetchone()
+        return None if row is None else CatalogEntry(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+
+    def paths_missing_bottleneck(self, backbone: str) -> list[str]:
+        """Usable catalog files with no vector for `backbone` (after a backbone switch)."""
+        rows = self._db().execute(
+            "SELECT path FROM files f WHERE ok = 1 AND NOT EXISTS (SELECT 1 FROM bottlenecks b WHERE "
+            "b.sha256 = f.sha256 AND b.backbone = ? AND b.variant = ?)", (backbone, ORIGINAL)).fetchall()
+        return [r[0] for r in rows]
+
+    def catalog(self) -> dict[str, CatalogEntry]:
+        rows = self._db().execute("SELECT path, label, sha256, size, mtime_ns, ok FROM files").fetchall()
+        return {r[0]: CatalogEntry(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
+
+    def training_matrix(self, backbone: str, dim: int) -> tuple[list[CatalogEntry], np.ndarray]:
+        """Usable catalog entries with a valid bottleneck, and their vectors as one preallocated matrix."""
+        joined = (
+            "FROM files f JOIN bottlenecks b ON b.sha256 = f.sha256 AND b.backbone = ? AND b.variant = ? "
+            "WHERE f.ok = 1"
+        )
+        db = self._db()
+        db.execute("BEGIN")  # one snapshot for the count and the rows
+        try:
+            (count,) = db.execute(f"SELECT COUNT(*) {joined}", (backbone, ORIGINAL)).fetchone()
+            matrix = np.empty((count, dim), dtype=np.float32)
+            rows = db.execute(
+                f"SELECT f.path, f.label, f.sha256, f.size, f.mtime_ns, b.vector, b.crc {joined} ORDER BY f.path",
+                (backbone, ORIGINAL),
+            )
+            entries: list[CatalogEntry] = []
+            for path, label, sha, size, mtime_ns, blob, crc in rows:
+                if zlib.crc32(blob) == crc and len(blob) == dim * 4:
+                    matrix[len(entries)] = np.frombuffer(blob, dtype=np.float32)
+                    entries.append(CatalogEntry(path, label, sha, size, mtime_ns, True))
+        finally:
+            db.execute("COMMIT")
+        return entries, matrix[: len(entries)]
+
+    # -- inbox journal -----------------------------------------------------------------------------------
+
+    def journal_begin(self, entry: JournalEntry) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
+                (entry.id, entry.source, entry.destination, entry.record, entry.state, time.time()),
+            )
+
+    def journal_finish(self, entry_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+
+    def journal_open(self) -> list[JournalEntry]:
+        rows = self._db().execute("SELECT id, source, destination, record, state FROM journal").fetchall()
+        return [JournalEntry(*r) for r in rows]

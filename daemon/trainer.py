@@ -1,0 +1,167 @@
+"""The trainer thread: after the training set changes and the retrain policy agrees, fit a new head on the
+cached bottlenecks, gate it against the serving model on the same validation images, and publish it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from daemon.backbone import Backbone
+from daemon.config import Config
+from daemon.dataset import Dataset, build_dataset
+from daemon.head import Head, accuracy
+from daemon.metrics import Metrics
+from daemon.plugin_manager import Hooks
+from daemon.registry import ModelRegistry, ModelVersion
+from daemon.retrain_policy import RetrainState
+from daemon.serving import ServingModel
+from daemon.split import SPLITS, TEST, VALIDATION
+from daemon.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(head: Head, dataset: Dataset) -> dict[str, Any]:
+    """Accuracy per split and per class, and the confusion matrix (rows: true label) on test, else validation."""
+    per_split = {name: accuracy(head, part.x, part.y) for name, part in dataset.parts.items()}
+    part = dataset.parts[TEST] if len(dataset.parts[TEST].y) else dataset.parts[VALIDATION]
+    n = len(dataset.labels)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    if len(part.y):
+        np.add.at(confusion, (part.y, head.probabilities(part.x).argmax(axis=1)), 1)
+    per_class = {
+        label: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
+        for i, label in enumerate(dataset.labels)
+    }
+    return {"accuracy": per_split, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
+            "confusion_split": TEST if part is dataset.parts[TEST] else VALIDATION}
+
+
+class Trainer(threading.Thread):
+    def __init__(
+        self, config: Config, store: Store, backbone: Backbone, registry: ModelRegistry, serving: ServingModel,
+        hooks: Hooks, metrics: Metrics, on_published: Callable[[ModelVersion], None],
+    ) -> None:
+        super().__init__(name="retraind-trainer", daemon=False)
+        self._config, self._store, self._backbone = config, store, backbone
+        self._registry, self._serving, self._hooks, self._metrics = registry, serving, hooks, metrics
+        self._on_published = on_published
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._changes = 0
+        self._first_change = self._last_change = 0.0
+        self._forced = False
+        self.runs = 0  # finished runs, whatever their result
+
+    def notify_change(self) -> None:
+        """The training set changed (any thread); restarts the quiet period."""
+        with self._cond:
+            now = time.monotonic()
+            if not self._changes:
+                self._first_change = now
+            self._changes += 1
+            self._last_change = now
+            self._cond.notify()
+
+    def request(self) -> None:
+        """Train as soon as possible, whatever the policy says (API, CLI)."""
+        with self._cond:
+            self._forced = True
+            self.notify_change()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait(timeout=0.25)
+                if self._stopping:
+                    return
+                if not self._changes:
+                    continue
+                state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
+                                     self._config.training.quiet_period_seconds, self._forced)
+            if self._hooks.should_retrain(state):
+                with self._cond:
+                    self._changes, self._forced = 0, False
+                self.train_once()
+
+    def train_once(self) -> ModelVersion | None:
+        """One training run; a failure is logged and counted, and the current model keeps serving."""
+        started = time.perf_counter()
+        try:
+            return self._train(started)
+        except Exception:
+            log.exception("training failed; the current model keeps serving")
+            self._metrics.training_runs.labels(result="failed").inc()
+            return None
+        finally:
+            self.runs += 1
+            self._metrics.training_seconds.observe(time.perf_counter() - started)
+            self._metrics.last_training.set(time.time())
+
+    def _train(self, started: float) -> ModelVersion | None:
+        entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
+        dataset = build_dataset(entries, matrix, self._config.split)
+        self._update_image_gauges(dataset)
+        if len(dataset.labels) < 2:
+            log.info("training waits for at least two labels with images (have %d)", len(dataset.labels))
+            return None
+        head = self._hooks.train_head(dataset, self._config.training)
+        if head is None:
+            raise RuntimeError("no plugin trained a head (is the built-in softmax_head plugin disabled?)")
+        metrics = self._metrics_for(head, dataset, time.perf_counter() - started)
+        if not self._passes_gate(head, dataset, metrics):
+            self._metrics.training_runs.labels(result="rejected").inc()
+            return None
+        version = self._registry.publish(
+            head, dataset.labels, metrics,
+            lambda v, d: self._hooks.write_model_artifacts(v, d, dataset),
+        )
+        self._serving.swap(version)
+        self._metrics.training_runs.labels(result="promoted").inc()
+        log.info("model %d published: %d labels, accuracy %s", version.number, len(version.labels),
+                 metrics["accuracy"])
+        self._hooks.on_model_published(version)
+        self._on_published(version)
+        return version
+
+    def _metrics_for(self, head: Head, dataset: Dataset, seconds: float) -> dict[str, Any]:
+        return {
+            **evaluate(head, dataset), "backbone": self._backbone.id, "labels": list(dataset.labels),
+            "images": dataset.counts(), "manifest_sha256": dataset.manifest_sha256,
+            "labels_without_training_split": list(dataset.borrowed), "hyperparameters": head.hyperparameters,
+            "history": head.history, "training_seconds": round(seconds, 4), "created": time.time(),
+        }
+
+    def _passes_gate(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> bool:
+        """A new head must not be worse than the serving one on the same validation images; a serving model
+        with another label set or backbone is another task, and is never compared."""
+        current = self._serving.version
+        validation = dataset.parts[VALIDATION]
+        if current is None or current.labels != dataset.labels or current.backbone != self._backbone.id:
+            return True
+        if not len(validation.y):
+            return True
+        old = accuracy(current.head, validation.x, validation.y) or 0.0
+        new = metrics["accuracy"][VALIDATION] or 0.0
+        metrics["gate"] = {"previous_version": current.number, "previous_accuracy": old, "accuracy": new}
+        if new + self._config.training.gate_tolerance < old:
+            log.warning("new head not promoted: validation accuracy %.4f < %.4f of model %d",
+                        new, old, current.number)
+            return False
+        return True
+
+    def _update_image_gauges(self, dataset: Dataset) -> None:
+        self._metrics.images.clear()
+        for label, per_split in dataset.counts().items():
+            for split in SPLITS:
+                self._metrics.images.labels(label=label, split=split).set(per_split[split])

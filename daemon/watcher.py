@@ -1,0 +1,90 @@
+"""watchdog → bounded queue. Handlers only enqueue immutable events; a full queue or a kernel-side inotify
+overflow sets `rescan_needed`, and the pipeline then rescans, so no lost event loses a file."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from daemon.events import EventKind, FileEvent
+from daemon.metrics import Metrics
+
+_KINDS: dict[type[FileSystemEvent], EventKind] = {
+    FileCreatedEvent: EventKind.CREATED,
+    FileModifiedEvent: EventKind.MODIFIED,
+    FileClosedEvent: EventKind.CLOSED,
+    FileDeletedEvent: EventKind.DELETED,
+    DirDeletedEvent: EventKind.DELETED,
+    FileMovedEvent: EventKind.MOVED,
+    DirMovedEvent: EventKind.MOVED,
+}
+
+
+def _text(path: bytes | str) -> str:
+    return path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+
+
+class _Enqueue(FileSystemEventHandler):
+    def __init__(self, events: queue.Queue[object], overflowed: threading.Event, metrics: Metrics) -> None:
+        self._events, self._overflowed, self._metrics = events, overflowed, metrics
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        kind = _KINDS.get(type(event))
+        if kind is None:
+            return  # opened, closed-without-write, directory created/modified: the files inside tell us
+        dest = Path(_text(event.dest_path)) if kind is EventKind.MOVED else None
+        try:
+            self._events.put_nowait(FileEvent(kind, Path(_text(event.src_path)), dest))
+        except queue.Full:
+            if not self._overflowed.is_set():
+                self._metrics.overflows.inc()
+            self._overflowed.set()
+
+
+class _OverflowLog(logging.Handler):
+    """watchdog reports a kernel inotify queue overflow only as a log record; turn it into a rescan."""
+
+    def __init__(self, overflowed: threading.Event, metrics: Metrics) -> None:
+        super().__init__(logging.WARNING)
+        self._overflowed, self._metrics = overflowed, metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._metrics.overflows.inc()
+            self._overflowed.set()
+
+
+class Watcher:
+    def __init__(self, roots: list[Path], events: queue.Queue[object], metrics: Metrics) -> None:
+        self.rescan_needed = threading.Event()
+        self._observer = Observer()
+        self._observer.name = "retraind-watchdog"
+        handler = _Enqueue(events, self.rescan_needed, metrics)
+        for root in roots:
+            self._observer.schedule(handler, str(root), recursive=True)
+        self._log_handler = _OverflowLog(self.rescan_needed, metrics)
+        self._watchdog_log = logging.getLogger("watchdog.observers.inotify_c")
+
+    def start(self) -> None:
+        self._watchdog_log.addHandler(self._log_handler)
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=10)
+        self._watchdog_log.removeHandler(self._log_handler)

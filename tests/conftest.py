@@ -1,0 +1,100 @@
+"""Shared fixtures: a real daemon on tmp_path with the tiny backbone, image makers, waiting with timeouts,
+and a check that no test leaves a thread running."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.app import App
+from daemon.config import Config, parse_config
+from tests.tiny_backbone import TinyBackbonePlugin
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tuxpaint6"
+COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40)}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll `condition` until it is truthy; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def image_bytes(colour: str, seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) -> bytes:
+    """A noisy image of a named colour; `seed` makes each one different content."""
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[colour], dtype=np.int16)
+    pixels = np.clip(base + rng.integers(-25, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image(path: Path, colour: str, seed: int, fmt: str = "JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(colour, seed, fmt))
+    return path
+
+
+def make_config(root: Path, **sections: Any) -> Config:
+    raw: dict[str, Any] = {
+        "data_root": str(root / "data"),
+        "backbone": {"name": "tiny", "batch_size": 16},
+        "training": {"quiet_period_seconds": 0.3},
+        "watch": {"settle_seconds": 0.2, "rescan_interval_seconds": 0},
+        "http": {"port": 0},
+        "split": {"validation_percentage": 20, "testing_percentage": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(raw, root)
+
+
+@pytest.fixture
+def tiny() -> TinyBackbonePlugin:
+    return TinyBackbonePlugin()
+
+
+@pytest.fixture
+def run_app(tmp_path: Path, tiny: TinyBackbonePlugin) -> Callable[..., Any]:
+    """`with run_app(**config_sections) as app:` starts a real daemon on tmp_path."""
+
+    @contextmanager
+    def start(config: Config | None = None, extra: tuple[object, ...] = (), **sections: Any) -> Iterator[App]:
+        with App(config or make_config(tmp_path, **sections), extra_plugins=(tiny, *extra)) as app:
+            yield app
+
+    return start
+
+
+def seed_classes(root: Path, per_label: int = 12, labels: tuple[str, ...] = ("red", "blue")) -> None:
+    for label in labels:
+        for i in range(per_label):
+            write_image(root / "data" / "classes" / label / f"{label}-{i}.jpg", label, seed=sum(map(ord, label)) * 100 + i)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        leaked = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"threads left running: {[t.name for t in leaked]}")

@@ -1,0 +1,50 @@
+"""A tiny real Keras backbone for fast tests, registered through the real `retraind_make_backbone` hook.
+
+32×32 input, one seeded convolution and global pooling: 16 features that separate colours and textures well
+enough to learn a two-class task in a second, while exercising the same engine as the real backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.backbone import Backbone
+from daemon.config import BackboneConfig
+from daemon.hookspecs import hookimpl
+from daemon.keras_engine import KerasBackbone
+
+NAME = "tiny"
+
+
+def build_tiny() -> Backbone:
+    import keras
+
+    init = keras.initializers.GlorotUniform(seed=7)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", kernel_initializer=init)(inputs)
+    outputs = keras.layers.GlobalAveragePooling2D()(x)
+    return KerasBackbone(keras.Model(inputs, outputs), f"{NAME}/seed7/v1", scale=1.0 / 255.0, offset=0.0)
+
+
+class TinyBackbonePlugin:
+    """Counts forward calls so tests can prove what was (not) recomputed."""
+
+    def __init__(self) -> None:
+        self.backbone: Backbone | None = None
+        self.images_embedded = 0
+
+    @hookimpl
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        if config.name != NAME:
+            return None
+        if self.backbone is None:
+            self.backbone = build_tiny()
+        plugin = self
+
+        class Counting:
+            id, input_size, dim = self.backbone.id, self.backbone.input_size, self.backbone.dim
+
+            def embed(self, images):  # type: ignore[no-untyped-def]
+                plugin.images_embedded += len(images)
+                return plugin.backbone.embed(images)  # type: ignore[union-attr]
+
+        return Counting()
