@@ -1,0 +1,63 @@
+"""The SQLite store: vectors by content, CRC-checked, the catalog, the journal, persistence."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from daemon.store import CatalogEntry, JournalEntry, Store
+
+BACKBONE = "test/v1"
+
+
+def test_vectors_round_trip_and_persist(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    vectors = np.random.default_rng(0).random((3, 8), dtype=np.float32)
+    store.put_bottlenecks(BACKBONE, [(f"sha{i}", "", v) for i, v in enumerate(vectors)])
+    store.close()
+    store = Store(tmp_path / "s.sqlite")
+    got = store.get_bottlenecks(BACKBONE, ["sha0", "sha2", "nope"])
+    assert set(got) == {"sha0", "sha2"}
+    np.testing.assert_array_equal(got["sha2"], vectors[2])
+    assert store.missing_bottlenecks(BACKBONE, ["sha1", "x"]) == {"x"}
+    assert store.missing_bottlenecks("other/v1", ["sha1"]) == {"sha1"}  # backbone is part of the key
+    store.close()
+
+
+def test_corrupt_vector_is_treated_as_missing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    store.put_bottlenecks(BACKBONE, [("sha0", "", np.ones(4, dtype=np.float32))])
+    store.close()
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        db.execute("UPDATE bottlenecks SET vector = ? WHERE sha256 = 'sha0'", (np.zeros(4, np.float32).tobytes(),))
+    store = Store(tmp_path / "s.sqlite")
+    assert store.missing_bottlenecks(BACKBONE, ["sha0"]) == {"sha0"}
+    store.close()
+
+
+def test_catalog_training_matrix_and_folder_removal(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    store.put_bottlenecks(BACKBONE, [("a", "", np.full(4, 1, np.float32)), ("b", "", np.full(4, 2, np.float32))])
+    store.upsert_file(CatalogEntry("cat/x.jpg", "cat", "a", 10, 1, True))
+    store.upsert_file(CatalogEntry("cat/sub/y.jpg", "cat", "b", 10, 1, True))
+    store.upsert_file(CatalogEntry("dog/z.jpg", "dog", "b", 10, 1, True))  # same content, two labels
+    store.upsert_file(CatalogEntry("dog/bad.jpg", "dog", None, 3, 1, False))
+    store.upsert_file(CatalogEntry("catalog/w.jpg", "catalog", "a", 10, 1, True))
+    entries, matrix = store.training_matrix(BACKBONE, 4)
+    assert [e.path for e in entries] == ["cat/sub/y.jpg", "cat/x.jpg", "catalog/w.jpg", "dog/z.jpg"]
+    assert matrix[:, 0].tolist() == [2, 1, 1, 2]
+    assert store.remove_files("cat") == 2  # "catalog/" is not below "cat/"
+    assert sorted(store.catalog()) == ["catalog/w.jpg", "dog/bad.jpg", "dog/z.jpg"]
+    assert store.paths_missing_bottleneck("other/v1") == ["catalog/w.jpg", "dog/z.jpg"]
+    store.close()
+
+
+def test_journal(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    store.journal_begin(JournalEntry("id1", "/in/a.jpg", "/out/a.jpg", "{}", "moving"))
+    assert [e.id for e in store.journal_open()] == ["id1"]
+    store.journal_finish("id1")
+    assert store.journal_open() == []
+    store.close()
