@@ -57,7 +57,7 @@ class App:
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
         self.extractor = Extractor(self.backbone, self.hooks.decode_image, self.store, self.metrics,
                                    config.watch.max_image_pixels, config.backbone.batch_size)
-        self.trainer = Trainer(config, self.store, self.backbone, self.registry, self.serving, self.hooks,
+        self.trainer = Trainer(config, self.store, self.extractor, self.registry, self.serving, self.hooks,
                                self.metrics, self._published)
         self.indexer = TrainingIndexer(config.folder("classes"), self.store, self.extractor, self.metrics,
                                        config.watch.max_file_bytes, self.trainer.notify_change)

@@ -2,54 +2,76 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 TMP_PREFIX = ".retraind-tmp-"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    _fsync(path, os.O_DIRECTORY)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so a reader sees the old file or the whole new one, never a part."""
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        _fsync(tmp)
+
+    _place(path, write)
     fsync_dir(path.parent)
 
 
+def _copy(src: Path, tmp: Path) -> None:
+    shutil.copy2(src, tmp, follow_symlinks=False)
+    if not os.path.islink(tmp):
+        _fsync(tmp)
+
+
 def move_atomic(src: Path, dst: Path) -> None:
-    """Move a file into place; across file systems it is copied to a temporary name first."""
+    """Move a file into place; across file systems it is copied to a temporary name first. A relative
+    symlink is first re-pointed where it lies (atomically), so that it reaches the same file from anywhere."""
+    if os.path.islink(src) and not os.path.isabs(target := os.readlink(src)):
+        absolute = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(src)), target))
+        _place(src, lambda tmp: os.symlink(absolute, tmp))
     try:
         os.replace(src, dst)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: another file system
+        if exc.errno != errno.EXDEV:  # another file system: copy, then remove the original
             raise
-        tmp = dst.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}")
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        _place(dst, lambda tmp: _copy(src, tmp))
         src.unlink()
     fsync_dir(dst.parent)
 
 
+def _place(dst: Path, make: Callable[[Path], object]) -> None:
+    """Make a temporary entry beside `dst` and rename it into place; no partial entry is left behind."""
+    tmp = dst.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}")
+    try:
+        make(tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
+
+
 def free_name(folder: Path, name: str, tag: str) -> Path:
-    """`folder/name`, or `folder/<stem>-<tag><suffix>` when a different file already has that name."""
-    candidate = folder / name
-    if not candidate.exists():
-        return candidate
+    """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name."""
     stem, suffix = os.path.splitext(name)
-    return folder / f"{stem}-{tag}{suffix}"
+    candidate, n = folder / name, 1
+    while os.path.lexists(candidate):
+        candidate = folder / f"{stem}-{tag}{f'-{n}' if n > 1 else ''}{suffix}"
+        n += 1
+    return candidate

@@ -1,4 +1,5 @@
-"""`retraind` command line. User mistakes (config, missing weights) print one line and exit 78 (EX_CONFIG)."""
+"""`retraind` command line. User mistakes (config, missing weights) print one line and exit 78 (EX_CONFIG); no
+model yet exits 1, no daemon answering (status excepted, which falls back to the state dir) exits 69."""
 
 from __future__ import annotations
 
@@ -9,21 +10,36 @@ import os
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.request
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from daemon.backbone import BackboneUnavailable
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.logs import setup_logging
+from daemon.oneshot import NoModel
+from daemon.status import DaemonUnavailable
+
+if TYPE_CHECKING:
+    from daemon.app import App
+    from daemon.notify import SystemdNotifier
 
 log = logging.getLogger("retraind")
 
+EX_UNAVAILABLE = 69
 
-def _config_path(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("RETRAIND_CONFIG", "config.yaml"))
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("RETRAIND_CONFIG", "config.yaml"))
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
 
 
 class _Signals:
@@ -46,91 +62,173 @@ class _Signals:
         self.wake.set()
 
 
-def _serve(config: Config, path: Path, signals: _Signals) -> Config | None:
-    """Run one App until a stop (returns None) or a valid reload (returns the new config)."""
-    from daemon.app import App
-    from daemon.notify import SystemdNotifier
+class _Caching:
+    """Bulk caching of training images (the start-up scan, a folder dropped in): a progress bar on a terminal,
+    numbers for the STATUS line otherwise. Fed from the pipeline thread."""
 
-    notifier = SystemdNotifier()
+    def __init__(self) -> None:
+        self.done = self.total = 0
+        self._bar: tqdm[None] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc="caching bottlenecks", unit="img", disable=None, leave=False)
+        self._bar.update(done - self.done)
+        self.done, self.total = done, total
+        if done >= total:
+            self._bar.close()
+            self._bar, self.done, self.total = None, 0, 0
+
+    def text(self) -> str | None:
+        return f"caching bottlenecks {self.done}/{self.total}" if self.total else None
+
+
+class _Heartbeat:
+    """When the pipeline loop last went round: the watchdog is fed only while it does, so a hung worker gets
+    the daemon restarted even though its thread is still alive."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def fresh(self, max_age: float) -> bool:
+        return time.monotonic() - self.last < max_age
+
+
+def _status_text(app: App, caching: _Caching) -> str:
+    version = app.serving.version
+    parts = [f"serving model {version.number}" if version else "waiting for training data"]
+    parts += [text for text in (caching.text(),) if text]
+    pending = int(app.metrics.registry.get_sample_value("retraind_inbox_pending_files") or 0)
+    if pending:
+        parts.append(f"{pending} inbox files waiting")
+    return "; ".join(parts)
+
+
+def _watch(app: App, notifier: SystemdNotifier, signals: _Signals, path: Path) -> Config | None:
+    """The main loop: watchdog pings, STATUS updates, signals. Returns None to stop, or a config to reload."""
+    caching, heartbeat = _Caching(), _Heartbeat()
+    app.pipeline.on_indexed, app.pipeline.on_loop = caching, heartbeat.beat
     interval = notifier.watchdog_interval() or 5.0
-    with App(config) as app:
-        version = app.serving.version
-        notifier.ready(f"serving model {version.number}" if version else "waiting for training data")
-        while True:
-            signals.wake.wait(min(interval, 5.0))
-            signals.wake.clear()
-            if app.alive():
-                notifier.watchdog()
-            if signals.stop:
-                notifier.stopping()
-                return None
-            if signals.reload:
-                signals.reload = False
-                try:
-                    new = load_config(path)
-                except ConfigError as exc:
-                    log.error("reload refused, keeping the running config: %s", exc)
-                    continue
-                notifier.reloading()
-                return new
+    status = _status_text(app, caching)
+    notifier.ready(status)
+    while True:
+        signals.wake.wait(min(interval, 5.0))
+        signals.wake.clear()
+        if app.alive() and heartbeat.fresh(max(4 * interval, 30.0)):
+            notifier.watchdog()
+        if signals.stop:
+            notifier.stopping()
+            return None
+        if signals.reload:
+            signals.reload = False
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+                notifier.status(f"reload refused: {exc}")
+                continue
+            notifier.reloading()
+            return new
+        if _status_text(app, caching) != status:
+            status = _status_text(app, caching)
+            notifier.status(status)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    path = _config_path(args.config)
+    from daemon.app import App
+    from daemon.notify import SystemdNotifier
+
+    path = _config_path(args)
     config = load_config(path)
     setup_logging(config.log_level)
     signals = _Signals()
+    notifier = SystemdNotifier()
     current: Config | None = config
-    while current is not None:
-        current = _serve(current, path, signals)
+    with logging_redirect_tqdm():
+        while current is not None:
+            with App(current, args.plugins) as app:
+                current = _watch(app, notifier, signals, path)
+    notifier.close()
     log.info("retraind stopped")
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(_config_path(args.config))
+    config = _config(args)
     print(f"config OK: data in {config.data_root}, backbone {config.backbone.name}")
     return 0
 
 
-def _api(config: Config, path: str, method: str = "GET") -> Any:
-    url = f"http://{config.http.host}:{config.http.port}{path}"
-    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as response:
-        return json.loads(response.read())
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    """From the running daemon's API if it answers, else from the state dir."""
-    from daemon.registry import ModelRegistry
+    from daemon.status import format_status, gather
 
-    config = load_config(_config_path(args.config))
-    try:
-        info = _api(config, "/v1/models/retraind/metadata")
-        source = "daemon"
-    except (urllib.error.URLError, OSError):
-        version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
-        info = {"model_spec": {"version": version.number}, **version.metrics} if version else None
-        source = "state dir"
-    if info is None:
-        print("no model yet")
-        return 1
-    print(json.dumps({"source": source, **info}, indent=2))
-    return 0
+    status = gather(_config(args))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0 if status["model"] else 1
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    config = load_config(_config_path(args.config))
-    print(json.dumps(_api(config, "/v1/models/retraind:retrain", "POST")))
-    return 0
+    from daemon.http_api import MODEL_NAME
+    from daemon.status import request
+
+    code, body = request(_config(args), f"/v1/models/{MODEL_NAME}:retrain", "POST")
+    print("retrain requested; the current model serves until a better one is published" if code == 202
+          else f"retraind: the daemon refused ({code}): {body.decode(errors='replace')}")
+    return 0 if code == 202 else 1
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """One-shot top-k for files, like the seed's run_inference_on_image, with the published model."""
-    from daemon.oneshot import classify_files
+    from daemon.images import ImageRejected
+    from daemon.oneshot import classify_files, load_published
 
-    config = load_config(_config_path(args.config))
-    for line in classify_files(config, [Path(f) for f in args.files]):
-        print(line)
+    config = _config(args)
+    model = load_published(config, args.plugins)
+    files = tqdm([Path(f) for f in args.files], desc="classifying", unit="img", disable=None, leave=False)
+    rejected = 0
+    for path, top in classify_files(config, model, files):
+        if isinstance(top, ImageRejected):
+            rejected += 1
+            tqdm.write(f"{path}: rejected ({top.reason}): {top}", file=sys.stdout)
+        else:
+            tqdm.write(f"{path}:" + "".join(f"\n  {label} (score = {score:.5f})" for label, score in top),
+                       file=sys.stdout)
+    return 1 if rejected else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from daemon.export import STEPS, export_model
+    from daemon.http_api import MODEL_NAME
+    from daemon.keras_engine import KerasBackbone
+    from daemon.oneshot import load_published
+
+    model = load_published(_config(args), args.plugins, engine="keras")
+    if not isinstance(model.backbone, KerasBackbone):
+        raise ConfigError(f"backbone.name: export needs a Keras network; the plugin for {model.backbone.id} "
+                          "built another kind")
+    with tqdm(total=len(STEPS), desc=f"exporting model {model.version.number}", unit="step", disable=None,
+              leave=False) as bar:
+        done = export_model(model.version, model.backbone, Path(args.out), MODEL_NAME,
+                            on_step=lambda step: (bar.set_postfix_str(step), bar.update()))
+    print(f"exported model {model.version.number} ({len(model.version.labels)} labels, {model.backbone.id})\n"
+          f"  SavedModel for TF Serving / Triton: {done.saved_model}\n"
+          f"  TFLite: {done.tflite} (labels: {done.labels})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from daemon.registry import ModelRegistry
+    from daemon.report import write_report
+
+    config = _config(args)
+    version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
+    if version is None:
+        raise NoModel("no model yet: nothing to report")
+    write_report(version, config.folder("classes"), Path(args.out))
+    print(f"wrote {args.out} (model {version.number})")
     return 0
 
 
@@ -140,21 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the daemon").set_defaults(func=cmd_run)
     sub.add_parser("check-config", help="validate the config and exit").set_defaults(func=cmd_check_config)
-    sub.add_parser("status", help="model version, accuracy, images").set_defaults(func=cmd_status)
+    status = sub.add_parser("status", help="model version, accuracy, images, inbox queue, last training")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
     sub.add_parser("retrain", help="ask the running daemon to retrain now").set_defaults(func=cmd_retrain)
-    classify = sub.add_parser("classify", help="print top-k labels for image files")
+    classify = sub.add_parser("classify", help="print top-k labels for image files (no daemon needed)")
     classify.add_argument("files", nargs="+")
     classify.set_defaults(func=cmd_classify)
+    export = sub.add_parser("export", help="write the model as a TF Serving SavedModel and a TFLite file")
+    export.add_argument("--out", default="export", help="base folder (default: ./export)")
+    export.set_defaults(func=cmd_export)
+    report = sub.add_parser("report", help="write an HTML page about the current model")
+    report.add_argument("--out", default="report.html", help="HTML file to write (default: ./report.html)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
+    """Entry point; `plugins` are registered after the built-in and installed ones (embedding, tests)."""
     args = build_parser().parse_args(argv)
+    args.plugins = tuple(plugins)
     try:
         return int(args.func(args))
     except (ConfigError, BackboneUnavailable) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except NoModel as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return 1
+    except DaemonUnavailable as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
 
 
 if __name__ == "__main__":

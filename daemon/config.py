@@ -54,6 +54,27 @@ class TrainingConfig:
     class_weighting: bool = True
     keep_versions: int = 5
     gate_tolerance: float = 0.0
+    #: retrain.py's SGD knobs, used by the optional mini-batch optimizers (`sgd`, `adam`); L-BFGS ignores them
+    optimizer: str = "lbfgs"
+    how_many_training_steps: int = 4000
+    learning_rate: float = 0.01
+    train_batch_size: int = 100
+    validation_batch_size: int = -1
+    eval_step_interval: int = 10
+    print_misclassified_test_images: bool = False
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """retrain.py's distortions, applied once per training image and cached (see daemon/augment.py)."""
+
+    flip_left_right: bool = False
+    random_crop: float = 0.0
+    random_scale: float = 0.0
+    random_brightness: float = 0.0
+    variants_per_image: int = 2
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -110,6 +132,16 @@ _RANGES: dict[str, tuple[float, float]] = {
     "training.max_iterations": (1, 100_000),
     "training.keep_versions": (1, 1000),
     "training.gate_tolerance": (0, 1),
+    "training.how_many_training_steps": (1, 10**7),
+    "training.learning_rate": (1e-9, 100),
+    "training.train_batch_size": (1, 10**7),
+    "training.validation_batch_size": (-1, 10**7),
+    "training.eval_step_interval": (1, 10**7),
+    "augmentation.random_crop": (0, 100),
+    "augmentation.random_scale": (0, 100),
+    "augmentation.random_brightness": (0, 99),
+    "augmentation.variants_per_image": (0, 100),
+    "augmentation.seed": (0, 2**63 - 1),
     "classify.top_k": (1, 1000),
     "classify.confidence_threshold": (0, 1),
     "watch.settle_seconds": (0, 3600),
@@ -121,6 +153,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backbone.engine": ("auto", "keras", "tflite"),
+    "training.optimizer": ("lbfgs", "sgd", "adam"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
@@ -146,7 +179,13 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
     return value
 
 
+#: retrain.py's convention: -1 means every image of the split; 0 would evaluate none.
+_ALL_OR_COUNT = ("training.validation_batch_size",)
+
+
 def _check(key: str, value: Any) -> None:
+    if key in _ALL_OR_COUNT and value == 0:
+        raise ConfigError(f"{key}: 0 evaluates no images; use -1 for all of them or a positive count")
     if key in _RANGES:
         low, high = _RANGES[key]
         if not low <= value <= high:

@@ -1,10 +1,13 @@
-"""The training set as matrices: cached bottlenecks of catalog files, split by retrain.py's stable name hash."""
+"""The training set as matrices: cached bottlenecks of catalog files, split by retrain.py's stable name hash,
+plus the cached distorted variants of the training images (daemon/augment.py) as extra train rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -32,10 +35,24 @@ class Dataset:
     manifest_sha256: str
     #: labels with no training image, trained on all their images instead (retrain.py would fail on them)
     borrowed: tuple[str, ...] = field(default=())
+    #: distorted variants of train images, `paths` naming their source; fitted on, never evaluated or counted
+    variants: Part | None = None
 
     @property
     def train(self) -> Part:
         return self.parts[TRAIN]
+
+    @cached_property
+    def training_rows(self) -> Part:
+        """What a head is fitted on: the train split followed by the variants of its images."""
+        if self.variants is None or not len(self.variants.y):
+            return self.train
+        train, extra = self.train, self.variants
+        x, y = np.concatenate([train.x, extra.x]), np.concatenate([train.y, extra.y])
+        return Part(x, y, train.paths + extra.paths)
+
+    def with_variants(self, variants: Part) -> Dataset:
+        return dataclasses.replace(self, variants=variants)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per label and split, for metrics and `metrics.json`."""

@@ -17,8 +17,9 @@ import numpy as np
 import pluggy
 
 if TYPE_CHECKING:
+    from daemon.augment import Distortion
     from daemon.backbone import Backbone
-    from daemon.config import BackboneConfig, Config, TrainingConfig
+    from daemon.config import AugmentationConfig, BackboneConfig, Config, TrainingConfig
     from daemon.dataset import Dataset
     from daemon.events import FileEvent
     from daemon.head import Head
@@ -47,7 +48,8 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
     """Decode encoded image bytes into a uint8 RGB array of shape (size[1], size[0], 3), or return None to
     let the next decoder try.
 
-    Called on the pipeline worker thread for every image, and on HTTP threads for classify requests. Raise
+    Called on the pipeline worker thread for every image, on HTTP threads for classify requests, and on the
+    trainer thread (at a larger `size`) for the distorted variants of training images. Raise
     `daemon.images.ImageRejected(reason, message)` for content that is not a usable image; the file then goes
     to `rejected/` (inbox) or is skipped with a warning (classes). `max_pixels` bounds decompression bombs.
     Stops at the first non-None result; the built-in Pillow decoder is `trylast`.
@@ -79,18 +81,34 @@ def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head | None
     """Train a classifier head on cached bottlenecks and return it, or None to defer to the next trainer.
 
     Called on the trainer thread. `dataset` holds float32 train/validation/test matrices and integer labels
-    indexing `dataset.labels`. Stops at the first non-None result; the built-in L-BFGS softmax trainer is
-    `trylast`.
+    indexing `dataset.labels`; fit on `dataset.training_rows` (the train split plus the cached distorted
+    variants of its images) and keep validation and test for evaluation. Stops at the first non-None
+    result; the built-in L-BFGS softmax trainer is `trylast`.
     """
 
 
 @hookspec
-def retraind_write_model_artifacts(version: ModelVersion, directory: Path, dataset: Dataset) -> None:
+def retraind_register_distortions(config: AugmentationConfig) -> list[Distortion]:
+    """Contribute random image distortions (`daemon.augment.Distortion`) for the cached training variants.
+
+    Called once when the trainer is built (start-up and config reload), on the main thread, for every
+    plugin; the returned lists are concatenated in call order and applied in that order, each distortion
+    to the image the previous one returned. Return an empty list to contribute none. Variants are made
+    only when `augmentation.variants_per_image` > 0 and some plugin returned a distortion. The built-in
+    `distortions` plugin (`trylast`, so its geometry runs after any other plugin's) returns retrain.py's
+    random_crop/random_scale, flip_left_right and random_brightness as configured.
+    """
+
+
+@hookspec
+def retraind_write_model_artifacts(version: ModelVersion, directory: Path, dataset: Dataset,
+                                   config: Config) -> None:
     """Add files (plots, logs, exports) to a model version folder while it is being built.
 
     Called on the trainer thread for every plugin, after the head, `labels.txt` and `metrics.json` are
-    written and before the folder is atomically published; `directory` is the temporary folder. A failure
-    is logged and counted, and the version is still published.
+    written and before the folder is atomically published; `directory` is the temporary folder, `config`
+    the running configuration (e.g. `training.tensorboard`). A failure is logged and counted, and the
+    version is still published.
     """
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,13 +28,19 @@ from daemon.serving import ServingModel
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "retraind"
+#: The most images one classify request may carry (each is decoded to the backbone's input size in memory).
+MAX_INSTANCES = 128
+_DISCARD_BYTES = 1 << 20
 _MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?P<rest>/metadata|:classify|:retrain)?$")
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    """A request the API refuses: sent as `{"error": message}` with `status` (and any extra headers)."""
+
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 class Api:
@@ -86,102 +93,149 @@ class Api:
 
 
 def _payloads(body: bytes, content_type: str) -> list[bytes]:
-    """Raw image bytes, or TF-Serving's `{"instances": [{"b64": ...}, ...]}`."""
+    """Raw image bytes, or TF-Serving's `{"instances": [{"b64": ...}, ...]}` (recognised by its content type
+    or by a leading `{`, which no image format starts with, so a forgotten header still works)."""
     if not body:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "empty body: send image bytes or {\"instances\":[{\"b64\":...}]}")
-    if not content_type.startswith("application/json"):
+        raise ApiError(HTTPStatus.BAD_REQUEST, 'empty body: send image bytes or {"instances":[{"b64":...}]}')
+    if not (content_type.startswith("application/json") or body.lstrip()[:1] == b"{"):
         return [body]
     try:
         instances = json.loads(body)["instances"]
         payloads = [base64.b64decode(item["b64"], validate=True) for item in instances]
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"expected {{\"instances\":[{{\"b64\":...}}]}}: {exc}") from exc
-    if not payloads:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "instances is empty")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f'expected {{"instances":[{{"b64":...}}]}}: {exc!r}') from exc
+    if not 0 < len(payloads) <= MAX_INSTANCES:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"instances: send 1 to {MAX_INSTANCES} images, not {len(payloads)}")
     return payloads
 
 
 class _Handler(BaseHTTPRequestHandler):
     api: Api
     server_version = "retraind"
+    timeout = 30  # seconds a client may take to send its request; a stalled one gets 408, not a stuck thread
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s " + format, self.client_address[0], *args)
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-    def _json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(payload).encode())
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), headers=headers)
 
-    def _guard(self, work: Callable[[], None]) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (bad request line, unknown method, ...) as JSON too."""
+        self.close_connection = True
+        self._json(code, {"error": message or HTTPStatus(code).phrase})
+
+    def _dispatch(self) -> None:
         try:
-            work()
+            handlers = self._resolve()
+            method = "GET" if self.command == "HEAD" else self.command
+            if method not in handlers:
+                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed here; use "
+                               f"{' or '.join(handlers)}", {"Allow": ", ".join(handlers)})
+            handlers[method]()
         except ApiError as exc:
-            self._json(exc.status, {"error": str(exc)})
+            self._json(exc.status, {"error": str(exc)}, exc.headers)
         except Exception:
             log.exception("HTTP %s %s failed", self.command, self.path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the daemon's log"})
 
-    def do_GET(self) -> None:
-        self._guard(self._get)
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
-    def do_POST(self) -> None:
-        self._guard(self._post)
-
-    def _get(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(HTTPStatus.OK, generate_latest(self.api.metrics.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            alive = self.api.alive()
-            self._json(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, {"alive": alive})
-        elif path == "/readyz":
-            version = self.api.serving.version
-            status = HTTPStatus.OK if version else HTTPStatus.SERVICE_UNAVAILABLE
-            self._json(status, {"ready": version is not None, "model_version": version.number if version else 0})
-        else:
-            match = self._model_route()
-            if match.group("rest") == "/metadata":
-                self._json(HTTPStatus.OK, self.api.metadata())
-            elif match.group("rest") is None:
-                self._json(HTTPStatus.OK, self.api.status())
-            else:
-                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{match.group('rest')} needs POST")
-
-    def _post(self) -> None:
-        match = self._model_route()
-        if match.group("rest") == ":classify":
-            body = self._body()
-            self._json(HTTPStatus.OK, self.api.classify(body, self.headers.get("Content-Type", "")))
-        elif match.group("rest") == ":retrain":
-            self.api.retrain()
-            self._json(HTTPStatus.ACCEPTED, {"retrain": "requested"})
-        else:
-            raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, "POST goes to :classify or :retrain")
-
-    def _model_route(self) -> re.Match[str]:
-        match = _MODEL_PATH.match(self.path.split("?", 1)[0])
+    def _resolve(self) -> dict[str, Callable[[], None]]:
+        """The handlers for this path, by method."""
+        path = urlsplit(self.path).path
+        fixed = {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz}
+        if path in fixed:
+            return {"GET": fixed[path]}
+        match = _MODEL_PATH.match(path)
         if match is None:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
         if match.group("name") != MODEL_NAME:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no model named {match.group('name')!r}; it is {MODEL_NAME!r}")
-        return match
+        routes: dict[str | None, dict[str, Callable[[], None]]] = {
+            None: {"GET": lambda: self._json(HTTPStatus.OK, self.api.status())},
+            "/metadata": {"GET": lambda: self._json(HTTPStatus.OK, self.api.metadata())},
+            ":classify": {"POST": self._classify},
+            ":retrain": {"POST": self._retrain},
+        }
+        return routes[match.group("rest")]
 
-    def _body(self) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError as exc:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required") from exc
-        if length > self.api.config.http.max_body_bytes:
+    def _metrics(self) -> None:
+        self._send(HTTPStatus.OK, generate_latest(self.api.metrics.registry), CONTENT_TYPE_LATEST)
+
+    def _healthz(self) -> None:
+        alive = self.api.alive()
+        self._json(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, {"alive": alive})
+
+    def _readyz(self) -> None:
+        version = self.api.serving.version
+        status = HTTPStatus.OK if version else HTTPStatus.SERVICE_UNAVAILABLE
+        self._json(status, {"ready": version is not None, "model_version": version.number if version else 0})
+
+    def _classify(self) -> None:
+        body = self._body()
+        self._json(HTTPStatus.OK, self.api.classify(body, self.headers.get("Content-Type", "")))
+
+    def _retrain(self) -> None:
+        self._body(required=False)
+        self.api.retrain()
+        self._json(HTTPStatus.ACCEPTED, {"retrain": "requested"})
+
+    def _body(self, required: bool = True) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not supported; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None and not required:
+            return b""
+        try:
+            length = int(raw or "")
+        except ValueError as exc:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required") from exc
+        limit = self.api.config.http.max_body_bytes
+        if length < 0:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"Content-Length {length} is negative")
+        if length > limit:
+            self.close_connection = True
+            self._discard(length)
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"body of {length} bytes is above http.max_body_bytes={self.api.config.http.max_body_bytes}")
-        return self.rfile.read(length)
+                           f"body of {length} bytes is above http.max_body_bytes={limit}")
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError as exc:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"body not received within {self.timeout} s") from exc
+        if len(body) < length:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _discard(self, length: int) -> None:
+        """Read (a bounded part of) a refused body, so the client gets our 413 rather than a reset
+        connection when it is still sending."""
+        self.connection.settimeout(1.0)
+        remaining = min(length, _DISCARD_BYTES)
+        try:
+            while remaining > 0:
+                chunk = self.rfile.read1(min(remaining, 65536))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+        except OSError:
+            pass  # the client gave up or stalled: the close that follows is all it gets
 
 
 class HttpServer:

@@ -15,6 +15,15 @@ from daemon.store import CatalogEntry, Store
 log = logging.getLogger(__name__)
 
 
+def _storable(rel: str) -> bool:
+    """A name with bytes that are not UTF-8 (surrogate escapes) cannot be a label or a catalog key."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class TrainingIndexer:
     def __init__(
         self, root: Path, store: Store, extractor: Extractor, metrics: Metrics, max_bytes: int,
@@ -38,9 +47,8 @@ class TrainingIndexer:
 
     def forget(self, path: Path) -> None:
         """A file or folder left `classes/`: drop it and everything below it from the catalog."""
-        if path == self.root:
-            return
-        if self._store.remove_files(path.relative_to(self.root).as_posix()):
+        rel = path.relative_to(self.root).as_posix()
+        if path != self.root and _storable(rel) and self._store.remove_files(rel):
             self._on_change()
 
     def index(self, paths: list[Path]) -> None:
@@ -65,6 +73,10 @@ class TrainingIndexer:
         rel = self.relative(path)
         if rel is None:
             log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
+            return None
+        if not _storable(rel):
+            log.warning("%s: skipped for training: its name is not valid UTF-8; rename it", path)
+            self._metrics.rejected.labels(reason="unsupported").inc()
             return None
         label = rel.split("/", 1)[0]
         known = self._store.catalog_entry(rel)

@@ -1,33 +1,65 @@
-"""`retraind classify FILE...`: top-k with the published model, without a running daemon."""
+"""Commands that use the published model without a running daemon: `retraind classify` and `retraind export`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from daemon.app import build_backbone
-from daemon.config import Config
+from daemon.backbone import Backbone
+from daemon.config import Config, ConfigError
 from daemon.images import ImageRejected, read_image_file
 from daemon.plugin_manager import Hooks, make_plugin_manager
-from daemon.registry import ModelRegistry
+from daemon.registry import ModelRegistry, ModelVersion
 from daemon.serving import ServingModel
 
 
-def classify_files(config: Config, files: list[Path]) -> Iterator[str]:
+class NoModel(Exception):
+    """Nothing is published yet; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """The current model version with the backbone it was trained on and the plugins that decode images."""
+
+    version: ModelVersion
+    backbone: Backbone
+    hooks: Hooks
+
+
+def load_published(config: Config, plugins: Iterable[object] = (), engine: str | None = None) -> Published:
+    """The CURRENT version and its backbone (`engine` overrides `backbone.engine`, e.g. `keras` for export)."""
     version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
     if version is None:
-        yield "no model yet: add images under classes/<label>/ and let the daemon train"
-        return
-    hooks = Hooks(make_plugin_manager(config.plugins.disable))
+        raise NoModel(f"no model yet: add images under {config.folder('classes')}/<label>/ and let the "
+                      "daemon train")
+    if engine is not None:
+        config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, engine=engine))
+    hooks = Hooks(make_plugin_manager(config.plugins.disable, plugins))
     backbone = build_backbone(hooks, config)
+    if backbone.id != version.backbone:
+        raise ConfigError(f"backbone.name: model {version.number} was trained on {version.backbone}, but the "
+                          f"config builds {backbone.id}; set backbone.name/weights to match or let it retrain")
+    return Published(version, backbone, hooks)
+
+
+def classify_files(
+    config: Config, model: Published, files: Iterable[Path],
+) -> Iterator[tuple[Path, tuple[tuple[str, float], ...] | ImageRejected]]:
+    """Per file, its top-k (label, score) pairs best first, or why it is not a usable image."""
+    version, backbone = model.version, model.backbone
     for path in files:
         try:
             f = read_image_file(path, config.watch.max_file_bytes)
-            image = hooks.decode_image(f.data, backbone.input_size, config.watch.max_image_pixels)
+            image = model.hooks.decode_image(f.data, backbone.input_size, config.watch.max_image_pixels)
             if image is None:
-                raise ImageRejected("unsupported", "no decoder could read it")
+                raise ImageRejected("unsupported", "no decoder plugin could read this content")
         except ImageRejected as exc:
-            yield f"{path}: rejected ({exc.reason}): {exc}"
+            yield path, exc
             continue
-        (top,) = ServingModel.top_k(version, backbone.embed(image[None]), config.classify.top_k)
-        yield f"{path}:" + "".join(f"\n  {label} (score = {score:.5f})" for label, score in top)
+        (top,) = ServingModel.top_k(version, np.asarray(backbone.embed(image[None])), config.classify.top_k)
+        yield path, top

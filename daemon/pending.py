@@ -1,34 +1,67 @@
-"""Files seen but not yet taken: a file is due once closed after writing, or once its size and mtime have not
-changed for `settle_seconds` (for writers that give no close event, and for names that look temporary and may
-still be renamed, as rsync does)."""
+"""Files seen but not yet taken, and when each is due.
+
+Watchdog says "created" before a copy is done, and a writer may pause between chunks for longer than any
+quiet period. So a file is due:
+- once its writer closed it (a close-after-write event, or it was renamed into place) and it has not changed
+  since;
+- once unchanged for `settle_seconds × WRITING_FACTOR` when it was seen growing and no close came (writers
+  on platforms without close events, or whose close event was lost);
+- once unchanged for `settle_seconds` otherwise (moved in from outside, found by a scan, attributes touched).
+A name that looks like a writer's working name (rsync's `.name.XXXXXX`, `*.part`, ...) is about to be renamed:
+it waits `settle_seconds × TEMPORARY_FACTOR` even when closed. A file that failed can be held back until a
+retry time.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.events import EventKind
+
+WRITING_FACTOR = 10.0
+TEMPORARY_FACTOR = 10.0
 _TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".swp", "~", ".download")
+_RSYNC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9]{6}$")  # rsync writes `.name.XXXXXX`, then renames to `name`
 
 
 def looks_temporary(path: Path) -> bool:
-    return path.name.startswith(".") or path.name.lower().endswith(_TEMP_SUFFIXES)
+    name = path.name
+    return bool(_RSYNC_TEMP.match(name)) or name.startswith((".#", ".~")) or name.lower().endswith(_TEMP_SUFFIXES)
 
 
-@dataclass
-class _Seen:
-    signature: tuple[int, int] | None
-    since: float
-    closed: bool
+Signature = tuple[int, int] | None
 
 
-def _signature(path: Path) -> tuple[int, int] | None:
+def _signature(path: Path) -> Signature:
     try:
         st = os.stat(path)
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class _Seen:
+    signature: Signature
+    since: float  # when the signature last changed (or the file was first seen)
+    closed: bool  # closed by its writer since its content last changed
+    writing: bool  # seen growing, and no close since
+    not_before: float = 0.0
+
+    def wait(self, settle: float, temporary: bool) -> float:
+        if temporary:
+            return settle * TEMPORARY_FACTOR
+        if self.closed:
+            return 0.0
+        return settle * WRITING_FACTOR if self.writing else settle
+
+
+def _size_changed(old: Signature, new: Signature) -> bool:
+    return old is None or new is None or old[0] != new[0]
 
 
 class PendingFiles:
@@ -42,9 +75,22 @@ class PendingFiles:
     def __contains__(self, path: Path) -> bool:
         return path in self._seen
 
-    def add(self, path: Path, closed: bool) -> None:
-        """Note activity on `path`; `closed` when the writer has closed it (or it was renamed into place)."""
-        self._seen[path] = _Seen(_signature(path), time.monotonic(), closed and not looks_temporary(path))
+    def add(self, path: Path, kind: EventKind) -> None:
+        """Note what happened to `path`: CLOSED or MOVED (into place), MODIFIED, CREATED or SCANNED."""
+        now, signature = time.monotonic(), _signature(path)
+        seen = self._seen.get(path)
+        if seen is None or kind is EventKind.CREATED:
+            seen = self._seen[path] = _Seen(signature, now, False, kind is EventKind.MODIFIED)
+        if kind in (EventKind.CLOSED, EventKind.MOVED):
+            seen.closed, seen.writing = True, False
+        elif kind is EventKind.MODIFIED and (not seen.closed or _size_changed(seen.signature, signature)):
+            seen.closed, seen.writing = False, True  # being written; after a close, only a new size says so
+        if signature != seen.signature:
+            seen.signature, seen.since = signature, now
+
+    def retry(self, path: Path, delay: float) -> None:
+        """Take `path` again (as complete) after `delay` seconds, unless it changes or goes meanwhile."""
+        self._seen[path] = _Seen(_signature(path), time.monotonic(), True, False, time.monotonic() + delay)
 
     def paths(self) -> list[Path]:
         return list(self._seen)
@@ -60,11 +106,12 @@ class PendingFiles:
             signature = _signature(path)
             if signature is None and not os.path.islink(path):
                 del self._seen[path]
-            elif seen.closed or (signature == seen.signature and now - seen.since >= self.settle_seconds):
+                continue
+            if signature != seen.signature:  # changed with no event telling us: wait for it to settle
+                seen.signature, seen.since, seen.closed = signature, now, False
+            if now >= seen.not_before and now - seen.since >= seen.wait(self.settle_seconds, looks_temporary(path)):
                 ready.append(path)
                 del self._seen[path]
-            elif signature != seen.signature:
-                self._seen[path] = _Seen(signature, now, False)
         return ready
 
     def next_deadline(self) -> float | None:
@@ -72,4 +119,7 @@ class PendingFiles:
         if not self._seen:
             return None
         now = time.monotonic()
-        return max(0.0, min(s.since + self.settle_seconds - now for s in self._seen.values()))
+        return max(0.0, min(
+            max(s.not_before, s.since + s.wait(self.settle_seconds, looks_temporary(p))) - now
+            for p, s in self._seen.items()
+        ))

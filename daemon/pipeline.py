@@ -1,11 +1,16 @@
 """The pipeline worker thread: turns file events into catalog updates (classes) and classifications (inbox).
 
 It owns the pending set and the files waiting for a first model; it alone calls the indexer and the inbox
-processor, so neither needs locks. A `STOP` sentinel on the queue ends it after the work in hand."""
+processor, so neither needs locks. A `STOP` sentinel on the queue ends it after the work in hand.
+
+A batch that fails (a bug, a full disk, a decoder that raises) is tried again file by file, so one bad file
+never holds back the others; files that fail alone are taken again later, with a growing delay. Any other
+failure is logged and mended by a rescan soon after: nothing ends the thread but `STOP`."""
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 STOP = object()
 MODEL_CHANGED = object()
 _CHUNK = 256
+_FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
+_RESCAN_AFTER_FAILURE_SECONDS = 5.0
 
 
 class Pipeline(threading.Thread):
@@ -41,14 +48,17 @@ class Pipeline(threading.Thread):
         self._classes, self._inbox_root = config.folder("classes"), config.folder("inbox")
         self._pending = PendingFiles(config.watch.settle_seconds)
         self._waiting: set[Path] = set()
-        self._next_rescan = time.monotonic() + config.watch.rescan_interval_seconds
+        self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
+        self._next_rescan = math.inf
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.on_loop: Callable[[], None] = lambda: None  # the main loop's watchdog ping hangs here
+        self.on_indexed: Callable[[int, int], None] = lambda done, total: None  # progress: files done of due
 
     def rescan(self) -> None:
         """Queue every file a reconcile scan finds; also run at start-up."""
         self._rescan_needed.clear()
-        self._next_rescan = time.monotonic() + self._config.watch.rescan_interval_seconds
+        interval = self._config.watch.rescan_interval_seconds
+        self._next_rescan = time.monotonic() + interval if interval else math.inf
         for event in scan_classes(self._classes, self._store, self._indexer.backbone_id) + scan_inbox(self._inbox_root):
             self._handle(event)
 
@@ -58,17 +68,27 @@ class Pipeline(threading.Thread):
             for item in self._drain():
                 if item is STOP:
                     stopping = True
-                elif item is MODEL_CHANGED:
-                    for path in self._waiting:
-                        self._pending.add(path, closed=True)
-                    self._waiting.clear()
-                elif isinstance(item, FileEvent):
-                    self._handle(item)
-            interval = self._config.watch.rescan_interval_seconds
-            if self._rescan_needed.is_set() or (interval and time.monotonic() >= self._next_rescan):
-                self.rescan()
-            self._process_due()
+                else:
+                    self._safely(self._dispatch, item)
+            if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
+                self._safely(self.rescan)
+            self._safely(self._process_due)
             self.on_loop()
+
+    def _safely(self, work: Callable[..., None], *args: object) -> None:
+        try:
+            work(*args)
+        except Exception:
+            log.exception("pipeline step failed; a rescan in %.0f s mends what it left", _RESCAN_AFTER_FAILURE_SECONDS)
+            self._next_rescan = min(self._next_rescan, time.monotonic() + _RESCAN_AFTER_FAILURE_SECONDS)
+
+    def _dispatch(self, item: object) -> None:
+        if item is MODEL_CHANGED:
+            for path in self._waiting:
+                self._pending.add(path, EventKind.CLOSED)
+            self._waiting.clear()
+        elif isinstance(item, FileEvent):
+            self._handle(item)
 
     def _drain(self) -> list[object]:
         deadline = self._pending.next_deadline()
@@ -98,29 +118,33 @@ class Pipeline(threading.Thread):
         if event.kind is EventKind.MOVED and event.dest is not None:
             targets = list(walk_files(event.dest)) if event.dest.is_dir() else [event.dest]
             for path in targets:
-                self._take(path, closed=True)
+                self._take(path, EventKind.MOVED)
         elif event.kind is not EventKind.DELETED:
-            self._take(event.path, closed=event.kind is EventKind.CLOSED)
+            self._take(event.path, event.kind)
 
     def _forget(self, path: Path) -> None:
         self._pending.discard(path)
         self._waiting.discard(path)
+        self._attempts.pop(path, None)
         if self._area(path) == "classes":
             self._indexer.forget(path)
 
-    def _take(self, path: Path, closed: bool) -> None:
+    def _take(self, path: Path, kind: EventKind) -> None:
         area = self._area(path)
         if area is not None and path not in self._waiting and self._hooks.accept_path(path, area):
-            self._pending.add(path, closed)
+            self._pending.add(path, kind)
 
     def _process_due(self) -> None:
         due = self._pending.due()
         classes = [p for p in due if self._area(p) == "classes"]
         inbox = [p for p in due if self._area(p) == "inbox"]
         for start in range(0, len(classes), _CHUNK):
-            self._guarded(self._indexer.index, classes[start : start + _CHUNK])
+            self._guarded(self._index, classes[start : start + _CHUNK])
+            self.on_indexed(min(start + _CHUNK, len(classes)), len(classes))
         for start in range(0, len(inbox), _CHUNK):
             self._guarded(self._classify, inbox[start : start + _CHUNK])
+        if self._inbox.recovery_due():
+            self._inbox.recover()  # finishes moves and records that failed before (full disk, read-only)
         pending_inbox = sum(1 for p in self._pending.paths() if self._area(p) == "inbox")
         self._metrics.inbox_pending.set(pending_inbox + len(self._waiting))
         if not len(self._pending):
@@ -128,13 +152,35 @@ class Pipeline(threading.Thread):
         else:
             self.idle.clear()
 
-    def _classify(self, paths: list[Path]) -> None:
-        self._waiting.update(self._inbox.process(paths))
+    def _index(self, paths: list[Path]) -> list[Path]:
+        self._indexer.index(paths)
+        return []
+
+    def _classify(self, paths: list[Path]) -> list[Path]:
+        outcome = self._inbox.process(paths)
+        self._waiting.update(outcome.waiting)
+        return outcome.retry
+
+    def _guarded(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> None:
+        """Run `work` on a batch, then alone on each file of a batch that failed; retry what is left."""
+        try:
+            retry = work(paths)
+        except Exception:
+            log.exception("a batch of %d files failed; trying them one by one", len(paths))
+            retry = list(paths) if len(paths) == 1 else self._one_by_one(work, paths)
+        for path in set(paths) - set(retry):
+            self._attempts.pop(path, None)
+        for path in retry:
+            attempts = self._attempts[path] = self._attempts.get(path, 0) + 1
+            self._pending.retry(path, min(_MAX_RETRY_SECONDS, _FIRST_RETRY_SECONDS * 2 ** (attempts - 1)))
 
     @staticmethod
-    def _guarded(work: Callable[[list[Path]], None], paths: list[Path]) -> None:
-        """A bug or an I/O error in one batch is logged; its files are found again by the next rescan."""
-        try:
-            work(paths)
-        except Exception:
-            log.exception("pipeline batch failed; its files will be retried by the next rescan")
+    def _one_by_one(work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
+        retry: list[Path] = []
+        for path in paths:
+            try:
+                retry += work([path])
+            except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
+                log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
+                retry.append(path)
+        return retry

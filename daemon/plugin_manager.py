@@ -15,8 +15,9 @@ from daemon import hookspecs
 from daemon.hookspecs import PROJECT
 
 if TYPE_CHECKING:
+    from daemon.augment import Distortion
     from daemon.backbone import Backbone
-    from daemon.config import BackboneConfig, Config, TrainingConfig
+    from daemon.config import AugmentationConfig, BackboneConfig, Config, TrainingConfig
     from daemon.dataset import Dataset
     from daemon.events import FileEvent
     from daemon.head import Head
@@ -37,6 +38,9 @@ DEFAULT_PLUGINS = (
     "plugins.file_sinks",
     "plugins.inception_v3",
     "plugins.efficientnet_lite0",
+    "plugins.plots",
+    "plugins.distortions",
+    "plugins.tensorboard_summaries",
 )
 
 
@@ -64,16 +68,20 @@ class Hooks:
         self.pm = pm
         self._metrics = metrics
 
-    def _notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call every implementation separately: pluggy would stop at the first exception."""
+    def _notify(self, hook_name: str, **kwargs: Any) -> list[Exception]:
+        """Call every implementation separately: pluggy would stop at the first exception. Returns what the
+        failing ones raised (already logged and counted)."""
         caller = getattr(self.pm.hook, hook_name)
+        errors: list[Exception] = []
         for impl in reversed(caller.get_hookimpls()):
             try:
                 impl.function(*(kwargs[arg] for arg in impl.argnames))
-            except Exception:
+            except Exception as exc:
+                errors.append(exc)
                 log.exception("plugin %s failed in %s (%s)", impl.plugin_name, hook_name, kwargs)
                 if self._metrics is not None:
                     self._metrics.plugin_errors.labels(hook=hook_name, plugin=impl.plugin_name).inc()
+        return errors
 
     def make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         return self.pm.hook.retraind_make_backbone(config=config, cache_dir=cache_dir)  # type: ignore[no-any-return]
@@ -93,14 +101,21 @@ class Hooks:
     def route_result(self, result: ClassificationResult, config: Config) -> Path | None:
         return self.pm.hook.retraind_route_result(result=result, config=config)  # type: ignore[no-any-return]
 
-    def write_model_artifacts(self, version: ModelVersion, directory: Path, dataset: Dataset) -> None:
-        self._notify("retraind_write_model_artifacts", version=version, directory=directory, dataset=dataset)
+    def register_distortions(self, config: AugmentationConfig) -> list[Distortion]:
+        contributed: list[list[Distortion]] = self.pm.hook.retraind_register_distortions(config=config)
+        return [distortion for group in contributed for distortion in group]
+
+    def write_model_artifacts(self, version: ModelVersion, directory: Path, dataset: Dataset,
+                              config: Config) -> None:
+        self._notify("retraind_write_model_artifacts", version=version, directory=directory, dataset=dataset,
+                     config=config)
 
     def on_model_published(self, version: ModelVersion) -> None:
         self._notify("retraind_on_model_published", version=version)
 
-    def on_result(self, result: ClassificationResult, config: Config) -> None:
-        self._notify("retraind_on_result", result=result, config=config)
+    def on_result(self, result: ClassificationResult, config: Config) -> list[Exception]:
+        """Every sink runs; returns the exceptions of those that failed (an I/O error is retried)."""
+        return self._notify("retraind_on_result", result=result, config=config)
 
     def on_file_event(self, event: FileEvent) -> None:
         self._notify("retraind_on_file_event", event=event)

@@ -142,6 +142,24 @@ class Store:
             )
             return cur.rowcount
 
+    def variant_vectors(self, backbone: str, prefix: str) -> dict[tuple[str, str], np.ndarray]:
+        """Valid vectors of `backbone`'s variants whose key starts with `prefix`, by (sha256, variant)."""
+        rows = self._db().execute(
+            "SELECT sha256, variant, vector, crc FROM bottlenecks "
+            "WHERE backbone = ? AND substr(variant, 1, ?) = ?", (backbone, len(prefix), prefix))
+        return {(sha, variant): np.frombuffer(blob, dtype=np.float32)
+                for sha, variant, blob, crc in rows if zlib.crc32(blob) == crc}
+
+    def prune_variants(self, backbone: str, keep: set[tuple[str, str]]) -> int:
+        """Drop `backbone`'s distorted variants not in `keep` (old recipes, images no longer trained on);
+        originals are left to `prune_bottlenecks`."""
+        with self._tx() as db:
+            rows = db.execute("SELECT sha256, variant FROM bottlenecks WHERE backbone = ? AND variant != ?",
+                              (backbone, ORIGINAL)).fetchall()
+            stale = [(sha, backbone, variant) for sha, variant in rows if (sha, variant) not in keep]
+            db.executemany("DELETE FROM bottlenecks WHERE sha256 = ? AND backbone = ? AND variant = ?", stale)
+        return len(stale)
+
     # -- training-file catalog ---------------------------------------------------------------------------
 
     def upsert_file(self, entry: CatalogEntry) -> None:
@@ -186,7 +204,8 @@ class Store:
         db = self._db()
         db.execute("BEGIN")  # one snapshot for the count and the rows
         try:
-            (count,) = db.execute(f"SELECT COUNT(*) {joined}", (backbone, ORIGINAL)).fetchone()
+            # An upper bound (one vector per file at most): counting the join ran it twice, 40% of the load.
+            (count,) = db.execute("SELECT COUNT(*) FROM files WHERE ok = 1").fetchone()
             matrix = np.empty((count, dim), dtype=np.float32)
             rows = db.execute(
                 f"SELECT f.path, f.label, f.sha256, f.size, f.mtime_ns, b.vector, b.crc {joined} ORDER BY f.path",

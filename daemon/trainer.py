@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from daemon.backbone import Backbone
+from daemon.augment import Augmenter, VariantCache
 from daemon.config import Config
-from daemon.dataset import Dataset, build_dataset
+from daemon.dataset import Dataset, Part, build_dataset
+from daemon.extractor import Extractor
 from daemon.head import Head, accuracy
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks
@@ -39,16 +40,45 @@ def evaluate(head: Head, dataset: Dataset) -> dict[str, Any]:
         for i, label in enumerate(dataset.labels)
     }
     return {"accuracy": per_split, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
-            "confusion_split": TEST if part is dataset.parts[TEST] else VALIDATION}
+            "confusion_split": TEST if part is dataset.parts[TEST] else VALIDATION,
+            "mistakes": _mistakes(head, part, dataset.labels)}
+
+
+def _mistakes(head: Head, part: Part, labels: tuple[str, ...], keep: int = 20) -> list[dict[str, Any]]:
+    """The most confident wrong predictions on `part`, surest first (`retraind report` shows them)."""
+    if not len(part.y):
+        return []
+    probabilities = head.probabilities(part.x)
+    predicted = probabilities.argmax(axis=1)
+    score = probabilities[np.arange(len(predicted)), predicted]
+    wrong = np.flatnonzero(predicted != part.y)
+    return [{"path": part.paths[i], "true": labels[part.y[i]], "predicted": labels[predicted[i]],
+             "score": round(float(score[i]), 6)} for i in wrong[np.argsort(-score[wrong], kind="stable")][:keep]]
+
+
+def _log_misclassified(head: Head, dataset: Dataset) -> None:
+    """retrain.py's --print_misclassified_test_images, as log lines."""
+    test = dataset.parts[TEST]
+    predicted = head.probabilities(test.x).argmax(axis=1) if len(test.y) else np.empty(0, np.int64)
+    wrong = np.flatnonzero(predicted != test.y)
+    log.info("=== MISCLASSIFIED TEST IMAGES: %d of %d ===", len(wrong), len(test.y))
+    for i in wrong:
+        log.info("%s: is %s, predicted %s", test.paths[i], dataset.labels[test.y[i]],
+                 dataset.labels[predicted[i]])
 
 
 class Trainer(threading.Thread):
     def __init__(
-        self, config: Config, store: Store, backbone: Backbone, registry: ModelRegistry, serving: ServingModel,
-        hooks: Hooks, metrics: Metrics, on_published: Callable[[ModelVersion], None],
+        self, config: Config, store: Store, extractor: Extractor, registry: ModelRegistry,
+        serving: ServingModel, hooks: Hooks, metrics: Metrics, on_published: Callable[[ModelVersion], None],
     ) -> None:
         super().__init__(name="retraind-trainer", daemon=False)
-        self._config, self._store, self._backbone = config, store, backbone
+        self._config, self._store, self._backbone = config, store, extractor.backbone
+        distortions = hooks.register_distortions(config.augmentation)
+        augmenter = Augmenter(distortions, config.augmentation, hooks.decode_image,
+                              extractor.backbone.input_size, config.watch.max_image_pixels)
+        self._variants = VariantCache(augmenter, store, extractor, config.folder("classes"),
+                                      config.watch.max_file_bytes, config.backbone.batch_size)
         self._registry, self._serving, self._hooks, self._metrics = registry, serving, hooks, metrics
         self._on_published = on_published
         self._cond = threading.Condition()
@@ -80,6 +110,10 @@ class Trainer(threading.Thread):
             self._cond.notify()
 
     def run(self) -> None:
+        current = self._serving.version
+        if current is not None and current.metrics.get("augmentation") != self._variants.augmenter.summary:
+            log.info("augmentation settings differ from model %d's; retraining", current.number)
+            self.notify_change()
         while True:
             with self._cond:
                 self._cond.wait(timeout=0.25)
@@ -115,16 +149,22 @@ class Trainer(threading.Thread):
         if len(dataset.labels) < 2:
             log.info("training waits for at least two labels with images (have %d)", len(dataset.labels))
             return None
+        augmented = self._variants.attach(dataset, entries, lambda: self._stopping)
+        if augmented is None:
+            return None  # stopping: the variants made so far are kept for the next start
+        dataset = augmented
         head = self._hooks.train_head(dataset, self._config.training)
         if head is None:
             raise RuntimeError("no plugin trained a head (is the built-in softmax_head plugin disabled?)")
         metrics = self._metrics_for(head, dataset, time.perf_counter() - started)
+        if self._config.training.print_misclassified_test_images:
+            _log_misclassified(head, dataset)
         if not self._passes_gate(head, dataset, metrics):
             self._metrics.training_runs.labels(result="rejected").inc()
             return None
         version = self._registry.publish(
             head, dataset.labels, metrics,
-            lambda v, d: self._hooks.write_model_artifacts(v, d, dataset),
+            lambda v, d: self._hooks.write_model_artifacts(v, d, dataset, self._config),
         )
         self._serving.swap(version)
         self._metrics.training_runs.labels(result="promoted").inc()
@@ -139,6 +179,8 @@ class Trainer(threading.Thread):
             **evaluate(head, dataset), "backbone": self._backbone.id, "labels": list(dataset.labels),
             "images": dataset.counts(), "manifest_sha256": dataset.manifest_sha256,
             "labels_without_training_split": list(dataset.borrowed), "hyperparameters": head.hyperparameters,
+            "augmentation": self._variants.augmenter.summary,
+            "variant_rows": 0 if dataset.variants is None else len(dataset.variants.y),
             "history": head.history, "training_seconds": round(seconds, 4), "created": time.time(),
         }
 

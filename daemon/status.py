@@ -1,0 +1,127 @@
+"""`retraind status`: what the daemon is doing, asked over its HTTP API, or read from the state dir when no
+daemon answers. Both give the same dict: `source`, `model` (None before the first training), `images` per
+label and split, `inbox_pending`, `last_training` (a Unix time or None) and `training_runs` (daemon only)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.atomic import TMP_PREFIX
+from daemon.config import Config
+from daemon.http_api import MODEL_NAME
+from daemon.registry import ModelRegistry
+from daemon.scanner import walk_files
+from daemon.split import SPLITS
+
+_TIMEOUT = 10.0
+
+
+class DaemonUnavailable(Exception):
+    """No daemon answers on the configured HTTP address."""
+
+
+def api_url(config: Config) -> str:
+    """Where the daemon listens, as a client reaches it (a wildcard bind is reached on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.http.host, config.http.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}"
+
+
+def request(config: Config, path: str, method: str = "GET") -> tuple[int, bytes]:
+    """(status, body) of one API call; raises DaemonUnavailable when nothing answers."""
+    url = api_url(config) + path
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=_TIMEOUT) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DaemonUnavailable(f"no daemon answers at {api_url(config)} ({reason}); is it running?") from exc
+
+
+def _model(version: int, backbone: str, labels: list[str], accuracy: dict[str, Any]) -> dict[str, Any]:
+    return {"version": version, "backbone": backbone, "labels": labels, "accuracy": accuracy}
+
+
+def from_daemon(config: Config) -> dict[str, Any]:
+    code, body = request(config, f"/v1/models/{MODEL_NAME}/metadata")
+    meta = json.loads(body) if code == 200 else None
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(request(config, "/metrics")[1].decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    images: dict[str, dict[str, int]] = {}
+    for labels, value in samples.get("retraind_images", []):
+        images.setdefault(labels["label"], dict.fromkeys(SPLITS, 0))[labels["split"]] = int(value)
+    last = samples.get("retraind_last_training_timestamp_seconds", [({}, 0.0)])[0][1]
+    return {
+        "source": f"daemon at {api_url(config)}",
+        "model": meta and _model(int(meta["model_spec"]["version"]), meta["backbone"], meta["labels"],
+                                 meta["accuracy"]),
+        "images": images or (meta or {}).get("images") or {},
+        "inbox_pending": int(samples.get("retraind_inbox_pending_files", [({}, 0.0)])[0][1]),
+        "last_training": last or None,
+        "training_runs": {labels["result"]: int(v) for labels, v in samples.get("retraind_training_runs_total", [])},
+    }
+
+
+def from_state(config: Config) -> dict[str, Any]:
+    version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
+    m = version.metrics if version else {}
+    inbox = [p for p in walk_files(config.folder("inbox")) if not p.name.startswith(TMP_PREFIX)]
+    return {
+        "source": f"state dir {config.folder('state')} (no daemon answers at {api_url(config)})",
+        "model": version and _model(version.number, version.backbone, list(version.labels), m.get("accuracy", {})),
+        "images": m.get("images", {}),
+        "inbox_pending": len(inbox),
+        "last_training": m.get("created"),
+        "training_runs": None,
+    }
+
+
+def gather(config: Config) -> dict[str, Any]:
+    try:
+        return from_daemon(config)
+    except DaemonUnavailable:
+        return from_state(config)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _ago(timestamp: float) -> str:
+    seconds = max(0, int(time.time() - timestamp))
+    span = f"{seconds} s" if seconds < 120 else f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(timestamp))} ({span} ago)"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    model = status["model"]
+    lines = [f"source:        {status['source']}"]
+    if model is None:
+        lines.append("model:         none yet (waiting for images of at least two labels)")
+    else:
+        lines.append(f"model:         version {model['version']}, {len(model['labels'])} labels, "
+                     f"backbone {model['backbone']}")
+        lines.append("accuracy:      " + "  ".join(f"{s} {_percent(model['accuracy'].get(s))}" for s in SPLITS))
+    if status["last_training"]:
+        lines.append(f"last training: {_ago(status['last_training'])}")
+    if status["training_runs"] is not None:
+        lines.append("training runs: " + ", ".join(f"{n} {r}" for r, n in sorted(status["training_runs"].items())))
+    lines.append(f"inbox:         {status['inbox_pending']} files waiting")
+    images = status["images"]
+    if images:
+        width = max(len("label"), *(len(label) for label in images))
+        lines.append("")
+        lines.append(f"{'label':<{width}}  " + "  ".join(f"{s:>10}" for s in SPLITS))
+        for label, counts in sorted(images.items()):
+            lines.append(f"{label:<{width}}  " + "  ".join(f"{counts.get(s, 0):>10}" for s in SPLITS))
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""A real daemon in a subprocess, for tests that kill it with SIGKILL or run it as another user.
+
+`python -m tests.crash_child CONFIG [--user NAME]` builds the real `App` from CONFIG with two test plugins,
+registered through the real hooks, notes `ready` in `<data_root>/child-events.log` once started, and runs until
+SIGTERM, like `retraind run`:
+- `ColourGridPlugin` provides the `colourgrid` backbone: a 2×2 grid of mean colours (12 floats) that needs no
+  TensorFlow, so the process starts in well under a second, and takes a few milliseconds per image, so that a
+  kill lands in the middle of bulk caching. It appends a hash of every vector it computes to
+  `<data_root>/embedded.log`, from which a test proves that nothing already stored was computed again.
+- `Dawdle` makes training and publishing take a moment (and notes `training`), so that kills land inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pwd
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+
+from daemon.app import App
+from daemon.config import BackboneConfig, load_config
+from daemon.hookspecs import hookimpl
+from daemon.logs import setup_logging
+
+SECONDS_PER_IMAGE = 0.005
+TRAIN_SECONDS = 0.3
+PUBLISH_SECONDS = 0.2
+EVENTS_LOG, EMBEDDED_LOG = "child-events.log", "embedded.log"
+
+
+def append(path: Path, text: str) -> None:
+    """One write(2) on an O_APPEND file: a SIGKILL never leaves half of it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def vector_hash(vector: np.ndarray) -> str:
+    """The same hash for a vector as computed here and as stored (float32 bytes) in the store."""
+    return hashlib.sha1(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+
+
+class ColourGrid:
+    id, input_size, dim = "colourgrid/v1", (16, 16), 12
+
+    def __init__(self, log: Path) -> None:
+        self._log = log
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        time.sleep(SECONDS_PER_IMAGE * len(images))  # a backbone's work, without taking a CPU from the tests
+        grid = images.astype(np.float32).reshape(len(images), 2, 8, 2, 8, 3).mean(axis=(2, 4)) / 255.0
+        vectors = grid.reshape(len(images), self.dim)
+        append(self._log, "".join(f"{vector_hash(v)}\n" for v in vectors))
+        return vectors
+
+
+def _plugins(root: Path) -> tuple[object, ...]:
+    events = root / EVENTS_LOG
+
+    class ColourGridPlugin:
+        @hookimpl
+        def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> ColourGrid | None:
+            return ColourGrid(root / EMBEDDED_LOG) if config.name == "colourgrid" else None
+
+    class Dawdle:
+        @hookimpl(tryfirst=True)
+        def retraind_train_head(self, dataset: object, config: object) -> None:
+            append(events, "training\n")
+            time.sleep(TRAIN_SECONDS)
+
+        @hookimpl
+        def retraind_write_model_artifacts(self, version: object, directory: Path) -> None:
+            with (directory / "notes.txt").open("w") as fh:  # half written while a kill may come
+                fh.write("a model version is published whole")
+                fh.flush()
+                time.sleep(PUBLISH_SECONDS)
+                fh.write(" or not at all\n")
+
+    return ColourGridPlugin(), Dawdle()
+
+
+def become(user: str) -> None:
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--user", help="run as this user (the test runs as root)")
+    args = parser.parse_args(argv)
+    if args.user:
+        become(args.user)
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    with App(config, extra_plugins=_plugins(config.data_root)):
+        append(config.data_root / EVENTS_LOG, "ready\n")
+        while not stop.wait(0.1):
+            pass
+    append(config.data_root / EVENTS_LOG, "stopped\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,140 @@
+"""The `retraind` command line, in-process through `main()` with the tiny backbone as an extra plugin: status from
+the running daemon's API and from the state dir, one-shot classify, retrain, report, and its exit statuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import sys
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from daemon.cli import EX_UNAVAILABLE, main
+from daemon.config import EX_CONFIG
+from tests.conftest import make_config, seed_classes, wait_for, write_image
+from tests.tiny_backbone import TinyBackbonePlugin
+
+
+def write_config(root: Path, **sections: Any) -> Path:
+    """`make_config`'s test config as a YAML file, for the command line."""
+    raw = dataclasses.asdict(make_config(root, **sections))
+    raw["data_root"] = str(raw["data_root"])
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def run(config: Path, *args: str, plugins: tuple[object, ...] = ()) -> int:
+    return main(["--config", str(config), *args], plugins=plugins)
+
+
+@pytest.fixture
+def trained(tmp_path: Path, run_app: Any) -> Path:
+    """A data root whose daemon trained a red/blue model and stopped; returns the config file."""
+    seed_classes(tmp_path)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+    return write_config(tmp_path)
+
+
+def test_status_from_the_state_dir(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_image(tmp_path / "data" / "inbox" / "waiting.jpg", "red", seed=1)
+    assert run(trained, "status") == 0
+    out = capsys.readouterr().out
+    assert "state dir" in out and "version 1, 2 labels, backbone tiny/seed7/v1" in out
+    assert "inbox:         1 files waiting" in out and "last training:" in out
+    assert run(trained, "status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["model"]["version"] == 1 and status["model"]["labels"] == ["blue", "red"]
+    assert sum(status["images"]["red"].values()) == 12 and status["training_runs"] is None
+
+
+def test_status_from_the_running_daemon(tmp_path: Path, run_app: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    seed_classes(tmp_path)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        wait_for(lambda: app.trainer.runs, what="the run to be counted")
+        assert app.http is not None
+        config = write_config(tmp_path, http={"port": app.http.port})
+        assert run(config, "status", "--json") == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["source"] == f"daemon at http://127.0.0.1:{app.http.port}"
+        assert status["model"]["version"] == 1 and status["training_runs"]["promoted"] == 1
+        assert status["images"]["blue"]["train"] + status["images"]["blue"]["validation"] == 12
+        assert status["inbox_pending"] == 0 and status["last_training"] > 0
+
+        assert run(config, "retrain") == 0
+        assert "retrain requested" in capsys.readouterr().out
+        wait_for(lambda: app.trainer.runs == 2, what="the requested run")
+
+
+def test_without_a_model_or_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data").mkdir()
+    config = write_config(tmp_path)
+    assert run(config, "status") == 1
+    assert "none yet" in capsys.readouterr().out
+    for command in (["report"], ["classify", "x.jpg"]):
+        assert run(config, *command) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("retraind: no model yet") and err.count("\n") == 1
+    assert run(config, "retrain") == EX_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert "no daemon answers at http://127.0.0.1:0" in err and err.count("\n") == 1
+
+
+def test_config_error_is_one_line_and_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("classify:\n  top_k: many\n")
+    assert run(config, "status") == EX_CONFIG
+    assert capsys.readouterr().err == "retraind: classify.top_k: expected int, got str 'many'\n"
+
+
+def test_classify_files(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    red = write_image(tmp_path / "red.jpg", "red", seed=77)
+    blue = write_image(tmp_path / "blue.png", "blue", seed=78, fmt="PNG")
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    assert run(trained, "classify", str(red), str(blue), plugins=(TinyBackbonePlugin(),)) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"{red}:" and lines[1].startswith("  red (score = 0.")
+    assert lines[3] == f"{blue}:" and lines[4].startswith("  blue (score = 0.")
+    assert captured.err == "", "no progress bar when stderr is not a terminal"
+    assert run(trained, "classify", str(junk), plugins=(TinyBackbonePlugin(),)) == 1
+    assert capsys.readouterr().out.startswith(f"{junk}: rejected (unsupported)")
+
+
+def test_progress_bar_on_a_terminal(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    files = [str(write_image(tmp_path / f"in{i}.jpg", "red", seed=i)) for i in range(3)]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has 0 columns
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert run(trained, "classify", *files, plugins=(TinyBackbonePlugin(),)) == 0
+        terminal.flush()
+    shown = b""
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            shown += os.read(master, 65536)
+        except OSError:  # EIO: the terminal's last writer closed it
+            break
+    os.close(master)
+    assert b"classifying" in shown and b"/3 [" in shown
+    assert capsys.readouterr().out.count("(score = ") == 6
+
+
+def test_report(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports" / "model.html"
+    assert run(trained, "report", "--out", str(out)) == 0
+    assert capsys.readouterr().out == f"wrote {out} (model 1)\n"
+    assert "<h1>retraind model 1</h1>" in out.read_text(encoding="utf-8")

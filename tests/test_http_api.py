@@ -1,0 +1,162 @@
+"""The model API over real HTTP on loopback: TF-Serving-shaped status and metadata, classify with raw bytes and
+with b64 instances, retrain, and every refusal as a 4xx JSON error (never a traceback or an HTML page)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.app import App
+from daemon.http_api import MAX_INSTANCES
+from tests.conftest import image_bytes, make_config, seed_classes, wait_for
+from tests.tiny_backbone import TinyBackbonePlugin
+
+MODEL = "/v1/models/retraind"
+
+
+def call(app: App, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    """One request on a fresh connection: (status, headers, decoded JSON body or None for an empty one)."""
+    assert app.http is not None
+    connection = http.client.HTTPConnection("127.0.0.1", app.http.port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, dict(response.getheaders()), json.loads(raw) if raw else None
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """One daemon with a trained red/blue model for the read-only tests of this module."""
+    root = tmp_path_factory.mktemp("api")
+    seed_classes(root)
+    with App(make_config(root, http={"max_body_bytes": 20_000}), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        yield app
+
+
+def b64(data: bytes) -> dict[str, str]:
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def assert_error(reply: tuple[int, dict[str, str], Any], status: int, words: str) -> None:
+    code, headers, body = reply
+    assert code == status, body
+    assert headers["Content-Type"] == "application/json"
+    assert set(body) == {"error"} and words in body["error"], body
+    assert "Traceback" not in body["error"]
+
+
+def test_before_the_first_model(run_app: Any) -> None:
+    with run_app() as app:
+        code, _, status = call(app, "GET", MODEL)
+        assert code == 200
+        assert status["model_version_status"][0]["state"] == "START"
+        assert_error(call(app, "GET", f"{MODEL}/metadata"), 503, "no model")
+        assert_error(call(app, "POST", f"{MODEL}:classify", image_bytes("red", 1)), 503, "no model")
+
+
+def test_status_metadata_and_classify(served: App) -> None:
+    app = served
+    code, _, status = call(app, "GET", MODEL)
+    assert code == 200 and status == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+
+    code, _, meta = call(app, "GET", f"{MODEL}/metadata")
+    assert code == 200
+    assert meta["model_spec"] == {"name": "retraind", "version": "1"}
+    assert meta["labels"] == ["blue", "red"] and meta["backbone"] == "tiny/seed7/v1"
+    assert set(meta["accuracy"]) == {"train", "validation", "test"} and len(meta["manifest_sha256"]) == 64
+    assert sum(meta["images"]["red"].values()) == 12
+
+    code, _, raw = call(app, "POST", f"{MODEL}:classify", image_bytes("red", 5001),
+                        {"Content-Type": "image/jpeg"})
+    assert code == 200 and raw["model_version"] == 1
+    (prediction,) = raw["predictions"]
+    assert [t["label"] for t in prediction["top_k"]] == ["red", "blue"]
+    assert prediction["top_k"][0]["score"] > prediction["top_k"][1]["score"]
+
+    body = json.dumps({"instances": [b64(image_bytes("blue", 5002, "PNG")), b64(image_bytes("red", 5003))]})
+    code, _, batch = call(app, "POST", f"{MODEL}:classify", body.encode(), {"Content-Type": "application/json"})
+    assert code == 200
+    assert [p["top_k"][0]["label"] for p in batch["predictions"]] == ["blue", "red"]
+
+    # curl -d without a JSON content type still works: the body is recognised by its leading brace.
+    code, _, sniffed = call(app, "POST", f"{MODEL}:classify", body.encode(),
+                            {"Content-Type": "application/x-www-form-urlencoded"})
+    assert code == 200 and sniffed["predictions"] == batch["predictions"]
+
+    code, headers, _ = call(app, "HEAD", "/healthz")
+    assert code == 200 and int(headers["Content-Length"]) > 0
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "words"), [
+    (b"", {}, 400, "empty body"),
+    (b"this is not an image", {}, 422, "not a usable image"),
+    (b"{not json", {"Content-Type": "application/json"}, 400, "instances"),
+    (b'{"inputs": []}', {"Content-Type": "application/json"}, 400, "instances"),
+    (b'{"instances": []}', {"Content-Type": "application/json"}, 400, "1 to"),
+    (b'{"instances": ["abc"]}', {"Content-Type": "application/json"}, 400, "instances"),
+    (b'{"instances": [{"b64": "***"}]}', {"Content-Type": "application/json"}, 400, "instances"),
+    (json.dumps({"instances": [b64(b"GIF89a")] * (MAX_INSTANCES + 1)}).encode(), {}, 400, "1 to"),
+    (json.dumps({"instances": [b64(b"\x89PNG\r\n")]}).encode(), {}, 422, "not a usable image"),
+], ids=["empty", "garbage", "bad-json", "no-instances", "zero-instances", "not-b64-object", "bad-b64",
+        "too-many", "broken-png"])
+def test_bad_classify_requests(served: App, body: bytes, headers: dict[str, str], status: int, words: str) -> None:
+    assert_error(call(served, "POST", f"{MODEL}:classify", body, headers), status, words)
+
+
+def raw_request(app: App, head: bytes, body: bytes = b"") -> tuple[int, Any]:
+    """Send bytes as they are (bad framing that http.client would refuse to produce); parse the reply."""
+    assert app.http is not None
+    with socket.create_connection(("127.0.0.1", app.http.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_routes_methods_and_framing(served: App) -> None:
+    app = served
+    assert_error(call(app, "GET", "/v1/models/inception"), 404, "no model named 'inception'")
+    assert_error(call(app, "POST", "/v1/models/other:classify", b"x"), 404, "no model named")
+    assert_error(call(app, "GET", "/v2/anything"), 404, "no such endpoint")
+    reply = call(app, "GET", f"{MODEL}:classify")
+    assert_error(reply, 405, "use POST")
+    assert reply[1]["Allow"] == "POST"
+    assert_error(call(app, "POST", "/metrics", b"x"), 405, "use GET")
+    assert_error(call(app, "DELETE", MODEL), 405, "not allowed")
+    assert_error(call(app, "PUT", f"{MODEL}:retrain", b"x"), 405, "not allowed")
+    assert_error(call(app, "BREW", MODEL), 501, "Unsupported method")
+
+    assert_error(call(app, "POST", f"{MODEL}:classify", b"x" * 50_000), 413, "http.max_body_bytes=20000")
+    path = f"{MODEL}:classify".encode()
+    status, body = raw_request(app, b"POST " + path + b" HTTP/1.0\r\n\r\n")
+    assert (status, "Content-Length" in body["error"]) == (411, True)
+    status, body = raw_request(app, b"POST " + path + b" HTTP/1.0\r\nContent-Length: -5\r\n\r\n")
+    assert (status, "negative" in body["error"]) == (400, True)
+    status, body = raw_request(app, b"POST " + path + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                               b"5\r\nhello\r\n0\r\n\r\n")
+    assert (status, "chunked" in body["error"]) == (411, True)
+    status, body = raw_request(app, b"GET /a b HTTP/1.0\r\n\r\n")
+    assert (status, "Bad request syntax" in body["error"]) == (400, True)
+
+
+def test_retrain_request_runs_the_trainer(tmp_path: Path, run_app: Any) -> None:
+    seed_classes(tmp_path, per_label=4)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        wait_for(lambda: app.trainer.runs == 1, what="the first run to finish")
+        code, _, body = call(app, "POST", f"{MODEL}:retrain")
+        assert (code, body) == (202, {"retrain": "requested"})
+        wait_for(lambda: app.trainer.runs == 2, what="a forced training run")

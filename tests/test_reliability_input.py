@@ -1,0 +1,201 @@
+"""Bad and odd input through a real daemon: every readable image is classified correctly, every unreadable one
+ends in `rejected/` with a record saying why, counted by reason; in `classes/` bad files are skipped with a
+warning and training goes on. The daemon keeps running throughout."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.scanner import walk_files
+from plugins.pillow_decoder import retraind_decode_image
+from tests.conftest import wait_for
+from tests.test_daemon_e2e import results, scrape
+
+RGB = {"red": (220, 30, 30), "blue": (30, 40, 220), "grey": (128, 128, 128)}
+
+
+def pixels(colour: str | tuple[int, int, int], seed: int, size: tuple[int, int] = (48, 40)) -> np.ndarray:
+    """A noisy image of a named colour (`RGB`) or of any RGB triple; `seed` makes each one different content."""
+    rng = np.random.default_rng(seed)
+    base = np.array(RGB[colour] if isinstance(colour, str) else colour, dtype=np.int16)
+    return np.clip(base + rng.integers(-25, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+
+
+def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **options: Any) -> bytes:
+    image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png(width: int, height: int, bit_depth: int, colour_type: int, rows: Iterable[bytes]) -> bytes:
+    """A PNG written by hand, for what Pillow will not write: 16-bit RGB, and a 30000×30000 bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(1)
+    idat = b"".join(packer.compress(b"\0" + row) for row in rows) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png16(colour: str, seed: int, grey: bool = False) -> bytes:
+    wide = pixels(colour, seed).astype(">u2") * 257
+    array = wide[..., 0] if grey else wide
+    return png(48, 40, 16, 0 if grey else 2, (row.tobytes() for row in array))
+
+
+def bomb() -> bytes:
+    """30000×30000 one-bit pixels: 110 KB on disk, 2.7 GB as RGB once decoded."""
+    row = bytes(30000 // 8)
+    return png(30000, 30000, 1, 0, (row for _ in range(30000)))
+
+
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(pixels(colour, 60 + i)) for i, colour in enumerate(("red", "blue", "blue"))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def exif_rotated(array: np.ndarray) -> bytes:
+    """A JPEG stored sideways whose EXIF orientation (6) says: turn 90° clockwise to display."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(array, "JPEG", exif=exif.tobytes())
+
+
+def seed_three(data: Path, per_label: int = 10) -> None:
+    for label in RGB:
+        folder = data / "classes" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_label):
+            (folder / f"{label}-{i}.png").write_bytes(encoded(pixels(label, sum(map(ord, label)) + i), "PNG"))
+
+
+def test_exif_orientation_is_applied() -> None:
+    left_red_right_blue = np.concatenate([pixels("red", 1, (30, 40)), pixels("blue", 2, (30, 40))], axis=1)
+    decoded = retraind_decode_image(exif_rotated(left_red_right_blue), (32, 32), 10**8).astype(int)
+    top, bottom = decoded[:14].reshape(-1, 3).mean(axis=0), decoded[18:].reshape(-1, 3).mean(axis=0)
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # displayed upright: red above blue
+
+
+def test_sixteen_bit_keeps_its_brightness() -> None:
+    dark = png(8, 8, 16, 0, (np.full(8, 40 * 257, ">u2").tobytes() for _ in range(8)))
+    assert abs(int(retraind_decode_image(dark, (8, 8), 10**8).mean()) - 40) <= 1
+
+
+READABLE = {  # inbox name -> (content, expected label)
+    "png named.jpg": (lambda: encoded(pixels("red", 1), "PNG"), "red"),
+    "webp-named.jpg": (lambda: encoded(pixels("blue", 2), "WEBP"), "blue"),
+    "animated.gif": (animated_gif, "red"),  # the first frame counts
+    "deep16.png": (lambda: png16("red", 3), "red"),
+    "grey16.png": (lambda: png16("grey", 4, grey=True), "grey"),
+    "cmyk.jpg": (lambda: encoded(pixels("blue", 5), "JPEG", "CMYK"), "blue"),
+    "greyscale.jpg": (lambda: encoded(pixels("grey", 6), "JPEG", "L"), "grey"),
+    "rotated.jpg": (lambda: exif_rotated(pixels("red", 7, (60, 40))), "red"),
+    "with space.jpg": (lambda: encoded(pixels("blue", 8), "JPEG"), "blue"),
+    "ünïcödé 写真.jpg": (lambda: encoded(pixels("red", 9), "JPEG"), "red"),
+    ".leading-dot.jpg": (lambda: encoded(pixels("blue", 10), "JPEG"), "blue"),
+    os.fsdecode(b"caf\xe9-latin1.jpg"): (lambda: encoded(pixels("grey", 11), "JPEG"), "grey"),
+    "batch/one.jpg": (lambda: encoded(pixels("red", 12), "JPEG"), "red"),
+    "batch/deeper/two.png": (lambda: encoded(pixels("blue", 13), "PNG"), "blue"),
+}
+UNREADABLE = {  # inbox name -> (content, reason)
+    "empty.jpg": (lambda: b"", "empty"),
+    "truncated.jpg": (lambda: encoded(pixels("red", 20), "JPEG")[:700], "corrupt"),
+    "random.jpg": (lambda: np.random.default_rng(21).bytes(3000), "unsupported"),
+    "notes.txt": (lambda: b"this is a text file, not a picture\n", "unsupported"),
+    "bomb.png": (bomb, "too_large"),
+    "huge.bmp": (lambda: bytes(300_001), "too_large"),
+}
+
+
+def test_bad_and_odd_inbox_files(tmp_path: Path, run_app: Any) -> None:
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    seed_three(data)
+    outside.mkdir()
+    (outside / "target.jpg").write_bytes(encoded(pixels("blue", 30), "JPEG"))
+    moved_folder = outside / "folder"
+    moved_folder.mkdir()
+    (moved_folder / "inside.jpg").write_bytes(encoded(pixels("grey", 31), "JPEG"))
+    with run_app(classify={"confidence_threshold": 0.0}, watch={"max_file_bytes": 300_000}) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        inbox = data / "inbox"
+        for name, (make, _) in {**READABLE, **UNREADABLE}.items():
+            (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+            (inbox / name).write_bytes(make())
+        os.symlink("../../outside/target.jpg", inbox / "link.jpg")  # relative: must still resolve once moved
+        os.symlink("loop.jpg", inbox / "loop.jpg")
+        os.symlink("nowhere.jpg", inbox / "dangling.jpg")
+        os.rename(moved_folder, inbox / "folder")
+        wait_for(lambda: not list(walk_files(inbox)), timeout=60, what="an empty inbox")
+        assert app.alive()
+        metrics = scrape(app)
+
+    by_file = {record["file"]: record for record in results(tmp_path)}
+    expected = {Path(name).name: label for name, (_, label) in READABLE.items()}
+    expected |= {"link.jpg": "blue", "inside.jpg": "grey"}
+    assert {name: record["label"] for name, record in by_file.items()} == expected
+    for record in by_file.values():
+        destination = Path(record["destination"])
+        assert destination.parent == data / "outbox" / record["label"]
+        assert json.loads(destination.with_name(destination.name + ".json").read_text()) == record
+    assert Path(by_file["link.jpg"]["destination"]).resolve() == outside / "target.jpg"
+
+    reasons = {**{name: reason for name, (_, reason) in UNREADABLE.items()},
+               "loop.jpg": "unreadable", "dangling.jpg": "unreadable"}
+    rejected = data / "rejected"
+    for name, reason in reasons.items():
+        assert os.path.lexists(rejected / name), name
+        record = json.loads((rejected / f"{name}.error.json").read_text())
+        assert record["reason"] == reason and record["file"] == name and record["error"]
+    assert sorted(p.name for p in rejected.iterdir()) == sorted([*reasons, *(f"{n}.error.json" for n in reasons)])
+    counted = {reason: metrics.get(f"retraind_rejected_files_total{{reason={reason}}}", 0) for reason in
+               set(reasons.values())}
+    assert counted == {reason: list(reasons.values()).count(reason) for reason in reasons.values()}
+
+
+def test_bad_files_in_classes_are_skipped_and_training_goes_on(
+    tmp_path: Path, run_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    seed_three(data, per_label=8)
+    red = data / "classes" / "red"
+    bad = {"empty.jpg": b"", "truncated.jpg": encoded(pixels("red", 40), "JPEG")[:600],
+           "random.jpg": np.random.default_rng(41).bytes(2000), "notes.txt": b"not an image", "bomb.png": bomb()}
+    for name, content in bad.items():
+        (red / name).write_bytes(content)
+    os.symlink("loop.jpg", red / "loop.jpg")
+    (red / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden files are not training images
+    (red / os.fsdecode(b"caf\xe9.jpg")).write_bytes(encoded(pixels("red", 42), "JPEG"))
+    (red / "nested").mkdir()
+    (red / "nested" / "deep.png").write_bytes(encoded(pixels("red", 43), "PNG"))
+    with caplog.at_level(logging.WARNING), run_app() as app:
+        version = wait_for(lambda: app.serving.version, what="a model despite the bad files")
+        catalog = app.store.catalog()
+        metrics = scrape(app)
+        (data / "inbox" / "check.jpg").write_bytes(encoded(pixels("red", 44), "JPEG"))
+        wait_for(lambda: results(tmp_path), what="a classification with that model")
+    assert version.labels == ("blue", "grey", "red")
+    assert results(tmp_path)[0]["label"] == "red"
+    assert {rel: entry.ok for rel, entry in catalog.items() if not entry.ok} == {
+        f"red/{name}": False for name in [*bad, "loop.jpg"]}
+    assert catalog["red/nested/deep.png"].ok and version.metrics["images"]["red"]["train"] + \
+        version.metrics["images"]["red"]["validation"] == 9
+    skipped = {r.getMessage().split(":")[0] for r in caplog.records if "skipped for training" in r.getMessage()}
+    assert skipped == {str(red / name) for name in [*bad, "loop.jpg", os.fsdecode(b"caf\xe9.jpg")]}
+    assert sum(v for k, v in metrics.items() if k.startswith("retraind_rejected_files_total{")) == len(skipped)

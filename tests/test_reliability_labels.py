@@ -1,0 +1,120 @@
+"""Label folders and the promotion gate, through a real daemon: the model follows label folders that are
+emptied, deleted, added, tiny or differ only in case; a model with another label set is another task and is
+never gated against the old one; a worse head is not promoted and a failing training leaves the model serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from daemon.app import App
+from daemon.config import TrainingConfig
+from daemon.dataset import Dataset
+from daemon.head import Head
+from daemon.hookspecs import hookimpl
+from plugins.softmax_head import retraind_train_head as fit_softmax
+from tests.conftest import seed_classes, wait_for, write_image
+from tests.test_daemon_e2e import results, scrape
+from tests.test_reliability_input import encoded, pixels
+
+YELLOW, DARK_GREEN = (230, 220, 30), (20, 110, 40)
+
+
+def labels_become(app: App, labels: tuple[str, ...]) -> Any:
+    version = app.serving.version
+    return version if version is not None and version.labels == labels else None
+
+
+def test_model_follows_label_folders(tmp_path: Path, run_app: Any) -> None:
+    classes, inbox = tmp_path / "data" / "classes", tmp_path / "data" / "inbox"
+    seed_classes(tmp_path, per_label=8, labels=("red", "blue", "green"))
+    with run_app(classify={"confidence_threshold": 0.0}) as app:
+        wait_for(lambda: labels_become(app, ("blue", "green", "red")), what="three labels")
+
+        for image in (classes / "green").iterdir():  # emptied: the folder stays, its images go
+            image.unlink()
+        emptied = wait_for(lambda: labels_become(app, ("blue", "red")), what="the emptied label to go")
+
+        for i in range(6):  # "Red" is not "red": a label of its own, with a colour of its own
+            (classes / "Red").mkdir(exist_ok=True)
+            (classes / "Red" / f"dark-{i}.png").write_bytes(encoded(pixels(DARK_GREEN, 800 + i), "PNG"))
+        (classes / "solo").mkdir()
+        (classes / "solo" / "only.png").write_bytes(encoded(pixels(YELLOW, 900), "PNG"))
+        grown = wait_for(lambda: labels_become(app, ("Red", "blue", "red", "solo")), what="case and solo labels")
+        (inbox / "dark.png").write_bytes(encoded(pixels(DARK_GREEN, 850), "PNG"))
+        write_image(inbox / "bright.jpg", "red", seed=851)
+        wait_for(lambda: len(results(tmp_path)) == 2, what="two classifications")
+
+        shutil.rmtree(classes / "Red")  # deleted: the folder and its images go
+        deleted = wait_for(lambda: labels_become(app, ("blue", "red", "solo")), what="the deleted label to go")
+
+        write_image(classes / "red" / "one-more.jpg", "red", seed=950)  # same labels: this one is gated
+        same_task = wait_for(lambda: app.serving.version.number > deleted.number and app.serving.version,
+                             what="a retrain on the same labels")
+    by_file = {r["file"]: r for r in results(tmp_path)}
+    assert by_file["dark.png"]["label"] == "Red" and by_file["bright.jpg"]["label"] == "red"
+    assert Path(by_file["dark.png"]["destination"]).parent.name == "Red"
+    assert Path(by_file["bright.jpg"]["destination"]).parent.name == "red"
+    models = tmp_path / "data" / "state" / "models"
+    for version in (emptied, grown, deleted):  # another label set: never compared with the old model
+        assert "gate" not in json.loads((models / str(version.number) / "metrics.json").read_text())
+        assert (models / str(version.number) / "labels.txt").read_text().splitlines() == list(version.labels)
+    assert grown.metrics["images"]["solo"]["train"] == 1  # a single image trains, whatever its split
+    assert json.loads((models / str(same_task.number) / "metrics.json").read_text())["gate"][
+        "previous_version"] == deleted.number
+
+
+class Sabotage:
+    """A head trainer registered through the real hook: defers to the built-in, trains a head that picks the
+    least likely label (worse than any trained head), or crashes."""
+
+    def __init__(self) -> None:
+        self.mode = "defer"
+
+    @hookimpl(tryfirst=True)
+    def retraind_train_head(self, dataset: Dataset, config: TrainingConfig) -> Head | None:
+        if self.mode == "raise":
+            raise RuntimeError("the trainer crashed")
+        if self.mode == "worse":
+            good = fit_softmax(dataset, config)
+            return Head(-good.weights, -good.bias, {"trainer": "worse"}, {})
+        return None
+
+
+def runs(app: App) -> dict[str, float]:
+    metrics = scrape(app)
+    return {r: metrics[f"retraind_training_runs_total{{result={r}}}"] for r in ("promoted", "rejected", "failed")}
+
+
+def test_gate_and_failed_training(tmp_path: Path, run_app: Any) -> None:
+    data = tmp_path / "data"
+    sabotage = Sabotage()
+    seed_classes(tmp_path, per_label=12)
+    with run_app(extra=(sabotage,)) as app:
+        first = wait_for(lambda: app.serving.version, what="first model")
+        wait_for(lambda: app.trainer.runs == 1, what="the first run to finish")
+
+        sabotage.mode = "worse"
+        app.trainer.request()
+        wait_for(lambda: app.trainer.runs == 2, what="the worse run")
+        assert runs(app) == {"promoted": 1, "rejected": 1, "failed": 0}
+        assert app.serving.version is first and app.registry.versions() == [first.number]
+
+        sabotage.mode = "raise"
+        app.trainer.request()
+        wait_for(lambda: app.trainer.runs == 3, what="the failing run")
+        assert runs(app) == {"promoted": 1, "rejected": 1, "failed": 1}
+        assert app.serving.version is first and app.alive()
+        write_image(data / "inbox" / "still-served.jpg", "blue", seed=5)
+        wait_for(lambda: results(tmp_path), what="a classification by the model still serving")
+        assert results(tmp_path)[0]["model_version"] == first.number
+
+        sabotage.mode = "worse"  # a new label: another task, so even a worse head is not held back
+        for i in range(8):
+            write_image(data / "classes" / "green" / f"green-{i}.jpg", "green", seed=60 + i)
+        other_task = wait_for(lambda: labels_become(app, ("blue", "green", "red")), what="a three-label model")
+        assert runs(app)["promoted"] == 2 and other_task.metrics["accuracy"]["train"] < 0.5
+    assert "gate" not in other_task.metrics
+    assert int((data / "state" / "models" / "CURRENT").read_text()) == other_task.number
