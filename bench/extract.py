@@ -11,40 +11,45 @@ Usage: python bench/extract.py [--n 806] [--repeats 3] [--fill keras,tflite] [--
 
 from __future__ import annotations
 
+import argparse
 import time
+from typing import Any
 
 import harness
+import numpy as np
 
 from daemon.app import App
 
 
-def bare_rates(engines: dict[str, object], images: object, batch: int, repeats: int) -> dict[str, float]:
+def bare_rates(engines: dict[str, Any], images: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
     """Images per second of each engine's `embed` on pre-made uint8 batches of `batch`."""
     rates = {}
     for name, backbone in engines.items():
-        chunks = [images[i : i + batch] for i in range(0, len(images), batch)]  # type: ignore[index]
+        chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
 
-        def run(backbone: object = backbone, chunks: list[object] = chunks) -> None:
+        def run(backbone: Any = backbone, chunks: list[np.ndarray] = chunks) -> None:
             for chunk in chunks:
-                backbone.embed(chunk)  # type: ignore[attr-defined]
+                backbone.embed(chunk)
 
-        rates[name] = harness.rate(run, len(images), repeats)  # type: ignore[arg-type]
+        rates[name] = harness.rate(run, len(images), repeats)
         device = harness.keras_device() if name == "keras" else "cpu"
         harness.emit(f"extract.bare_{name}_b{batch}", rates[name], "img/s", device)
     return rates
 
 
-def fill(images: list[tuple[str, str, bytes]], engine: str, args: object, best_bare: float) -> float:
+def fill(images: list[tuple[str, str, bytes]], engine: str, args: argparse.Namespace, best_bare: float) -> float:
+    """Fill a new store with `images` through a real daemon; done when every vector and catalog row is in."""
     with harness.scratch("extract") as root:
         harness.write_classes(root, images)
-        config = harness.daemon_config(root, args.cache, args.backbone, backbone={"engine": engine})  # type: ignore[attr-defined]
+        config = harness.daemon_config(root, args.cache, args.backbone, backbone={"engine": engine, "batch_size": args.batch})
         app = App(config)
         kind = type(app.backbone).__name__
         device = harness.keras_device() if kind == "KerasBackbone" else "cpu"
         started = time.perf_counter()
         with app:
-            done = harness.wait_until(lambda: app.store.count_bottlenecks(app.backbone.id) >= len(images),
-                                      timeout=3600, what="the cache fill", poll=0.02)
+            done = harness.wait_until(
+                lambda: app.pipeline.idle.is_set() and app.store.count_bottlenecks(app.backbone.id) >= len(images),
+                timeout=3600, what="the cache fill", poll=0.02)
             seconds = done - started
             forward = app.metrics.registry.get_sample_value("retraind_bottleneck_compute_seconds_sum") or 0.0
             throughput = len(images) / seconds

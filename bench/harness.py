@@ -8,6 +8,7 @@ TensorFlow sees one and the Keras engine runs there (the TFLite interpreter alwa
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import shutil
@@ -82,9 +83,14 @@ def real_images(data: Path, count: int) -> list[tuple[str, str, bytes]]:
     """`count` (label, file name, bytes) from `data/<label>/`, repeated as often as needed; every repeat gets
     a distinct trailer after the image data (decoders ignore it), so its content hash, and so its
     bottleneck, is new."""
-    originals = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not originals:
+    found = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
         sys.exit(f"no images under {data}; give --data DIR with <label>/<image> files")
+    by_label: dict[str, list[Path]] = {}
+    for path in found:
+        by_label.setdefault(path.relative_to(data).parts[0], []).append(path)
+    # labels interleaved, so that any first N holds every label
+    originals = [p for group in itertools.zip_longest(*by_label.values()) for p in group if p is not None]
     out = []
     for i in range(count):
         path = originals[i % len(originals)]
@@ -136,7 +142,7 @@ def scratch(prefix: str) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def engines(backbone: str, cache: Path) -> dict[str, Any]:
+def engines(backbone: str, cache: Path, kinds: tuple[str, ...] = ("keras", "tflite")) -> dict[str, Any]:
     """The Keras and the TFLite engine of one backbone, built through the real plugin hook."""
     from daemon.app import build_backbone
     from daemon.plugin_manager import Hooks, make_plugin_manager
@@ -144,7 +150,7 @@ def engines(backbone: str, cache: Path) -> dict[str, Any]:
     hooks = Hooks(make_plugin_manager())
     out = {}
     with scratch("engines") as root:
-        for engine in ("keras", "tflite"):
+        for engine in kinds:
             started = time.perf_counter()
             out[engine] = build_backbone(hooks, daemon_config(root, cache, backbone, backbone={"engine": engine}))
             emit(f"build.{engine}", time.perf_counter() - started, "s", "cpu")

@@ -1,12 +1,12 @@
 """Inbox latency and throughput through a real daemon: from a file appearing in inbox/ to its result record.
 
 A real App trains a first model on the real images (classes/), then images new to the store (real images made
-unique) are renamed into inbox/ so they appear whole, as a careful writer would: a trickle (one at a time, the
-next once the last is recorded) and a burst (all at once). A result counts as recorded when the daemon's own
+unique) are renamed into inbox/ so they appear whole, as a careful writer would: a trickle (one at a time: half of them `--gap` seconds
+after the last was recorded, half back to back) and a burst (all at once). A result counts as recorded when the daemon's own
 sinks have written the sidecar and the `results.jsonl` line: a `trylast` sink plugin notes the time then.
 Beside them: one bare forward pass (batch 1) and the batched forward of the engine the daemon runs.
 
-Usage: python bench/inbox.py [--trickle 40] [--burst 500] [--backbone efficientnet_lite0] [--engine auto]"""
+Usage: python bench/inbox.py [--trickle 40] [--gap 0.6] [--burst 500] [--backbone efficientnet_lite0] [--engine auto]"""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 import harness
+import numpy as np
 
 from daemon.app import App
 from daemon.config import Config
@@ -54,11 +53,11 @@ def drop(staging: Path, inbox: Path, name: str, payload: bytes) -> float:
 
 def percentiles(latencies: list[float]) -> tuple[float, float]:
     ordered = sorted(latencies)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return statistics.median(ordered), ordered[round(0.95 * (len(ordered) - 1))]
 
 
 def main() -> None:
-    args = harness.arguments(__doc__, trickle=40, burst=500, train_images=403, engine="auto",
+    args = harness.arguments(__doc__, trickle=40, gap=0.6, burst=500, train_images=403, engine="auto",
                              repeats=5).parse_args()
     harness.header("inbox", backbone=args.backbone, engine=args.engine, trickle=args.trickle, burst=args.burst)
     training = harness.real_images(args.data, args.train_images)
@@ -84,14 +83,16 @@ def main() -> None:
             staging, inbox = root / "staging", config.folder("inbox")
             staging.mkdir()
             trickle = fresh[: args.trickle]
-            latencies = []
-            for _, name, payload in trickle:
-                appeared = drop(staging, inbox, name, payload)
-                recorder.wait({name}, timeout=60)
-                latencies.append(recorder.done[name] - appeared)
-            p50, p95 = percentiles(latencies)
-            harness.emit("inbox.trickle_p50", p50 * 1000, "ms", device, p50 / single, "inbox.single_forward")
-            harness.emit("inbox.trickle_p95", p95 * 1000, "ms", device, p95 / single, "inbox.single_forward")
+            for gap, label in ((args.gap, "trickle"), (0.0, "trickle_back_to_back")):
+                latencies = []
+                for _, name, payload in trickle[: len(trickle) // 2] if gap else trickle[len(trickle) // 2 :]:
+                    time.sleep(gap)
+                    appeared = drop(staging, inbox, name, payload)
+                    recorder.wait({name}, timeout=60)
+                    latencies.append(recorder.done[name] - appeared)
+                p50, p95 = percentiles(latencies)
+                harness.emit(f"inbox.{label}_p50", p50 * 1000, "ms", device, p50 / single, "inbox.single_forward")
+                harness.emit(f"inbox.{label}_p95", p95 * 1000, "ms", device, p95 / single, "inbox.single_forward")
 
             burst = fresh[args.trickle :]
             for _, name, payload in burst:

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import harness
+import numpy as np
 
 from daemon.config import BackboneConfig
 from daemon.hookspecs import hookimpl

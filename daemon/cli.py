@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("retraind")
 
 EX_UNAVAILABLE = 69
+_BULK = 32  # files indexed in one go from which caching gets a progress bar and a STATUS line
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -64,18 +65,23 @@ class _Signals:
 
 class _Caching:
     """Bulk caching of training images (the start-up scan, a folder dropped in): a progress bar on a terminal,
-    numbers for the STATUS line otherwise. Fed from the pipeline thread."""
+    numbers for the STATUS line. Fed from the pipeline thread with (just indexed, still to index)."""
 
     def __init__(self) -> None:
         self.done = self.total = 0
         self._bar: tqdm[None] | None = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, indexed: int, waiting: int) -> None:
+        if self._bar is None and indexed + waiting < _BULK:
+            return
         if self._bar is None:
-            self._bar = tqdm(total=total, desc="caching bottlenecks", unit="img", disable=None, leave=False)
-        self._bar.update(done - self.done)
-        self.done, self.total = done, total
-        if done >= total:
+            self._bar = tqdm(total=indexed + waiting, desc="caching bottlenecks", unit="img", disable=None,
+                             leave=False)
+        self.done += indexed
+        self.total = max(self.total, self.done + waiting)  # files may arrive meanwhile
+        self._bar.total = self.total
+        self._bar.update(indexed)
+        if not waiting:
             self._bar.close()
             self._bar, self.done, self.total = None, 0, 0
 
@@ -99,7 +105,7 @@ class _Heartbeat:
 
 def _status_text(app: App, caching: _Caching) -> str:
     version = app.serving.version
-    parts = [f"serving model {version.number}" if version else "waiting for training data"]
+    parts = [f"serving model {version.number}" if version else "no model yet"]
     parts += [text for text in (caching.text(),) if text]
     pending = int(app.metrics.registry.get_sample_value("retraind_inbox_pending_files") or 0)
     if pending:
@@ -108,9 +114,16 @@ def _status_text(app: App, caching: _Caching) -> str:
 
 
 def _watch(app: App, notifier: SystemdNotifier, signals: _Signals, path: Path) -> Config | None:
-    """The main loop: watchdog pings, STATUS updates, signals. Returns None to stop, or a config to reload."""
+    """Run `app` with the main loop: watchdog pings, STATUS updates, signals. Returns None to stop, or the
+    config to reload with."""
     caching, heartbeat = _Caching(), _Heartbeat()
-    app.pipeline.on_indexed, app.pipeline.on_loop = caching, heartbeat.beat
+    app.pipeline.on_indexed, app.pipeline.on_loop = caching, heartbeat.beat  # before start: the scan is due
+    with app:
+        return _loop(app, caching, heartbeat, notifier, signals, path)
+
+
+def _loop(app: App, caching: _Caching, heartbeat: _Heartbeat, notifier: SystemdNotifier, signals: _Signals,
+          path: Path) -> Config | None:
     interval = notifier.watchdog_interval() or 5.0
     status = _status_text(app, caching)
     notifier.ready(status)
@@ -149,8 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     current: Config | None = config
     with logging_redirect_tqdm():
         while current is not None:
-            with App(current, args.plugins) as app:
-                current = _watch(app, notifier, signals, path)
+            current = _watch(App(current, args.plugins), notifier, signals, path)
     notifier.close()
     log.info("retraind stopped")
     return 0

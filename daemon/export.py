@@ -16,6 +16,7 @@ never loads half a model.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import time
@@ -31,7 +32,7 @@ from daemon.atomic import TMP_PREFIX, write_atomic
 from daemon.keras_engine import KerasBackbone
 from daemon.registry import LABELS_FILE, ModelVersion
 
-#: What `export_model` reports to its progress callback, in order.
+#: What `export_model` reports to its progress callback as each is done, in order.
 STEPS = ("build graph", "write SavedModel", "check SavedModel", "convert TFLite")
 #: The largest difference in a probability the exported network may show against the daemon's own.
 TOLERANCE = 1e-4
@@ -60,43 +61,47 @@ def _decode(data: Any, height: int, width: int) -> Any:
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def _module(version: ModelVersion, backbone: KerasBackbone) -> Any:
-    """A tf.Module whose traced functions hold the backbone, the head's weights and the labels."""
-    import tensorflow as tf
+def _classifier(version: ModelVersion, backbone: KerasBackbone) -> Any:
+    """uint8 pixels → probabilities: the daemon's own uint8 network, then the head as a softmax layer."""
+    import keras
 
     width, height = backbone.input_size
+    pixels = keras.Input((height, width, 3), dtype="uint8", name="pixels")
+    head = keras.layers.Dense(len(version.labels), activation="softmax", name="probabilities")
+    outputs = {"probabilities": head(backbone.network(pixels))}  # a dict names the TFLite output
+    model = keras.Model(pixels, outputs, name=f"retraind_{version.number}")
+    head.set_weights([version.head.weights, version.head.bias])
+    return model
+
+
+def _module(version: ModelVersion, classifier: Any, size: tuple[int, int]) -> Any:
+    """A tf.Module with the serving signatures over `classifier`, and `labels.txt` as an asset."""
+    import tensorflow as tf
+
+    width, height = size
     module = tf.Module()
-    module.backbone = backbone.model
-    module.weights = tf.Variable(version.head.weights, trainable=False, name="head_weights")
-    module.bias = tf.Variable(version.head.bias, trainable=False, name="head_bias")
+    module.classifier = classifier
     module.labels_asset = tf.saved_model.Asset(str(version.directory / LABELS_FILE))
     labels = tf.constant(list(version.labels))
 
-    def probabilities(pixels: Any) -> Any:
-        features = module.backbone(tf.cast(pixels, tf.float32) * backbone.scale + backbone.offset, training=False)
-        return tf.nn.softmax(tf.matmul(features, module.weights) + module.bias)
-
-    def decode_all(image_bytes: Any) -> Any:
+    def probabilities(image_bytes: Any) -> Any:
         spec = tf.TensorSpec([height, width, 3], tf.uint8)
-        return tf.map_fn(lambda data: _decode(data, height, width), image_bytes, fn_output_signature=spec)
+        pixels = tf.map_fn(lambda data: _decode(data, height, width), image_bytes, fn_output_signature=spec)
+        return module.classifier(pixels, training=False)["probabilities"]
 
     encoded = [tf.TensorSpec([None], tf.string, name="image_bytes")]
 
     @tf.function(input_signature=encoded)
     def serving_default(image_bytes: Any) -> dict[str, Any]:
-        return {"probabilities": probabilities(decode_all(image_bytes))}
+        return {"probabilities": probabilities(image_bytes)}
 
     @tf.function(input_signature=encoded)
     def classify(image_bytes: Any) -> dict[str, Any]:
-        scores = probabilities(decode_all(image_bytes))
+        scores = probabilities(image_bytes)
         order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
         return {"classes": tf.gather(labels, order), "scores": tf.gather(scores, order, batch_dims=1)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="pixels")])
-    def pixels(pixels: Any) -> dict[str, Any]:
-        return {"probabilities": probabilities(pixels)}
-
-    module.serving_default, module.classify, module.pixels = serving_default, classify, pixels
+    module.serving_default, module.classify = serving_default, classify
     return module
 
 
@@ -135,17 +140,17 @@ def export_model(
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f"{TMP_PREFIX}{version.number}-{time.time_ns()}"
     try:
+        classifier = _classifier(version, backbone)
+        module = _module(version, classifier, backbone.input_size)
         on_step(STEPS[0])
-        module = _module(version, backbone)
-        on_step(STEPS[1])
         signatures = {"serving_default": module.serving_default, "classify": module.classify}
         tf.saved_model.save(module, str(tmp), signatures=signatures)
-        on_step(STEPS[2])
+        on_step(STEPS[1])
         _check(tmp, version, backbone)
+        on_step(STEPS[2])
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every variable it captures
+            tflite_bytes = bytes(tf.lite.TFLiteConverter.from_keras_model(classifier).convert())
         on_step(STEPS[3])
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(
-            [module.pixels.get_concrete_function()], module)
-        tflite_bytes = converter.convert()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

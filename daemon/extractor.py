@@ -1,5 +1,12 @@
 """Bottlenecks for image files: found in the store by content hash, or decoded and run through the backbone in
-batches (decoding on a small thread pool, overlapped with the forward pass of the previous batch)."""
+batches, the next batch decoding on a small thread pool while the current one is embedded.
+
+Measured on 2 cores (EfficientNet-Lite0, TFLite engine, 806 tuxpaint6 images through the daemon): the forward
+pass takes 92% of the fill time, everything else in the indexer and here 8% (decoding the first batch of each
+call 4%, catalog writes 2%, store writes 1%). Decoding costs about 1 ms of one core per image against about
+10 core-ms for the forward pass with 2 engine threads: what it takes from the engine is the limit on 2 cores,
+not waiting for it. Decoding inline was no faster (within the noise of a shared machine); the engine on one
+thread with decoding on the other core was 20-30% slower."""
 
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ class Extractor:
         self._max_pixels = max_pixels
         self._batch_size = batch_size
         self._forward_lock = threading.Lock()  # the pipeline and HTTP threads share one backbone
+        # Two: the first two batches decode at once while the engine has nothing to do; after that one batch
+        # ahead is all the engine can use, and more threads would only take cores from it.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retraind-decode")
 
     def close(self) -> None:

@@ -132,7 +132,8 @@ def retraind_on_result(result: ClassificationResult, config: Config) -> None:
 
     Called on the pipeline worker thread for every plugin; the built-in sinks write the sidecar record and
     append to `results.jsonl`. A sink may be called again for the same `result.id` after a crash, so it
-    must be idempotent. A failing sink is logged and counted; the others still run.
+    must be idempotent. A failing sink is logged and counted; the others still run. If one fails with an
+    `OSError` (a full disk, a read-only folder), every sink is called again for that result later.
     """
 
 

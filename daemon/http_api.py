@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from daemon.config import Config
 from daemon.extractor import Extractor
@@ -31,7 +31,8 @@ MODEL_NAME = "retraind"
 #: The most images one classify request may carry (each is decoded to the backbone's input size in memory).
 MAX_INSTANCES = 128
 _DISCARD_BYTES = 1 << 20
-_MODEL_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?P<rest>/metadata|:classify|:retrain)?$")
+_MODEL_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<rest>/metadata|:classify|:retrain)?$")
 
 
 class ApiError(Exception):
@@ -163,6 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
         if match.group("name") != MODEL_NAME:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no model named {match.group('name')!r}; it is {MODEL_NAME!r}")
+        serving = self.api.serving.version
+        if match.group("version") and (serving is None or int(match.group("version")) != serving.number):
+            current = f"version {serving.number} is" if serving else "none is yet"
+            raise ApiError(HTTPStatus.NOT_FOUND, f"version {match.group('version')} is not served; {current}")
         routes: dict[str | None, dict[str, Callable[[], None]]] = {
             None: {"GET": lambda: self._json(HTTPStatus.OK, self.api.status())},
             "/metadata": {"GET": lambda: self._json(HTTPStatus.OK, self.api.metadata())},
@@ -172,7 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
         return routes[match.group("rest")]
 
     def _metrics(self) -> None:
-        self._send(HTTPStatus.OK, generate_latest(self.api.metrics.registry), CONTENT_TYPE_LATEST)
+        encode, content_type = choose_encoder(self.headers.get("Accept", ""))  # OpenMetrics if asked for
+        self._send(HTTPStatus.OK, encode(self.api.metrics.registry), content_type)
 
     def _healthz(self) -> None:
         alive = self.api.alive()

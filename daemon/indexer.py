@@ -55,9 +55,9 @@ class TrainingIndexer:
         """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone."""
         fresh: list[tuple[CatalogEntry, ImageFile]] = []
         for path in paths:
-            entry = self._read(path)
-            if entry is not None:
-                fresh.append(entry)
+            read = self._read(path)
+            if read is not None:
+                fresh.append(read)
         if not fresh:
             return
         extraction = self._extractor.extract([f for _, f in fresh])

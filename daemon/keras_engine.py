@@ -38,7 +38,6 @@ class KerasBackbone:
         self.input_size = (width, height)
         self.dim = int(model.output_shape[-1])
         self.model = model
-        self.scale, self.offset = scale, offset  # `retraind export` rebuilds the graph from these
         pixels = keras.Input((height, width, 3), dtype="uint8", name="pixels")
         #: the uint8 network both engines run (the TFLite engine converts exactly this model)
         self.network = keras.Model(pixels, model(keras.layers.Rescaling(scale, offset)(pixels)))

@@ -52,7 +52,8 @@ class Pipeline(threading.Thread):
         self._next_rescan = math.inf
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.on_loop: Callable[[], None] = lambda: None  # the main loop's watchdog ping hangs here
-        self.on_indexed: Callable[[int, int], None] = lambda done, total: None  # progress: files done of due
+        #: progress of training files: (just indexed, still to index); the start-up caching bar hangs here
+        self.on_indexed: Callable[[int, int], None] = lambda indexed, waiting: None
 
     def rescan(self) -> None:
         """Queue every file a reconcile scan finds; also run at start-up."""
@@ -138,9 +139,13 @@ class Pipeline(threading.Thread):
         due = self._pending.due()
         classes = [p for p in due if self._area(p) == "classes"]
         inbox = [p for p in due if self._area(p) == "inbox"]
+        later = sum(1 for p in self._pending.paths() if self._area(p) == "classes") if classes else 0
+        if classes:
+            self.on_indexed(0, len(classes) + later)
         for start in range(0, len(classes), _CHUNK):
-            self._guarded(self._index, classes[start : start + _CHUNK])
-            self.on_indexed(min(start + _CHUNK, len(classes)), len(classes))
+            chunk = classes[start : start + _CHUNK]
+            self._guarded(self._index, chunk)
+            self.on_indexed(len(chunk), len(classes) - start - len(chunk) + later)
         for start in range(0, len(inbox), _CHUNK):
             self._guarded(self._classify, inbox[start : start + _CHUNK])
         if self._inbox.recovery_due():

@@ -32,7 +32,7 @@ img.plot { max-width: 100%; border: 1px solid #eee; }
 figure { margin: 0; width: 170px; font-size: 0.85em; }
 figure img, figure .gone { width: 160px; height: 160px; object-fit: contain; background: #f4f4f4; display: block; }
 figure .gone { display: flex; align-items: center; justify-content: center; color: #999; }
-figcaption { word-break: break-all; } .wrong { color: #b00020; } .muted { color: #777; }
+.path { word-break: break-all; } .wrong { color: #b00020; } .muted { color: #777; }
 """
 
 
@@ -79,8 +79,9 @@ def _mistakes(mistakes: list[dict[str, Any]], classes_root: Path) -> str:
         figures.append(
             f"<figure>{picture}<figcaption><b>{html.escape(m['true'])}</b> → "
             f'<span class="wrong">{html.escape(m["predicted"])}</span> ({float(m["score"]):.3f})<br>'
-            f'<span class="muted">{html.escape(m["path"])}</span></figcaption></figure>')
-    return f'<div class="mistakes">{"".join(figures)}</div>'
+            f'<span class="muted path">{html.escape(m["path"])}</span></figcaption></figure>')
+    legend = '<p class="muted">true label → <span class="wrong">predicted label</span> (its score)</p>'
+    return f'{legend}<div class="mistakes">{"".join(figures)}</div>'
 
 
 def render(version: ModelVersion, classes_root: Path) -> str:

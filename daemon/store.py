@@ -196,29 +196,34 @@ class Store:
         return {r[0]: CatalogEntry(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
 
     def training_matrix(self, backbone: str, dim: int) -> tuple[list[CatalogEntry], np.ndarray]:
-        """Usable catalog entries with a valid bottleneck, and their vectors as one preallocated matrix."""
-        joined = (
-            "FROM files f JOIN bottlenecks b ON b.sha256 = f.sha256 AND b.backbone = ? AND b.variant = ? "
-            "WHERE f.ok = 1"
-        )
+        """Usable catalog entries (path order) with a valid bottleneck, and their vectors as one matrix.
+
+        The vectors are read in the table's own order and placed by content hash: fetching each through a
+        join in path order is random I/O (50k rows: 1.7 s against 0.6 s), and its count ran the join twice."""
         db = self._db()
-        db.execute("BEGIN")  # one snapshot for the count and the rows
+        db.execute("BEGIN")  # one snapshot for both reads
         try:
-            # An upper bound (one vector per file at most): counting the join ran it twice, 40% of the load.
-            (count,) = db.execute("SELECT COUNT(*) FROM files WHERE ok = 1").fetchone()
-            matrix = np.empty((count, dim), dtype=np.float32)
-            rows = db.execute(
-                f"SELECT f.path, f.label, f.sha256, f.size, f.mtime_ns, b.vector, b.crc {joined} ORDER BY f.path",
-                (backbone, ORIGINAL),
-            )
-            entries: list[CatalogEntry] = []
-            for path, label, sha, size, mtime_ns, blob, crc in rows:
-                if zlib.crc32(blob) == crc and len(blob) == dim * 4:
-                    matrix[len(entries)] = np.frombuffer(blob, dtype=np.float32)
-                    entries.append(CatalogEntry(path, label, sha, size, mtime_ns, True))
+            files = db.execute(
+                "SELECT path, label, sha256, size, mtime_ns FROM files WHERE ok = 1 ORDER BY path").fetchall()
+            rows_of: dict[str, list[int]] = {}
+            for row, file in enumerate(files):
+                rows_of.setdefault(file[2], []).append(row)
+            matrix = np.empty((len(files), dim), dtype=np.float32)
+            found = np.zeros(len(files), dtype=bool)
+            query = "SELECT sha256, vector, crc FROM bottlenecks WHERE backbone = ? AND variant = ?"
+            for sha, blob, crc in db.execute(query, (backbone, ORIGINAL)):
+                rows = rows_of.get(sha)
+                if rows and len(blob) == dim * 4 and zlib.crc32(blob) == crc:
+                    matrix[rows] = np.frombuffer(blob, dtype=np.float32)
+                    found[rows] = True
         finally:
             db.execute("COMMIT")
-        return entries, matrix[: len(entries)]
+        keep = np.flatnonzero(found)
+        if len(keep) < len(files):  # close the gaps in place, a block at a time: keep[i] >= i loses no row
+            for start in range(0, len(keep), 1024):
+                block = keep[start : start + 1024]
+                matrix[start : start + len(block)] = matrix[block]
+        return [CatalogEntry(*files[i], True) for i in keep], matrix[: len(keep)]
 
     # -- inbox journal -----------------------------------------------------------------------------------
 

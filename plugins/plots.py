@@ -49,8 +49,9 @@ def write_training_curve(history: dict[str, list[float]], version: int, path: Pa
                 axes.plot(x[: len(values)], values, style, label=split)
         for start, strength in _segments(history.get("l2", [])):
             axes.axvline(x[start], color="grey", linestyle=":", linewidth=1)
-            axes.annotate(f"l2={strength:g}", (x[start], 1), xycoords=("data", "axes fraction"),
-                          xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+            if metric == "accuracy":  # its bottom stays empty once training starts; the loss plot's does not
+                axes.annotate(f"l2={strength:g}", (x[start], 0), xycoords=("data", "axes fraction"),
+                              xytext=(3, 4), textcoords="offset points", fontsize=8, color="grey")
         axes.set_title(title)
         axes.set_xlabel("training step" if steps else "L-BFGS iteration")
         axes.grid(alpha=0.3)

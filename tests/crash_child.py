@@ -1,6 +1,6 @@
 """A real daemon in a subprocess, for tests that kill it with SIGKILL or run it as another user.
 
-`python -m tests.crash_child CONFIG [--user NAME]` builds the real `App` from CONFIG with two test plugins,
+`python -m tests.crash_child CONFIG [--permissions-apply]` builds the real `App` from CONFIG with two test plugins,
 registered through the real hooks, notes `ready` in `<data_root>/child-events.log` once started, and runs until
 SIGTERM, like `retraind run`:
 - `ColourGridPlugin` provides the `colourgrid` backbone: a 2×2 grid of mean colours (12 floats) that needs no
@@ -8,14 +8,16 @@ SIGTERM, like `retraind run`:
   kill lands in the middle of bulk caching. It appends a hash of every vector it computes to
   `<data_root>/embedded.log`, from which a test proves that nothing already stored was computed again.
 - `Dawdle` makes training and publishing take a moment (and notes `training`), so that kills land inside them.
+With `--permissions-apply` the process gives up CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH first: run as root,
+it then meets file permissions like any user (a file of mode 000 cannot be read), yet keeps its own files.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import os
-import pwd
 import signal
 import sys
 import threading
@@ -59,7 +61,7 @@ class ColourGrid:
     def embed(self, images: np.ndarray) -> np.ndarray:
         time.sleep(SECONDS_PER_IMAGE * len(images))  # a backbone's work, without taking a CPU from the tests
         grid = images.astype(np.float32).reshape(len(images), 2, 8, 2, 8, 3).mean(axis=(2, 4)) / 255.0
-        vectors = grid.reshape(len(images), self.dim)
+        vectors: np.ndarray = grid.reshape(len(images), self.dim)
         append(self._log, "".join(f"{vector_hash(v)}\n" for v in vectors))
         return vectors
 
@@ -89,20 +91,30 @@ def _plugins(root: Path) -> tuple[object, ...]:
     return ColourGridPlugin(), Dawdle()
 
 
-def become(user: str) -> None:
-    entry = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+_CAP_VERSION_3, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 0x20080522, 1, 2
+
+
+def drop_permission_override() -> None:
+    """capset(2) without the two capabilities that let root ignore file permissions (effective and
+    permitted sets of this, the only, thread; threads started later inherit them)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for capabilities 0-31, then 32-63
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    keep = ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH)) & 0xFFFFFFFF
+    data[0], data[1] = data[0] & keep, data[1] & keep
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config", type=Path)
-    parser.add_argument("--user", help="run as this user (the test runs as root)")
+    parser.add_argument("--permissions-apply", action="store_true", help="give up root's permission override")
     args = parser.parse_args(argv)
-    if args.user:
-        become(args.user)
+    if args.permissions_apply:
+        drop_permission_override()
     config = load_config(args.config)
     setup_logging(config.log_level)
     stop = threading.Event()

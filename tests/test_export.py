@@ -99,7 +99,8 @@ def test_export_serves_the_daemons_answers(tmp_path: Path, run_app: Any, capsys:
     paths = json.dumps([str(tmp_path / name) for name in files])
     result = subprocess.run(
         [sys.executable, "-c", LOADER, str(saved_model), str(out / "retraind-1.tflite"), paths,
-         str(tmp_path / "pixels.npy")], capture_output=True, text=True, timeout=120, check=True)
+         str(tmp_path / "pixels.npy")], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
     exported = json.loads(result.stdout.splitlines()[-1])
 
     assert exported["signatures"] == ["classify", "serving_default"]

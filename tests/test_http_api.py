@@ -96,6 +96,12 @@ def test_status_metadata_and_classify(served: App) -> None:
                             {"Content-Type": "application/x-www-form-urlencoded"})
     assert code == 200 and sniffed["predictions"] == batch["predictions"]
 
+    # TF Serving's versioned paths: the served version answers, another is 404.
+    assert call(app, "GET", f"{MODEL}/versions/1/metadata")[2] == meta
+    code, _, versioned = call(app, "POST", f"{MODEL}/versions/1:classify", image_bytes("red", 5001))
+    assert code == 200 and versioned["predictions"] == raw["predictions"]
+    assert_error(call(app, "GET", f"{MODEL}/versions/7"), 404, "version 7 is not served; version 1 is")
+
     code, headers, _ = call(app, "HEAD", "/healthz")
     assert code == 200 and int(headers["Content-Length"]) > 0
 
@@ -122,8 +128,11 @@ def raw_request(app: App, head: bytes, body: bytes = b"") -> tuple[int, Any]:
     with socket.create_connection(("127.0.0.1", app.http.port), timeout=10) as sock:
         sock.sendall(head + body)
         response = http.client.HTTPResponse(sock)
-        response.begin()
-        return response.status, json.loads(response.read())
+        try:
+            response.begin()
+            return response.status, json.loads(response.read())
+        finally:
+            response.close()
 
 
 def test_routes_methods_and_framing(served: App) -> None:

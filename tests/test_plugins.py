@@ -54,7 +54,8 @@ def test_third_party_plugin_is_called(tmp_path: Path, run_app: Any) -> None:
         write_image(data / "inbox" / "special-1.jpg", "red", seed=1)
         write_image(data / "inbox" / "plain.jpg", "blue", seed=2)
         write_image(data / "inbox" / "skip.ignore", "blue", seed=3)
-        wait_for(lambda: len(recorder.results) == 2, what="two results despite the broken sink")
+        wait_for(lambda: len(recorder.results) == 2 and app.pipeline.idle.is_set() and not app.store.journal_open(),
+                 what="two results despite the broken sink")
         assert (data / "special" / "special-1.jpg").exists()
         assert (data / "outbox" / "blue" / "plain.jpg").exists()
         assert (data / "results.jsonl").read_text().count("\n") == 2  # the built-in sink still ran

@@ -10,7 +10,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ def pixels(colour: str | tuple[int, int, int], seed: int, size: tuple[int, int] 
     """A noisy image of a named colour (`RGB`) or of any RGB triple; `seed` makes each one different content."""
     rng = np.random.default_rng(seed)
     base = np.array(RGB[colour] if isinstance(colour, str) else colour, dtype=np.int16)
-    return np.clip(base + rng.integers(-25, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    noisy: np.ndarray = np.clip(base + rng.integers(-25, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    return noisy
 
 
 def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **options: Any) -> bytes:
@@ -98,7 +99,7 @@ def test_sixteen_bit_keeps_its_brightness() -> None:
     assert abs(int(retraind_decode_image(dark, (8, 8), 10**8).mean()) - 40) <= 1
 
 
-READABLE = {  # inbox name -> (content, expected label)
+READABLE: dict[str, tuple[Callable[[], bytes], str]] = {  # inbox name -> (content, expected label)
     "png named.jpg": (lambda: encoded(pixels("red", 1), "PNG"), "red"),
     "webp-named.jpg": (lambda: encoded(pixels("blue", 2), "WEBP"), "blue"),
     "animated.gif": (animated_gif, "red"),  # the first frame counts
@@ -114,7 +115,7 @@ READABLE = {  # inbox name -> (content, expected label)
     "batch/one.jpg": (lambda: encoded(pixels("red", 12), "JPEG"), "red"),
     "batch/deeper/two.png": (lambda: encoded(pixels("blue", 13), "PNG"), "blue"),
 }
-UNREADABLE = {  # inbox name -> (content, reason)
+UNREADABLE: dict[str, tuple[Callable[[], bytes], str]] = {  # inbox name -> (content, reason)
     "empty.jpg": (lambda: b"", "empty"),
     "truncated.jpg": (lambda: encoded(pixels("red", 20), "JPEG")[:700], "corrupt"),
     "random.jpg": (lambda: np.random.default_rng(21).bytes(3000), "unsupported"),

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.pending import looks_temporary
+from daemon.events import EventKind
+from daemon.pending import TEMPORARY_FACTOR, WRITING_FACTOR, PendingFiles, looks_temporary
 from tests.conftest import image_bytes, seed_classes, wait_for
 from tests.test_daemon_e2e import results, scrape
 from tests.tiny_backbone import TinyBackbonePlugin
@@ -102,3 +103,36 @@ def test_files_still_being_written(tmp_path: Path, run_app: Any, tiny: TinyBackb
     assert entry.ok and entry.sha256 == hashlib.sha256(contents["slow-train.jpg"]).hexdigest()
     assert not list((data / "rejected").iterdir())
     assert not [k for k in metrics if k.startswith("retraind_rejected_files_total{")]
+
+
+def test_when_a_pending_file_is_due(tmp_path: Path) -> None:
+    """The rules behind the above, on real files: a close makes a file due, growth without a close waits
+    WRITING_FACTOR settle periods, a temporary name TEMPORARY_FACTOR, anything else one settle period."""
+    settle = 0.05
+    pending = PendingFiles(settle)
+    files = {name: tmp_path / name for name in ("closed", "touched", "growing", "moved-in", ".x.jpg.Ab3dE9")}
+    for path in files.values():
+        path.write_bytes(b"12345")
+    started = time.monotonic()
+    pending.add(files["closed"], EventKind.CREATED)
+    pending.add(files["closed"], EventKind.MODIFIED)
+    pending.add(files["closed"], EventKind.CLOSED)
+    pending.add(files["touched"], EventKind.CLOSED)
+    pending.add(files["touched"], EventKind.MODIFIED)  # attributes only (same size) after the close
+    pending.add(files["growing"], EventKind.MODIFIED)
+    pending.add(files["moved-in"], EventKind.CREATED)
+    pending.add(files[".x.jpg.Ab3dE9"], EventKind.CLOSED)
+    due_after: dict[str, float] = {}
+
+    def collect() -> bool:
+        due_after.update((path.name, time.monotonic() - started) for path in pending.due())
+        return len(due_after) == len(files)
+
+    wait_for(collect, what="every file due")
+    assert due_after["closed"] < settle and due_after["touched"] < settle
+    assert settle <= due_after["moved-in"] < settle * WRITING_FACTOR
+    assert due_after["growing"] >= settle * WRITING_FACTOR
+    assert due_after[".x.jpg.Ab3dE9"] >= settle * TEMPORARY_FACTOR
+    pending.add(files["closed"], EventKind.CLOSED)
+    files["closed"].unlink()
+    assert not pending.due() and not len(pending)  # gone before it was taken: forgotten

@@ -61,3 +61,23 @@ def test_journal(tmp_path: Path) -> None:
     store.journal_finish("id1")
     assert store.journal_open() == []
     store.close()
+
+
+def test_training_matrix_skips_files_without_a_valid_vector(tmp_path: Path) -> None:
+    """2,500 files, every third with no vector and every fifth with one failing its CRC: the rows that stay
+    keep path order and their own vectors (the gaps are closed in place, block by block)."""
+    store = Store(tmp_path / "s.sqlite")
+    shas = [f"{i:064x}" for i in range(2500)]
+    store.put_bottlenecks(BACKBONE, [(sha, "", np.full(3, i, np.float32)) for i, sha in enumerate(shas)
+                                     if i % 3])
+    db = sqlite3.connect(tmp_path / "s.sqlite")
+    with db:
+        db.executemany("UPDATE bottlenecks SET crc = crc + 1 WHERE sha256 = ?", [(s,) for s in shas[::5]])
+    db.close()
+    for i, sha in enumerate(shas):
+        store.upsert_file(CatalogEntry(f"l/{i:05d}.jpg", "l", sha, 1, 1, True))
+    entries, matrix = store.training_matrix(BACKBONE, 3)
+    expected = [i for i in range(2500) if i % 3 and i % 5]
+    assert [e.path for e in entries] == [f"l/{i:05d}.jpg" for i in expected]
+    assert matrix.shape == (len(expected), 3) and matrix[:, 2].tolist() == expected
+    store.close()

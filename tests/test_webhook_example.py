@@ -1,0 +1,116 @@
+"""The example third-party plugin in examples/retraind-webhook: installed with pip, found through the `retraind`
+entry-point group, it POSTs each result to a real HTTP server on loopback; a failing receiver stops nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+
+from daemon.plugin_manager import make_plugin_manager
+from tests.conftest import seed_classes, wait_for, write_image
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "retraind-webhook"
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that records what it is sent and answers with `status`."""
+
+    def __init__(self, status: int) -> None:
+        self.posts: list[tuple[dict[str, str], dict[str, Any]]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append((dict(self.headers), json.loads(body)))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="webhook-receiver")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pip install` of a copy of the example into a folder of its own (the shared venv is left alone)."""
+    root = tmp_path_factory.mktemp("webhook")
+    source, site = root / "src", root / "site"
+    shutil.copytree(EXAMPLE, source)  # building writes egg-info beside the sources: not into the checkout
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(site), str(source)], check=True, timeout=300)
+    return site
+
+
+@pytest.fixture
+def webhook_plugin(installed: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.syspath_prepend(str(installed))
+    yield
+    sys.modules.pop("retraind_webhook", None)
+
+
+def results(data: Path) -> list[dict[str, Any]]:
+    path = data / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_installed_plugin_is_found_by_its_entry_point(webhook_plugin: None) -> None:
+    pm = make_plugin_manager()
+    assert pm.get_plugin("webhook") is not None
+    assert "webhook" in [impl.plugin_name for impl in pm.hook.retraind_on_result.get_hookimpls()]
+    assert make_plugin_manager(disabled=["webhook"]).get_plugin("webhook") is None
+
+
+def test_posts_every_result(webhook_plugin: None, tmp_path: Path, run_app: Any,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    seed_classes(tmp_path)
+    with Receiver(204) as receiver, run_app() as app:
+        monkeypatch.setenv("RETRAIND_WEBHOOK_URL", receiver.url)
+        wait_for(lambda: app.serving.version, what="first model")
+        for i, colour in enumerate(("red", "blue", "red")):
+            write_image(data / "inbox" / f"in{i}.jpg", colour, seed=6000 + i)
+        wait_for(lambda: len(receiver.posts) == 3, what="three webhook posts")
+    by_id = {record["id"]: record for record in results(data)}
+    for headers, body in receiver.posts:
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Idempotency-Key"] == body["id"]
+        assert body == by_id[body["id"]]
+    assert sorted(body["file"] for _, body in receiver.posts) == ["in0.jpg", "in1.jpg", "in2.jpg"]
+
+
+def test_a_failing_receiver_stops_nothing(webhook_plugin: None, tmp_path: Path, run_app: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    seed_classes(tmp_path, per_label=4)
+    with Receiver(500) as receiver, run_app() as app:
+        monkeypatch.setenv("RETRAIND_WEBHOOK_URL", receiver.url)
+        wait_for(lambda: app.serving.version, what="first model")
+        write_image(data / "inbox" / "in.jpg", "blue", seed=6100)
+        wait_for(lambda: len(results(data)) == 1, what="the result record")
+        errors = app.metrics.registry.get_sample_value(
+            "retraind_plugin_errors_total", {"hook": "retraind_on_result", "plugin": "webhook"})
+    assert len(receiver.posts) == 1 and errors == 1
+    assert (data / "outbox" / "blue" / "in.jpg").exists()
