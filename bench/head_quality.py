@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.app import build_backbone
 from daemon.config import TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
+from daemon.extractor import Extractor
 from daemon.head import accuracy
 from daemon.images import read_image_file
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks, make_plugin_manager
 from daemon.store import Store
-from daemon.app import build_backbone
-from daemon.extractor import Extractor
 from plugins.softmax_head import retraind_train_head
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tuxpaint6"
@@ -66,7 +66,7 @@ def main() -> None:
         rest, test = stratified_split(y, seed, 0.2)
         train_idx, val_idx = stratified_split(y[rest], seed + 100, 0.125)
         train, val = rest[train_idx], rest[val_idx]
-        part = lambda idx: Part(x[idx], y[idx], ())  # noqa: E731
+        part = lambda idx: Part(x[idx], y[idx], ())
         dataset = Dataset(labels, {"train": part(train), "validation": part(val), "test": part(test)}, "")
         started = time.perf_counter()
         head = retraind_train_head(dataset, TrainingConfig())
