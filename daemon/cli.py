@@ -33,6 +33,9 @@ log = logging.getLogger("retraind")
 
 EX_UNAVAILABLE = 69
 _BULK = 32  # files indexed in one go from which caching gets a progress bar and a STATUS line
+#: A pipeline loop silent this long is hung (one batch of 256 images takes ~30 s on the slowest backbone
+#: here): the watchdog goes unfed and systemd restarts the daemon.
+_STALL_SECONDS = 120.0
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -130,7 +133,7 @@ def _loop(app: App, caching: _Caching, heartbeat: _Heartbeat, notifier: SystemdN
     while True:
         signals.wake.wait(min(interval, 5.0))
         signals.wake.clear()
-        if app.alive() and heartbeat.fresh(max(4 * interval, 30.0)):
+        if app.alive() and heartbeat.fresh(_STALL_SECONDS):
             notifier.watchdog()
         if signals.stop:
             notifier.stopping()
@@ -145,8 +148,8 @@ def _loop(app: App, caching: _Caching, heartbeat: _Heartbeat, notifier: SystemdN
                 continue
             notifier.reloading()
             return new
-        if _status_text(app, caching) != status:
-            status = _status_text(app, caching)
+        if (now := _status_text(app, caching)) != status:
+            status = now
             notifier.status(status)
 
 

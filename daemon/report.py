@@ -106,7 +106,7 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>
 {_plot(version.directory, TRAINING_CURVE, "training curve")}
-<p class="muted">{html.escape(hyper)}</p>
+<p class="muted">chosen fit (the last segment of the curve): {html.escape(hyper)}</p>
 <h2>Confusion matrix</h2>
 {_plot(version.directory, CONFUSION_MATRIX, "confusion matrix")}
 <h2>Most confident mistakes ({html.escape(split)} split)</h2>

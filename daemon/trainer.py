@@ -67,6 +67,10 @@ def _log_misclassified(head: Head, dataset: Dataset) -> None:
                  dataset.labels[predicted[i]])
 
 
+#: A failed run (disk full while publishing, a plugin's bug) is tried again after a growing delay.
+_RETRY_FIRST_SECONDS, _RETRY_MAX_SECONDS = 10.0, 600.0
+
+
 class Trainer(threading.Thread):
     def __init__(
         self, config: Config, store: Store, extractor: Extractor, registry: ModelRegistry,
@@ -86,6 +90,8 @@ class Trainer(threading.Thread):
         self._changes = 0
         self._first_change = self._last_change = 0.0
         self._forced = False
+        self._failures = 0
+        self._retry_at: float | None = None
         self.runs = 0  # finished runs, whatever their result
 
     def notify_change(self) -> None:
@@ -119,6 +125,9 @@ class Trainer(threading.Thread):
                 self._cond.wait(timeout=0.25)
                 if self._stopping:
                     return
+                if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                    self._retry_at = None
+                    self.notify_change()
                 if not self._changes:
                     continue
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
@@ -132,11 +141,17 @@ class Trainer(threading.Thread):
         """One training run; a failure is logged and counted, and the current model keeps serving."""
         started = time.perf_counter()
         try:
-            return self._train(started)
+            version = self._train(started)
         except Exception:
-            log.exception("training failed; the current model keeps serving")
+            self._failures += 1
+            delay = min(_RETRY_FIRST_SECONDS * 2 ** (self._failures - 1), _RETRY_MAX_SECONDS)
+            self._retry_at = time.monotonic() + delay
+            log.exception("training failed; the current model keeps serving; retrying in %.0f s", delay)
             self._metrics.training_runs.labels(result="failed").inc()
             return None
+        else:
+            self._failures = 0
+            return version
         finally:
             self.runs += 1
             self._metrics.training_seconds.observe(time.perf_counter() - started)

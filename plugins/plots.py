@@ -29,36 +29,40 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
-def _segments(l2: list[float]) -> list[tuple[int, float]]:
-    """(first point, strength) of each L2 strength along the fitting path."""
-    return [(i, value) for i, value in enumerate(l2) if i == 0 or value != l2[i - 1]]
+def _mark_l2(axes: Any, x: np.ndarray, l2: list[float], annotate: bool) -> None:
+    """A dotted line where each L2 strength's fit starts (each warm-starts from the previous one's result);
+    nothing for a single fit."""
+    starts = [i for i in range(1, len(l2)) if l2[i] != l2[i - 1]]
+    for i in [0, *starts] if starts else []:
+        axes.axvline(x[i], color="grey", linestyle=":", linewidth=1)
+        if annotate:
+            axes.annotate(f"l2={l2[i]:g}", (x[i], 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                          textcoords="offset points", fontsize=8, color="grey")
+
+
+def _plot_metric(axes: Any, history: dict[str, list[float]], x: np.ndarray, metric: str, title: str) -> None:
+    for split, style in (("train", "-"), ("validation", "--")):
+        values = history.get(f"{split}_{metric}", [])
+        if values:
+            axes.plot(x[: len(values)], values, style, label=split)
+    axes.set_title(title)
+    axes.set_xlabel("training step" if "step" in history else "L-BFGS iteration")
+    axes.grid(alpha=0.3)
 
 
 def write_training_curve(history: dict[str, list[float]], version: int, path: Path) -> None:
-    """Accuracy and loss (log scale: cross-entropy falls by orders of magnitude) along the whole fitting path,
-    with a dotted line where the next L2 strength takes over from the previous fit."""
+    """Accuracy and loss (log scale: cross-entropy falls by orders of magnitude) along the whole fitting path."""
     count = len(history.get("train_loss", []))
-    steps = "step" in history
-    x = np.asarray(history["step"]) + 1 if steps else np.arange(1, count + 1)
+    x = np.asarray(history["step"]) if "step" in history else np.arange(1, count + 1)  # updates done
     figure = _figure(10, 4.4)
-    axes_pair = figure.subplots(1, 2)
-    for axes, metric, title in zip(axes_pair, ("accuracy", "loss"), ("Accuracy", "Cross-entropy loss")):
-        for split, style in (("train", "-"), ("validation", "--")):
-            values = history.get(f"{split}_{metric}", [])
-            if values:
-                axes.plot(x[: len(values)], values, style, label=split)
-        for start, strength in _segments(history.get("l2", [])):
-            axes.axvline(x[start], color="grey", linestyle=":", linewidth=1)
-            if metric == "accuracy":  # its bottom stays empty once training starts; the loss plot's does not
-                axes.annotate(f"l2={strength:g}", (x[start], 0), xycoords=("data", "axes fraction"),
-                              xytext=(3, 4), textcoords="offset points", fontsize=8, color="grey")
-        axes.set_title(title)
-        axes.set_xlabel("training step" if steps else "L-BFGS iteration")
-        axes.grid(alpha=0.3)
-    axes_pair[0].set_ylim(0, 1.05)
-    axes_pair[1].set_yscale("log")
-    handles, labels = axes_pair[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=2)
+    accuracy_axes, loss_axes = figure.subplots(1, 2)
+    _plot_metric(accuracy_axes, history, x, "accuracy", "Accuracy")
+    _plot_metric(loss_axes, history, x, "loss", "Cross-entropy loss")
+    _mark_l2(accuracy_axes, x, history.get("l2", []), annotate=True)  # its bottom stays empty; the loss
+    _mark_l2(loss_axes, x, history.get("l2", []), annotate=False)  # plot's does not
+    accuracy_axes.set_ylim(0, 1.05)
+    loss_axes.set_yscale("log")
+    figure.legend(*accuracy_axes.get_legend_handles_labels(), loc="outside lower center", ncols=2)
     figure.suptitle(f"Model {version}: training curve")
     figure.savefig(path)
 
@@ -67,7 +71,7 @@ def write_confusion_matrix(matrix: np.ndarray, labels: tuple[str, ...], split: s
                            path: Path) -> None:
     """Cells coloured by the fraction of each true label's images, annotated with counts."""
     n = len(labels)
-    side = min(4 + 0.5 * n, 24)
+    side = min(4 + 0.5 * n, 16)
     figure = _figure(side + 1.5, side)
     axes = figure.subplots()
     totals = matrix.sum(axis=1, keepdims=True)

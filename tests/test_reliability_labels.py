@@ -118,3 +118,25 @@ def test_gate_and_failed_training(tmp_path: Path, run_app: Any) -> None:
         assert runs(app)["promoted"] == 2 and other_task.metrics["accuracy"]["train"] < 0.5
     assert "gate" not in other_task.metrics
     assert int((data / "state" / "models" / "CURRENT").read_text()) == other_task.number
+
+
+class FailsOnce:
+    """Training breaks once (a full disk, a plugin's bug); the next run defers to the built-in trainer."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def retraind_train_head(self, dataset: object, config: object) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(28, "No space left on device")
+
+
+def test_failed_training_is_retried_without_a_new_change(tmp_path: Path, run_app: Any) -> None:
+    seed_classes(tmp_path)
+    flaky = FailsOnce()
+    with run_app(extra=(flaky,)) as app:
+        wait_for(lambda: app.serving.version, timeout=40, what="a model after the retry")
+        failed = app.metrics.training_runs.labels(result="failed")._value.get()
+    assert flaky.calls == 2 and failed == 1
