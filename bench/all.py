@@ -14,6 +14,8 @@ from pathlib import Path
 
 import harness
 
+from daemon.tflite_engine import sees_gpu
+
 BENCH = Path(__file__).resolve().parent
 
 
@@ -87,7 +89,7 @@ def main() -> None:
     quick = args.quick
     sizes = [1000, 10000] if quick else [1000, 10000, 50000]
     harness.header("all", backbone=args.backbone, quick=quick)
-    engine = "keras" if harness.sees_gpu() else "tflite"  # what `backbone.engine: auto` picks here
+    engine = "keras" if sees_gpu() else "tflite"  # what `backbone.engine: auto` picks for both built-ins
     figures: dict[str, tuple[float, str, str]] = {}
     n = str(100 if quick else args.n)
     for script, extra in (

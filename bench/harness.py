@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from daemon.keras_engine import silence_tensorflow
+from daemon.tflite_engine import default_threads, sees_gpu
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tuxpaint6"
 DEFAULT_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "retraind-bench-cache"
@@ -41,23 +44,17 @@ def arguments(doc: str | None, **defaults: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def sees_gpu() -> bool:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def keras_device() -> str:
     return "gpu" if sees_gpu() else "cpu"
 
 
 def header(bench: str, **facts: object) -> None:
+    silence_tensorflow()
     import tensorflow as tf
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     gpu = ",".join(gpus) if gpus else "none (every figure is a CPU figure)"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = default_threads()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"# bench {bench}: python {platform.python_version()}, tensorflow {tf.__version__}, cpus {cpus}, "
           f"load {load}", flush=True)

@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from daemon.backbone import BackboneUnavailable
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
+from daemon.export import ExportError
 from daemon.logs import setup_logging
 from daemon.oneshot import NoModel
 from daemon.status import DaemonUnavailable
@@ -278,12 +279,15 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except (ConfigError, BackboneUnavailable) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except NoModel as exc:
+    except (NoModel, ExportError) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return 1
     except DaemonUnavailable as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except BrokenPipeError:  # `retraind status | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ class Head:
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        logits = x.astype(np.float32) @ self.weights + self.bias
+        logits = np.asarray(x, dtype=np.float32) @ self.weights + self.bias  # no copy of float32 input
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]

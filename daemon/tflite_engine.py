@@ -1,10 +1,11 @@
 """The TFLite engine: a Keras backbone converted once by TensorFlow's own converter, cached under the state
 dir, and run by the TFLite interpreter with XNNPACK; and the `backbone.engine` choice between the two.
 
-Measured on 2 cores (EfficientNet-Lite0, random uint8 input): Keras batch 32 about 60-105 img/s, the
-interpreter with 2 threads one image per `invoke` about 180-205 img/s, batch 32 about 180; Inception v3 9.2
-against 11.9 img/s. So on a CPU `auto` picks TFLite. Where TensorFlow sees a GPU it picks Keras, which runs
-there while the interpreter would stay on the CPU.
+`auto` runs, on a CPU, the engine the backbone's plugin measured faster (`cpu_engine`); where TensorFlow sees
+a GPU it runs Keras, which uses it while the interpreter would stay on the CPU; and where the conversion
+fails or does not match, Keras. Measured on 2 cores, random uint8 input: EfficientNet-Lite0 Keras batch 32
+about 60-105 img/s against the interpreter with 2 threads, one image per `invoke`, 160-205 img/s (batch 32
+about 180); Inception v3 9.2 against 11.9 img/s on an idle machine (equal within the noise on a busy one).
 
 Both engines run the same graph (`KerasBackbone.network`), and a converted model is used only after its
 bottlenecks matched the Keras ones within `TOLERANCE` on probe images; so both engines share one backbone id,
@@ -34,7 +35,8 @@ from daemon.keras_engine import KerasBackbone, silence_tensorflow
 
 log = logging.getLogger(__name__)
 
-#: The largest difference in any bottleneck value allowed between the engines (measured: 1.1e-5 for Lite0).
+#: The largest difference in any bottleneck value allowed between the engines. Measured: 1.5e-5 for Lite0 over
+#: the 403 tuxpaint6 images (values up to 5.8), 4e-9 for Inception v3 with random weights.
 TOLERANCE = 1e-4
 _PROBE_IMAGES = 4
 
@@ -44,8 +46,8 @@ class EngineMismatch(BackboneUnavailable):
 
 
 class TfliteBackbone:
-    """A converted backbone; one image per `invoke` (faster than batches on a CPU: it stays in cache), and a
-    lock, since an interpreter must not be entered by two threads at once."""
+    """A converted backbone run one image per `invoke` (measured faster than batches of 32 on 2 cores for
+    Lite0, the same for Inception v3), behind a lock: an interpreter must not be entered by two threads."""
 
     def __init__(self, path: Path, backbone_id: str, threads: int) -> None:
         silence_tensorflow()
@@ -114,7 +116,7 @@ def tflite_backbone(make_keras: Callable[[], KerasBackbone], backbone_id: str, c
     if not difference <= TOLERANCE:
         path.unlink()
         raise EngineMismatch(f"backbone.engine: the TFLite conversion of {backbone_id} differs from Keras "
-                                  f"by {difference:.3g} (> {TOLERANCE}); set backbone.engine: keras")
+                             f"by {difference:.3g} (> {TOLERANCE}); set backbone.engine: keras")
     log.info("TFLite engine matches Keras within %.2g", difference)
     return converted
 
@@ -132,13 +134,14 @@ def default_threads() -> int:
 
 
 def select_engine(config: BackboneConfig, cache_dir: Path, backbone_id: str,
-                  make_keras: Callable[[], KerasBackbone]) -> Backbone:
-    """The engine `backbone.engine` asks for; `auto` is TFLite on a CPU (Keras where TensorFlow sees a GPU,
-    or where the conversion fails). The Keras network is built only when it is needed."""
+                  make_keras: Callable[[], KerasBackbone], cpu_engine: str) -> Backbone:
+    """The engine `backbone.engine` asks for; `auto` is `cpu_engine` ("tflite" or "keras": the one measured
+    faster for this backbone) on a CPU, Keras where TensorFlow sees a GPU or where the conversion fails. The
+    Keras network is built only when it is needed."""
     build_keras = functools.cache(make_keras)  # built at most once, whichever way this goes
     engine = config.engine
     if engine == "auto":
-        engine = "keras" if sees_gpu() else "tflite"
+        engine = "keras" if sees_gpu() else cpu_engine
     if engine == "keras":
         return build_keras()
     threads = config.threads or default_threads()

@@ -21,6 +21,11 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+try:  # Linux: inotify reports a rename as a MOVED_FROM/MOVED_TO pair, one right after the other
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+except ImportError:  # pragma: no cover - other platforms have no grouper
+    InotifyMoveEventGrouper = None
+
 from daemon.events import EventKind, FileEvent
 from daemon.metrics import Metrics
 
@@ -70,8 +75,16 @@ class _OverflowLog(logging.Handler):
             self._overflowed.set()
 
 
+#: How long watchdog holds a MOVED_FROM waiting for its MOVED_TO. Its default, 0.5 s, holds back every later
+#: event too: each inbox file moved out to outbox/ delayed the next file by half a second. The kernel queues
+#: the two halves of a rename back to back; an unpaired half still arrives, as a delete or a create.
+MOVE_PAIRING_SECONDS = 0.02
+
+
 class Watcher:
     def __init__(self, roots: list[Path], events: queue.Queue[object], metrics: Metrics) -> None:
+        if InotifyMoveEventGrouper is not None:
+            InotifyMoveEventGrouper.delay = MOVE_PAIRING_SECONDS
         self.rescan_needed = threading.Event()
         self._observer = Observer()
         self._observer.name = "retraind-watchdog"

@@ -93,10 +93,10 @@ def test_engines_that_disagree_are_refused_or_fall_back(tmp_path: Path, caplog: 
     loud = _loud_backbone()
 
     with pytest.raises(EngineMismatch, match="backbone.engine: the TFLite conversion of loud/v1 differs"):
-        select_engine(BackboneConfig(engine="tflite"), tmp_path, loud.id, lambda: loud)
+        select_engine(BackboneConfig(engine="tflite"), tmp_path, loud.id, lambda: loud, "tflite")
     assert not cache_path(tmp_path, loud.id).exists()  # a refused conversion is not kept
 
-    chosen = select_engine(BackboneConfig(engine="auto"), tmp_path, loud.id, lambda: loud)
+    chosen = select_engine(BackboneConfig(engine="auto"), tmp_path, loud.id, lambda: loud, "tflite")
 
     assert chosen is loud
     assert "running the Keras engine" in caplog.text or sees_gpu()
@@ -106,13 +106,18 @@ def test_engine_choice(tmp_path: Path) -> None:
     keras_backbone = build_tiny()
     builder = CountingBuilder(lambda: keras_backbone)
 
-    assert select_engine(BackboneConfig(engine="keras"), tmp_path, keras_backbone.id, builder) is keras_backbone
+    def choose(engine: str, cpu_engine: str = "tflite", threads: int = 0) -> Backbone:
+        return select_engine(BackboneConfig(engine=engine, threads=threads), tmp_path, keras_backbone.id, builder,
+                             cpu_engine)
+
+    assert choose("keras") is keras_backbone
     assert not list(tmp_path.iterdir())
-    chosen = select_engine(BackboneConfig(engine="tflite", threads=1), tmp_path, keras_backbone.id, builder)
+    chosen = choose("tflite", cpu_engine="keras", threads=1)  # asked for by name: the preference is moot
     assert isinstance(chosen, TfliteBackbone) and chosen.threads == 1
-    auto = select_engine(BackboneConfig(engine="auto"), tmp_path, keras_backbone.id, builder)
-    assert isinstance(auto, KerasBackbone if sees_gpu() else TfliteBackbone)
-    assert builder.calls == 2  # keras, then the one conversion; auto found it in the cache
+    assert isinstance(choose("auto"), KerasBackbone if sees_gpu() else TfliteBackbone)
+    assert choose("auto", cpu_engine="keras") is keras_backbone
+    # keras, the one conversion, keras again (auto on a CPU found the conversion cached; on a GPU it built Keras)
+    assert builder.calls == 3 + sees_gpu()
 
 
 class TinyEnginePlugin:
@@ -122,7 +127,7 @@ class TinyEnginePlugin:
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         if config.name != "tiny_engines":
             return None
-        return select_engine(config, cache_dir, "tiny/seed7/v1", build_tiny)
+        return select_engine(config, cache_dir, "tiny/seed7/v1", build_tiny, cpu_engine="tflite")
 
 
 def test_daemon_runs_on_the_tflite_engine(tmp_path: Path, run_app: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import re
 from html.parser import HTMLParser
@@ -71,7 +72,11 @@ def test_pictures_and_recorded_mistakes(tmp_path: Path, run_app: Any) -> None:
     assert all((tmp_path / "data" / "classes" / m["path"]).is_file() for m in mistakes)
     wrong = sum(sum(row) for row in metrics["confusion_matrix"]) - np.trace(metrics["confusion_matrix"])
     assert len(mistakes) == min(wrong, 20)
-    assert len(version.head.history["train_loss"]) == version.head.hyperparameters["iterations"]
+    history, chosen = version.head.history, version.head.hyperparameters
+    assert len(history["l2"]) == len(history["train_loss"]) == len(history["validation_accuracy"])
+    assert history["l2"][0] == max(history["l2"])  # the path starts at the strongest L2, from zero weights
+    last_segment = list(itertools.takewhile(lambda l2: l2 == chosen["l2"], reversed(history["l2"])))
+    assert len(last_segment) == chosen["iterations"]  # the chosen fit is the curve's last segment
 
 
 def test_report_page(tmp_path: Path, run_app: Any) -> None:

@@ -56,4 +56,6 @@ def build(weights: str) -> KerasBackbone:
 def retraind_make_backbone(config: BackboneConfig, cache_dir: Path) -> Backbone | None:
     if config.name != NAME:
         return None
-    return select_engine(config, cache_dir, backbone_id(weights_file(config.weights)), lambda: build(config.weights))
+    # TFLite measured 1.8-2.1x faster than Keras on 2 cores, with bottlenecks equal within 1.5e-5.
+    return select_engine(config, cache_dir, backbone_id(weights_file(config.weights)), lambda: build(config.weights),
+                         cpu_engine="tflite")
