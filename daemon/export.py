@@ -91,11 +91,11 @@ def _module(version: ModelVersion, classifier: Any, size: tuple[int, int]) -> An
 
     encoded = [tf.TensorSpec([None], tf.string, name="image_bytes")]
 
-    @tf.function(input_signature=encoded)
+    @tf.function(input_signature=encoded)  # type: ignore[untyped-decorator]
     def serving_default(image_bytes: Any) -> dict[str, Any]:
         return {"probabilities": probabilities(image_bytes)}
 
-    @tf.function(input_signature=encoded)
+    @tf.function(input_signature=encoded)  # type: ignore[untyped-decorator]
     def classify(image_bytes: Any) -> dict[str, Any]:
         scores = probabilities(image_bytes)
         order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
@@ -131,7 +131,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 
 def export_model(
     version: ModelVersion, backbone: KerasBackbone, out: Path, name: str,
-    on_step: Callable[[str], None] = lambda step: None,
+    on_step: Callable[[str], object] = lambda step: None,
 ) -> Exported:
     """Write `version` (with `backbone`, the one it was trained on) below `out`; returns the paths written."""
     import tensorflow as tf

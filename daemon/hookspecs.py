@@ -88,7 +88,7 @@ def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head | None
 
 
 @hookspec
-def retraind_register_distortions(config: AugmentationConfig) -> list[Distortion]:
+def retraind_register_distortions(config: AugmentationConfig) -> list[Distortion]:  # type: ignore[empty-body]
     """Contribute random image distortions (`daemon.augment.Distortion`) for the cached training variants.
 
     Called once when the trainer is built (start-up and config reload), on the main thread, for every

@@ -43,7 +43,7 @@ class KerasBackbone:
         self.network = keras.Model(pixels, model(keras.layers.Rescaling(scale, offset)(pixels)))
         signature = [tf.TensorSpec([None, height, width, 3], tf.uint8)]
 
-        @tf.function(input_signature=signature, reduce_retracing=True)
+        @tf.function(input_signature=signature, reduce_retracing=True)  # type: ignore[untyped-decorator]
         def forward(images: Any) -> Any:
             return self.network(images, training=False)
 

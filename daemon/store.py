@@ -223,7 +223,9 @@ class Store:
             for start in range(0, len(keep), 1024):
                 block = keep[start : start + 1024]
                 matrix[start : start + len(block)] = matrix[block]
-        return [CatalogEntry(*files[i], True) for i in keep], matrix[: len(keep)]
+        entries = [CatalogEntry(str(p), str(label), str(sha), int(size), int(mtime), True)
+                   for p, label, sha, size, mtime in (files[i] for i in keep)]
+        return entries, matrix[: len(keep)]
 
     # -- inbox journal -----------------------------------------------------------------------------------
 

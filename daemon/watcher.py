@@ -22,9 +22,9 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 try:  # Linux: inotify reports a rename as a MOVED_FROM/MOVED_TO pair, one right after the other
-    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper as _MoveGrouper
 except ImportError:  # pragma: no cover - other platforms have no grouper
-    InotifyMoveEventGrouper = None
+    _MoveGrouper = None  # type: ignore[assignment, misc]
 
 from daemon.events import EventKind, FileEvent
 from daemon.metrics import Metrics
@@ -83,8 +83,8 @@ MOVE_PAIRING_SECONDS = 0.02
 
 class Watcher:
     def __init__(self, roots: list[Path], events: queue.Queue[object], metrics: Metrics) -> None:
-        if InotifyMoveEventGrouper is not None:
-            InotifyMoveEventGrouper.delay = MOVE_PAIRING_SECONDS
+        if _MoveGrouper is not None:
+            _MoveGrouper.delay = MOVE_PAIRING_SECONDS
         self.rescan_needed = threading.Event()
         self._observer = Observer()
         self._observer.name = "retraind-watchdog"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -34,7 +35,7 @@ def _class_weights(y: np.ndarray, classes: int, balanced: bool) -> np.ndarray:
     if not balanced:
         return np.full(len(y), 1.0 / len(y), dtype=np.float32)
     counts = np.bincount(y, minlength=classes).astype(np.float32)
-    return (1.0 / (np.count_nonzero(counts) * counts[y])).astype(np.float32)
+    return np.asarray(1.0 / (np.count_nonzero(counts) * counts[y]), dtype=np.float32)
 
 
 class _Objective:
@@ -105,7 +106,7 @@ def _step_rule(config: TrainingConfig) -> Callable[[np.ndarray], np.ndarray]:
     rate = config.learning_rate
     if config.optimizer == "sgd":
         return lambda grad: rate * grad
-    moments = {"m": 0.0, "v": 0.0, "t": 0}
+    moments: dict[str, Any] = {"m": 0.0, "v": 0.0, "t": 0}
 
     def adam(grad: np.ndarray) -> np.ndarray:
         moments["t"] += 1
@@ -165,13 +166,13 @@ def _with_path(fits: list[Head]) -> Head:
     """The last fit with the curves of every fit that led to it (each warm-starts the next), so its training
     curve starts from zero weights, not from an already fitted head; `l2` gives each point's strength."""
     last = fits[-1]
-    history = {key: [value for head in fits for value in head.history.get(key, [])] for key in last.history}
+    history: dict[str, list[float]] = {key: [value for head in fits for value in head.history.get(key, [])] for key in last.history}
     history["l2"] = [head.hyperparameters["l2"] for head in fits for _ in head.history.get("train_loss", [])]
     if "step" in history:  # mini-batch fits count steps from 0 each; the path counts on
         history["step"], offset = [], 0
         for head in fits:
             history["step"] += [offset + step for step in head.history["step"]]
-            offset = history["step"][-1] + 1 if history["step"] else offset
+            offset = int(history["step"][-1]) + 1 if history["step"] else offset
     return Head(last.weights, last.bias, last.hyperparameters, history)
 
 
