@@ -78,7 +78,7 @@ class _OverflowLog(logging.Handler):
 #: How long watchdog holds a MOVED_FROM waiting for its MOVED_TO. Its default, 0.5 s, holds back every later
 #: event too: each inbox file moved out to outbox/ delayed the next file by half a second. The kernel queues
 #: the two halves of a rename back to back; an unpaired half still arrives, as a delete or a create.
-MOVE_PAIRING_SECONDS = 0.02
+MOVE_PAIRING_SECONDS = 0.005
 
 
 class Watcher:
