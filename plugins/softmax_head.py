@@ -27,7 +27,7 @@ from daemon.dataset import Dataset, Part
 from daemon.head import Head, accuracy
 from daemon.hookspecs import hookimpl
 
-_SELECTION_ROWS = 4000
+_SELECTION_ROWS = 1000
 
 
 def _class_weights(y: np.ndarray, classes: int, balanced: bool) -> np.ndarray:
