@@ -67,7 +67,6 @@ class App:
                                  self.metrics, self.watcher.rescan_needed)
         api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
         self.http = HttpServer(api) if config.http.enabled else None
-        self._started = False
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
@@ -80,6 +79,8 @@ class App:
         self.metrics.model_version.set(version.number)
         self.metrics.model_info.clear()
         self.metrics.model_info.labels(version=str(version.number), backbone=version.backbone).set(1)
+        self.metrics.last_training.set(float(version.metrics.get("created", 0)))  # also right after a restart
+        self.metrics.accuracy.clear()  # a split the new model lacks must not keep the old model's figure
         for split in SPLITS:
             value = version.metrics.get("accuracy", {}).get(split)
             if value is not None:
@@ -112,21 +113,22 @@ class App:
         self.trainer.start()
         if self.http is not None:
             self.http.start()
-        self._started = True
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
 
     def stop(self) -> None:
-        if self._started:
-            self.watcher.stop()
+        """Stop whatever `start` got to (it may have failed half-way): the pipeline first, so the work in
+        hand finishes, then the trainer; join them all."""
+        self.watcher.stop()
+        if self.pipeline.is_alive():
             self.events.put(STOP)
             self.pipeline.join()
+        if self.trainer.is_alive():
             self.trainer.stop()
             self.trainer.join()
-            if self.http is not None:
-                self.http.stop()
+        if self.http is not None:
+            self.http.stop()
         self.extractor.close()
         self.store.close()
-        self._started = False
 
     def __enter__(self) -> Self:
         try:

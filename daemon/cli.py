@@ -4,6 +4,7 @@ model yet exits 1, no daemon answering (status excepted, which falls back to the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -164,17 +165,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals = _Signals()
     notifier = SystemdNotifier()
     current: Config | None = config
+    running: Config | None = None  # the config that served last: a reload that cannot start goes back to it
     with logging_redirect_tqdm():
         while current is not None:
-            current = _watch(App(current, args.plugins), notifier, signals, path)
+            try:
+                app = App(current, args.plugins)
+            except (ConfigError, BackboneUnavailable) as exc:
+                if running is None:
+                    raise
+                log.error("reload refused, going back to the running config: %s", exc)
+                notifier.status(f"reload refused: {exc}")
+                current = running
+                continue
+            running, current = current, _watch(app, notifier, signals, path)
     notifier.close()
     log.info("retraind stopped")
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the file, then build its backbone: a misspelt `backbone.name` or missing weights fail here."""
+    from daemon.app import build_backbone
+    from daemon.plugin_manager import Hooks, make_plugin_manager
+
     config = _config(args)
-    print(f"config OK: data in {config.data_root}, backbone {config.backbone.name}")
+    backbone = build_backbone(Hooks(make_plugin_manager(config.plugins.disable, args.plugins)), config)
+    print(f"config OK: data in {config.data_root}, backbone {backbone.id}")
     return 0
 
 
@@ -251,20 +267,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retraind", description=__doc__)
     parser.add_argument("--config", help="config file (default: $RETRAIND_CONFIG or ./config.yaml)")
+    # `--config` also after the command (`retraind run --config ...`); SUPPRESS keeps a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the daemon").set_defaults(func=cmd_run)
-    sub.add_parser("check-config", help="validate the config and exit").set_defaults(func=cmd_check_config)
-    status = sub.add_parser("status", help="model version, accuracy, images, inbox queue, last training")
+    add = functools.partial(sub.add_parser, parents=[common])
+    add("run", help="run the daemon").set_defaults(func=cmd_run)
+    add("check-config", help="validate the config (and that its backbone loads) and exit").set_defaults(
+        func=cmd_check_config)
+    status = add("status", help="model version, accuracy, images, inbox queue, last training")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
-    sub.add_parser("retrain", help="ask the running daemon to retrain now").set_defaults(func=cmd_retrain)
-    classify = sub.add_parser("classify", help="print top-k labels for image files (no daemon needed)")
+    add("retrain", help="ask the running daemon to retrain now").set_defaults(func=cmd_retrain)
+    classify = add("classify", help="print top-k labels for image files (no daemon needed)")
     classify.add_argument("files", nargs="+")
     classify.set_defaults(func=cmd_classify)
-    export = sub.add_parser("export", help="write the model as a TF Serving SavedModel and a TFLite file")
+    export = add("export", help="write the model as a TF Serving SavedModel and a TFLite file")
     export.add_argument("--out", default="export", help="base folder (default: ./export)")
     export.set_defaults(func=cmd_export)
-    report = sub.add_parser("report", help="write an HTML page about the current model")
+    report = add("report", help="write an HTML page about the current model")
     report.add_argument("--out", default="report.html", help="HTML file to write (default: ./report.html)")
     report.set_defaults(func=cmd_report)
     return parser

@@ -184,6 +184,8 @@ _ALL_OR_COUNT = ("training.validation_batch_size",)
 
 
 def _check(key: str, value: Any) -> None:
+    if key == "training.l2" and (not value or min(value) < 0):
+        raise ConfigError(f"{key}: give one or more L2 strengths >= 0, e.g. [0.0001, 0.001, 0.01]")
     if key in _ALL_OR_COUNT and value == 0:
         raise ConfigError(f"{key}: 0 evaluates no images; use -1 for all of them or a positive count")
     if key in _RANGES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ class Extractor:
             self._store.put_bottlenecks(self.backbone.id, ((f.sha256, ORIGINAL, v) for f, v in zip(batch, vectors)))
             result.vectors.update((f.sha256, v) for f, v in zip(batch, vectors))
             self._metrics.cache_misses.inc(len(batch))
+        for f in files:  # files sharing bad content were decoded once: each of them is rejected
+            if f.sha256 not in result.vectors and str(f.path) not in result.rejected:
+                result.rejected[str(f.path)] = result.rejected[str(unique[f.sha256].path)]
         return result
 
     def _decoded_batches(
@@ -83,11 +87,11 @@ class Extractor:
     ) -> Iterator[tuple[list[ImageFile], np.ndarray]]:
         """Yield (files, uint8 images) batches; decoding of batch k+1 runs while batch k is embedded."""
         chunks = [files[i : i + self._batch_size] for i in range(0, len(files), self._batch_size)]
-        futures = [self._pool.submit(self._decode_chunk, chunk) for chunk in chunks[:1]]
+        ahead = deque(self._pool.submit(self._decode_chunk, chunk) for chunk in chunks[:1])
         for index, chunk in enumerate(chunks):
             if index + 1 < len(chunks):
-                futures.append(self._pool.submit(self._decode_chunk, chunks[index + 1]))
-            decoded = futures[index].result()
+                ahead.append(self._pool.submit(self._decode_chunk, chunks[index + 1]))
+            decoded = ahead.popleft().result()  # popped: a used batch's pixels are freed, not kept to the end
             good = [(f, image) for f, image in zip(chunk, decoded) if not isinstance(image, ImageRejected)]
             for f, image in zip(chunk, decoded):
                 if isinstance(image, ImageRejected):

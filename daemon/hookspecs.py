@@ -36,7 +36,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def retraind_make_backbone(config: BackboneConfig, cache_dir: Path) -> Backbone | None:
     """Build the backbone named `config.name`, or return None when this plugin does not provide that name.
 
-    Called once at start-up (and on a config reload that changes the backbone), on the main thread.
+    Called on the main thread at every start-up and config reload (the daemon is rebuilt), and by the
+    one-shot commands (`check-config`, `classify`, `export`).
     `cache_dir` is a folder under the state dir where downloaded weights may be cached. Raise
     `daemon.backbone.BackboneUnavailable` with a message naming the config key to set when the weights cannot
     be had. Stops at the first non-None result.
@@ -48,8 +49,9 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
     """Decode encoded image bytes into a uint8 RGB array of shape (size[1], size[0], 3), or return None to
     let the next decoder try.
 
-    Called on the pipeline worker thread for every image, on HTTP threads for classify requests, and on the
-    trainer thread (at a larger `size`) for the distorted variants of training images. Raise
+    Called from the two `retraind-decode` pool threads at once for cached images (so it must be
+    thread-safe), on HTTP threads for classify requests, and on the trainer thread (at a larger `size`) for
+    the distorted variants of training images. Raise
     `daemon.images.ImageRejected(reason, message)` for content that is not a usable image; the file then goes
     to `rejected/` (inbox) or is skipped with a warning (classes). `max_pixels` bounds decompression bombs.
     Stops at the first non-None result; the built-in Pillow decoder is `trylast`.
@@ -60,7 +62,8 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
 def retraind_accept_path(path: Path, area: str) -> bool | None:
     """Decide whether a file under a watched area (`"classes"` or `"inbox"`) is ours to process.
 
-    Called on the pipeline worker thread for every file event and scan hit. Return False to ignore the file
+    Called on the pipeline worker thread for every file event and scan hit (on the main thread for the
+    start-up scan, before the worker starts). Return False to ignore the file
     (it is left where it is), True to take it, None to defer to the next plugin. Stops at the first non-None
     result; the built-in filter (`trylast`) ignores sidecar records and the daemon's own temporary files.
     """
@@ -141,7 +144,8 @@ def retraind_on_result(result: ClassificationResult, config: Config) -> None:
 def retraind_on_file_event(event: FileEvent) -> None:
     """Observe every file event the watcher or a rescan produced, before it is processed.
 
-    Called on the pipeline worker thread. Must return quickly; failures are logged and counted.
+    Called on the pipeline worker thread (on the main thread for the start-up scan). Must return quickly;
+    failures are logged and counted.
     """
 
 
@@ -150,5 +154,7 @@ def retraind_on_rejected(path: Path, reason: str, message: str) -> None:
     """Notification that a file could not be used as an image: `reason` is a short metric label
     (`empty`, `corrupt`, `too_large`, `unsupported`, `unreadable`), `message` says why for a person.
 
-    Called on the pipeline worker thread; for inbox files `path` is where the file now lies in `rejected/`.
+    Called on the pipeline worker thread for inbox files, with `path` where the file now lies in
+    `rejected/`. A training file that cannot be used is not moved: it is logged, counted in
+    `retraind_rejected_files_total` and left out of training, without this notification.
     """

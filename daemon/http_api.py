@@ -9,6 +9,7 @@ import binascii
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from prometheus_client.exposition import choose_encoder
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError
 from daemon.extractor import Extractor
 from daemon.images import ImageRejected
 from daemon.metrics import Metrics
@@ -203,13 +204,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not supported; send Content-Length")
         raw = self.headers.get("Content-Length")
-        if raw is None and not required:
-            return b""
+        if raw is None:
+            if not required:
+                return b""
+            self.close_connection = True
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
         try:
-            length = int(raw or "")
+            length = int(raw)
         except ValueError as exc:
             self.close_connection = True
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required") from exc
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"Content-Length {raw!r} is not a number") from exc
         limit = self.api.config.http.max_body_bytes
         if length < 0:
             self.close_connection = True
@@ -247,7 +251,13 @@ class _Handler(BaseHTTPRequestHandler):
 class HttpServer:
     def __init__(self, api: Api) -> None:
         handler = type("Handler", (_Handler,), {"api": api})
-        self._server = ThreadingHTTPServer((api.config.http.host, api.config.http.port), handler)
+        host, port = api.config.http.host, api.config.http.port
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}) \
+            if ":" in host else ThreadingHTTPServer
+        try:
+            self._server = server_class((host, port), handler)
+        except OSError as exc:
+            raise ConfigError(f"http.port: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="retraind-http", daemon=False)
 
@@ -259,6 +269,7 @@ class HttpServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a serve_forever() that never ran
+            self._server.shutdown()
+            self._thread.join(timeout=10)
         self._server.server_close()
-        self._thread.join(timeout=10)

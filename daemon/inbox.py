@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.atomic import free_name, move_atomic, write_atomic
+from daemon.atomic import free_name, fsync_dir, move_atomic, write_atomic
 from daemon.config import Config
 from daemon.extractor import Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
@@ -229,6 +229,16 @@ class InboxProcessor:
                 move_atomic(source, destination)
             except OSError as exc:
                 log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, exc)
+                return False
+        elif os.path.lexists(source) and _sha256_of(source) == record["sha256"]:
+            # a copy across file systems landed but its source was not removed: remove it now, or the next
+            # scan would classify the same file a second time
+            try:
+                source.unlink()
+                fsync_dir(source.parent)
+            except OSError as exc:
+                log.error("%s: already moved to %s but cannot be removed (%s); retried later", source,
+                          destination.parent, exc)
                 return False
         result = ClassificationResult(
             id=record["id"], source=source, sha256=record["sha256"],

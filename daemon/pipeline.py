@@ -146,11 +146,13 @@ class Pipeline(threading.Thread):
             chunk = classes[start : start + _CHUNK]
             self._guarded(self._index, chunk)
             self.on_indexed(len(chunk), len(classes) - start - len(chunk) + later)
+            self.on_loop()  # a long start-up caching run is progress, not a hang: keep the watchdog fed
         # inbox files in backbone-sized batches: each batch's files are finished before the next is read, so
         # in a burst the first results land after one forward batch, not after a 256-file chunk
         size = self._config.backbone.batch_size
         for start in range(0, len(inbox), size):
             self._guarded(self._classify, inbox[start : start + size])
+            self.on_loop()
         if self._inbox.recovery_due():
             self._inbox.recover()  # finishes moves and records that failed before (full disk, read-only)
         pending_inbox = sum(1 for p in self._pending.paths() if self._area(p) == "inbox")

@@ -58,7 +58,23 @@ def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = 
     for plugin in extra:
         pm.register(plugin)
     pm.check_pending()
+    _refuse_wrappers_of_isolated_hooks(pm)
     return pm
+
+
+#: Hooks the facade calls one implementation at a time (so one failure stops none of the others)
+ISOLATED_HOOKS = ("retraind_write_model_artifacts", "retraind_on_model_published", "retraind_on_result",
+                  "retraind_on_file_event", "retraind_on_rejected")
+
+
+def _refuse_wrappers_of_isolated_hooks(pm: pluggy.PluginManager) -> None:
+    """A wrapper around an isolated hook would never run (nothing drives its generator): refuse it loudly."""
+    for hook_name in ISOLATED_HOOKS:
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.wrapper or impl.hookwrapper:
+                raise pluggy.PluginValidationError(
+                    impl.plugin, f"plugin {impl.plugin_name}: {hook_name} is called once per plugin, in "
+                    "isolation; it cannot be a wrapper or hookwrapper")
 
 
 class Hooks:

@@ -132,7 +132,12 @@ class Trainer(threading.Thread):
                     continue
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
                                      self._config.training.quiet_period_seconds, self._forced)
-            if self._hooks.should_retrain(state):
+            try:
+                retrain = self._hooks.should_retrain(state)
+            except Exception:  # a policy plugin's bug must not end the trainer thread
+                log.exception("a retrain-policy plugin failed; falling back to the quiet period")
+                retrain = state.forced or state.now - state.last_change >= state.quiet_period_seconds
+            if retrain:
                 with self._cond:
                     self._changes, self._forced = 0, False
                 self.train_once()
@@ -155,7 +160,6 @@ class Trainer(threading.Thread):
         finally:
             self.runs += 1
             self._metrics.training_seconds.observe(time.perf_counter() - started)
-            self._metrics.last_training.set(time.time())
 
     def _train(self, started: float) -> ModelVersion | None:
         entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
@@ -173,6 +177,7 @@ class Trainer(threading.Thread):
         if head is None:
             raise RuntimeError("no plugin trained a head (is the built-in softmax_head plugin disabled?)")
         metrics = self._metrics_for(head, dataset, time.perf_counter() - started)
+        self._metrics.last_training.set(time.time())  # a head was trained (promoted or not)
         if self._config.training.print_misclassified_test_images:
             _log_misclassified(head, dataset)
         if not self._passes_gate(head, dataset, metrics):

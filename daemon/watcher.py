@@ -102,7 +102,11 @@ class Watcher:
         self._observer.start()
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=10)
+        """Stop and undo `start`; safe when `start` never ran or failed half-way."""
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout=10)
+        if self._log_handler not in self._watchdog_log.handlers:
+            return
         self._watchdog_log.removeHandler(self._log_handler)
         self._watchdog_log.setLevel(self._saved_level)

@@ -138,3 +138,27 @@ def test_report(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert run(trained, "report", "--out", str(out)) == 0
     assert capsys.readouterr().out == f"wrote {out} (model 1)\n"
     assert "<h1>retraind model 1</h1>" in out.read_text(encoding="utf-8")
+
+
+def test_config_flag_before_or_after_the_command() -> None:
+    """The unit runs `retraind run --config FILE`; `retraind --config FILE run` works too."""
+    from daemon.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--config", "a.yaml"]).config == "a.yaml"
+    assert build_parser().parse_args(["--config", "b.yaml", "status", "--json"]).config == "b.yaml"
+    assert build_parser().parse_args(["check-config"]).config is None
+
+
+def test_port_in_use_is_a_config_error(tmp_path: Path, tiny: Any) -> None:
+    import socket
+
+    from daemon.app import App
+    from daemon.config import ConfigError
+    from tests.conftest import make_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = make_config(tmp_path, http={"port": taken.getsockname()[1]})
+        with pytest.raises(ConfigError, match=r"^http.port: cannot listen on 127.0.0.1:\d+"):
+            App(config, extra_plugins=(tiny,))

@@ -31,6 +31,8 @@ def test_shipped_config_is_the_defaults(tmp_path: Path) -> None:
         ({"classify": {"confidence_threshold": 2}}, "classify.confidence_threshold: 2.0 is out of range"),
         ({"backbone": {"engine": "cuda"}}, "backbone.engine: 'cuda' is not one of auto, keras, tflite"),
         ({"training": {"l2": 0.1}}, "training.l2: expected a list"),
+        ({"training": {"l2": []}}, "training.l2: give one or more L2 strengths >= 0"),
+        ({"training": {"l2": [0.1, -1.0]}}, "training.l2: give one or more L2 strengths >= 0"),
         ({"backbone": "inception_v3"}, "backbone: expected a mapping"),
         ({"data_root": "/no/such/parent/data"}, "data_root: parent folder /no/such/parent does not exist"),
         ({"split": {"validation_percentage": 60, "testing_percentage": 40}}, "split: validation_percentage"),

@@ -5,6 +5,7 @@ TFLite conversion (daemon/tflite_engine.py); both give the same bottlenecks unde
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from daemon.backbone import Backbone, BackboneUnavailable
@@ -36,7 +37,9 @@ def weights_file(weights: str) -> Path:
 
 
 def backbone_id(path: Path) -> str:
-    return f"{NAME}/{path.stem}/v1"
+    """Named by the weights' content, so a replaced file never reuses the old file's bottlenecks."""
+    with path.open("rb") as fh:
+        return f"{NAME}/{hashlib.file_digest(fh, 'sha256').hexdigest()[:16]}/v1"
 
 
 def build(weights: str) -> KerasBackbone:
