@@ -20,7 +20,7 @@ from PIL import Image
 
 from daemon.scanner import walk_files
 from plugins.pillow_decoder import retraind_decode_image
-from tests.conftest import wait_for
+from tests.conftest import seed_classes, wait_for
 from tests.test_daemon_e2e import results, scrape
 
 RGB = {"red": (220, 30, 30), "blue": (30, 40, 220), "grey": (128, 128, 128)}
@@ -200,3 +200,50 @@ def test_bad_files_in_classes_are_skipped_and_training_goes_on(
     skipped = {r.getMessage().split(":")[0] for r in caplog.records if "skipped for training" in r.getMessage()}
     assert skipped == {str(red / name) for name in [*bad, "loop.jpg", os.fsdecode(b"caf\xe9.jpg")]}
     assert sum(v for k, v in metrics.items() if k.startswith("retraind_rejected_files_total{")) == len(skipped)
+
+
+def test_same_bad_content_twice_is_rejected_twice(tmp_path: Path, run_app: Any) -> None:
+    """Content is decoded once per hash: its rejection must reach every file that holds it."""
+    data = tmp_path / "data"
+    seed_classes(tmp_path)
+    (data / "classes" / "red" / "bad-1.jpg").write_bytes(b"garbage!!")
+    (data / "classes" / "red" / "bad-2.jpg").write_bytes(b"garbage!!")
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        catalog = app.store.catalog()
+        assert not catalog["red/bad-1.jpg"].ok and not catalog["red/bad-2.jpg"].ok
+        (data / "inbox" / "twin-a.jpg").write_bytes(b"not an image at all")
+        (data / "inbox" / "twin-b.jpg").write_bytes(b"not an image at all")
+        wait_for(lambda: sorted(p.name for p in (data / "rejected").glob("twin-*.jpg")) == ["twin-a.jpg", "twin-b.jpg"],
+                 what="both twins rejected")
+
+
+def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, run_app: Any) -> None:
+    """Across file systems a move is copy-then-unlink; a stop between the two left both files. Recovery
+    must finish the move (remove the source) so the file is not classified a second time."""
+    import hashlib
+    import json as json_
+
+    from daemon.store import JournalEntry, Store
+
+    data = tmp_path / "data"
+    seed_classes(tmp_path)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+    content = (data / "classes" / "red" / "red-1.jpg").read_bytes()
+    source = data / "inbox" / "copied.jpg"
+    destination = data / "outbox" / "red" / "copied.jpg"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(content)
+    destination.write_bytes(content)
+    record = {"id": "r1", "file": "copied.jpg", "destination": str(destination), "label": "red",
+              "confidence": 0.9, "top_k": [{"label": "red", "score": 0.9}], "model_version": 1,
+              "backbone": "tiny", "sha256": hashlib.sha256(content).hexdigest(), "time": "2026-01-01T00:00:00"}
+    store = Store(data / "state" / "store.sqlite")
+    store.journal_begin(JournalEntry("r1", json_.dumps(str(source)), json_.dumps(str(destination)),
+                                     json_.dumps(record), "moving"))
+    store.close()
+    with run_app() as app:
+        wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")
+        assert not source.exists() and destination.exists()
+        assert [json_.loads(line)["id"] for line in (data / "results.jsonl").read_text().splitlines()] == ["r1"]
