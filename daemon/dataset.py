@@ -71,8 +71,24 @@ def manifest_of(entries: list[CatalogEntry]) -> str:
     return digest.hexdigest()
 
 
+def _permute_rows(matrix: np.ndarray, order: np.ndarray) -> None:
+    """`matrix[i] = old matrix[order[i]]`, in place, one spare row at a time (cycle by cycle)."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        spare, i = matrix[start].copy(), start
+        while order[i] != start:
+            matrix[i] = matrix[order[i]]
+            done[i], i = True, int(order[i])
+        matrix[i], done[i] = spare, True
+
+
 def build_dataset(entries: list[CatalogEntry], matrix: np.ndarray, split: SplitConfig) -> Dataset:
-    """Split catalog rows (aligned with `matrix`) into train/validation/test by file name."""
+    """Split catalog rows (aligned with `matrix`) into train/validation/test by file name.
+
+    `matrix` is reordered in place so that each split is a contiguous block and each part's `x` a view of
+    it: a 50k-row training set costs one matrix in memory, not the matrix plus a copy of every split."""
     labels = tuple(sorted({entry.label for entry in entries}))
     index = {label: i for i, label in enumerate(labels)}
     names = [PurePosixPath(e.path).name for e in entries]
@@ -83,9 +99,13 @@ def build_dataset(entries: list[CatalogEntry], matrix: np.ndarray, split: SplitC
     for label in borrowed:
         log.warning("label %r has no training image by the name split; training on all its images", label)
         train_mask |= y == index[label]
+    rows_of = {name: np.flatnonzero(train_mask if name == TRAIN else (splits == name) & ~train_mask)
+               for name in SPLITS}
+    _permute_rows(matrix, np.concatenate([rows_of[name] for name in SPLITS]))
     parts: dict[str, Part] = {}
+    start = 0
     for name in SPLITS:
-        mask = train_mask if name == TRAIN else (splits == name) & ~train_mask
-        rows = np.flatnonzero(mask)
-        parts[name] = Part(matrix[rows], y[rows], tuple(entries[i].path for i in rows))
+        rows = rows_of[name]
+        parts[name] = Part(matrix[start : start + len(rows)], y[rows], tuple(entries[i].path for i in rows))
+        start += len(rows)
     return Dataset(labels, parts, manifest_of(entries), borrowed)

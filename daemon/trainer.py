@@ -163,8 +163,7 @@ class Trainer(threading.Thread):
 
     def _train(self, started: float) -> ModelVersion | None:
         entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
-        dataset = build_dataset(entries, matrix, self._config.split)
-        del matrix  # the splits are copies: keep one matrix in memory, not two
+        dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
         self._update_image_gauges(dataset)
         if len(dataset.labels) < 2:
             log.info("training waits for at least two labels with images (have %d)", len(dataset.labels))
