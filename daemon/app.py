@@ -52,7 +52,7 @@ class App:
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / "store.sqlite")
-        self.registry = ModelRegistry(state / "models", config.training.keep_versions)
+        self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
         self.extractor = Extractor(self.backbone, self.hooks.decode_image, self.store, self.metrics,

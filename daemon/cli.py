@@ -256,7 +256,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from daemon.report import write_report
 
     config = _config(args)
-    version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
+    version = ModelRegistry.of(config).current()
     if version is None:
         raise NoModel("no model yet: nothing to report")
     write_report(version, config.folder("classes"), Path(args.out))

@@ -95,7 +95,7 @@ class TrainingIndexer:
             self._skip(path, CatalogEntry(rel, label, None, st.st_size, st.st_mtime_ns, False), exc)
             return None
         entry = CatalogEntry(rel, label, f.sha256, st.st_size, st.st_mtime_ns, True)
-        if known and known.ok and known.sha256 == f.sha256 and known.label == label and has_vector:
+        if known and known.ok and known.sha256 == f.sha256 and has_vector:
             self._store.upsert_file(entry)  # touched, not changed: no retrain needed
             return None
         return entry, f

@@ -33,7 +33,7 @@ class Published:
 
 def load_published(config: Config, plugins: Iterable[object] = (), engine: str | None = None) -> Published:
     """The CURRENT version and its backbone (`engine` overrides `backbone.engine`, e.g. `keras` for export)."""
-    version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
+    version = ModelRegistry.of(config).current()
     if version is None:
         raise NoModel(f"no model yet: add images under {config.folder('classes')}/<label>/ and let the "
                       "daemon train")

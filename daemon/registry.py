@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic
+from daemon.config import Config
 from daemon.head import Head
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ class ModelRegistry:
         self.root = root
         self.keep = keep
         root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def of(cls, config: Config) -> ModelRegistry:
+        """The registry a config's daemon publishes to: `<state>/models`, keeping `training.keep_versions`."""
+        return cls(config.folder("state") / "models", config.training.keep_versions)
 
     def versions(self) -> list[int]:
         return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())

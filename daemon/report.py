@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from daemon.atomic import write_atomic
 from daemon.registry import ModelVersion
 from daemon.split import SPLITS
+from daemon.status import percent
 from plugins.plots import CONFUSION_MATRIX, TRAINING_CURVE
 
 THUMBNAIL_PIXELS = 160
@@ -49,10 +50,6 @@ def _thumbnail(path: Path) -> str | None:
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     return _data_uri(buffer.getvalue(), "image/jpeg")
-
-
-def _percent(value: Any) -> str:
-    return "–" if value is None else f"{100 * float(value):.1f}%"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -91,7 +88,7 @@ def render(version: ModelVersion, classes_root: Path) -> str:
     per_class = m.get("per_class_accuracy", {})
     split = m.get("confusion_split", "test")
     created = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(m["created"])) if "created" in m else "?"
-    label_rows = [[label, *(str(images.get(label, {}).get(s, 0)) for s in SPLITS), _percent(per_class.get(label))]
+    label_rows = [[label, *(str(images.get(label, {}).get(s, 0)) for s in SPLITS), percent(per_class.get(label))]
                   for label in version.labels]
     hyper = ", ".join(f"{k}={v}" for k, v in sorted(m.get("hyperparameters", {}).items()))
     return f"""<!doctype html>
@@ -101,7 +98,7 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 <p class="sub">trained {html.escape(created)} on backbone <code>{html.escape(version.backbone)}</code>,
 {len(version.labels)} labels, dataset <code>{html.escape(str(m.get("manifest_sha256", "?"))[:12])}</code></p>
 <h2>Accuracy</h2>
-{_table(["split", "accuracy"], [[s, _percent(accuracy.get(s))] for s in SPLITS])}
+{_table(["split", "accuracy"], [[s, percent(accuracy.get(s))] for s in SPLITS])}
 <h2>Labels</h2>
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>

@@ -15,3 +15,7 @@ class RetrainState:
     changes: int
     quiet_period_seconds: float
     forced: bool = False
+
+    def quiet(self) -> bool:
+        """The default rule: forced, or no change for `quiet_period_seconds`."""
+        return self.forced or self.now - self.last_change >= self.quiet_period_seconds

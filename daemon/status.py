@@ -73,7 +73,7 @@ def from_daemon(config: Config) -> dict[str, Any]:
 
 
 def from_state(config: Config) -> dict[str, Any]:
-    version = ModelRegistry(config.folder("state") / "models", config.training.keep_versions).current()
+    version = ModelRegistry.of(config).current()
     m = version.metrics if version else {}
     inbox = [p for p in walk_files(config.folder("inbox")) if not p.name.startswith(TMP_PREFIX)]
     return {
@@ -93,8 +93,9 @@ def gather(config: Config) -> dict[str, Any]:
         return from_state(config)
 
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+def percent(value: float | None) -> str:
+    """An accuracy for people: `93.8%`, or a dash where nothing was measured (an empty split)."""
+    return "–" if value is None else f"{100 * float(value):.1f}%"
 
 
 def _ago(timestamp: float) -> str:
@@ -111,7 +112,7 @@ def format_status(status: dict[str, Any]) -> str:
     else:
         lines.append(f"model:         version {model['version']}, {len(model['labels'])} labels, "
                      f"backbone {model['backbone']}")
-        lines.append("accuracy:      " + "  ".join(f"{s} {_percent(model['accuracy'].get(s))}" for s in SPLITS))
+        lines.append("accuracy:      " + "  ".join(f"{s} {percent(model['accuracy'].get(s))}" for s in SPLITS))
     if status["last_training"]:
         lines.append(f"last training: {_ago(status['last_training'])}")
     if status["training_runs"] is not None:

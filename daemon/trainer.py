@@ -33,22 +33,19 @@ def evaluate(head: Head, dataset: Dataset) -> dict[str, Any]:
     part = dataset.parts[TEST] if len(dataset.parts[TEST].y) else dataset.parts[VALIDATION]
     n = len(dataset.labels)
     confusion = np.zeros((n, n), dtype=np.int64)
-    if len(part.y):
-        np.add.at(confusion, (part.y, head.probabilities(part.x).argmax(axis=1)), 1)
+    probabilities = head.probabilities(part.x) if len(part.y) else np.empty((0, n), dtype=np.float32)
+    np.add.at(confusion, (part.y, probabilities.argmax(axis=1)), 1)
     per_class = {
         label: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
         for i, label in enumerate(dataset.labels)
     }
     return {"accuracy": per_split, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
             "confusion_split": TEST if part is dataset.parts[TEST] else VALIDATION,
-            "mistakes": _mistakes(head, part, dataset.labels)}
+            "mistakes": _mistakes(probabilities, part, dataset.labels)}
 
 
-def _mistakes(head: Head, part: Part, labels: tuple[str, ...], keep: int = 20) -> list[dict[str, Any]]:
+def _mistakes(probabilities: np.ndarray, part: Part, labels: tuple[str, ...], keep: int = 20) -> list[dict[str, Any]]:
     """The most confident wrong predictions on `part`, surest first (`retraind report` shows them)."""
-    if not len(part.y):
-        return []
-    probabilities = head.probabilities(part.x)
     predicted = probabilities.argmax(axis=1)
     score = probabilities[np.arange(len(predicted)), predicted]
     wrong = np.flatnonzero(predicted != part.y)
@@ -136,7 +133,7 @@ class Trainer(threading.Thread):
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
                 log.exception("a retrain-policy plugin failed; falling back to the quiet period")
-                retrain = state.forced or state.now - state.last_change >= state.quiet_period_seconds
+                retrain = state.quiet()
             if retrain:
                 with self._cond:
                     self._changes, self._forced = 0, False

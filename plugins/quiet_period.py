@@ -8,4 +8,4 @@ from daemon.retrain_policy import RetrainState
 
 @hookimpl(trylast=True)
 def retraind_should_retrain(state: RetrainState) -> bool:
-    return state.forced or state.now - state.last_change >= state.quiet_period_seconds
+    return state.quiet()
