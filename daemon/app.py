@@ -11,7 +11,6 @@ from typing import Self
 
 from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
-from daemon.dataset import manifest_of
 from daemon.extractor import Extractor
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
@@ -65,6 +64,7 @@ class App:
         self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.metrics, self.watcher.rescan_needed)
+        self.pipeline.on_backlog = self.trainer.set_backlog
         api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
         self.http = HttpServer(api) if config.http.enabled else None
 
@@ -87,7 +87,8 @@ class App:
                 self.metrics.accuracy.labels(split=split).set(value)
 
     def _load_current(self) -> None:
-        """Serve the published model if it was trained on this backbone; retrain if the data moved on."""
+        """Serve the published model if it was trained on this backbone (the trainer checks, in the
+        background, whether the data moved on)."""
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
@@ -97,18 +98,13 @@ class App:
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
-        entries = sorted((e for e in self.store.catalog().values() if e.ok), key=lambda e: e.path)
-        if entries and (version is None or version.metrics.get("manifest_sha256") != manifest_of(entries)
-                        or version.backbone != self.backbone.id):
-            self.trainer.notify_change()
 
     def start(self) -> None:
         self._load_current()
         recovered = self.inbox.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
-        self.watcher.start()  # before the scan, so nothing falls between the two
-        self.pipeline.rescan()
+        self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
         self.pipeline.start()
         self.trainer.start()
         if self.http is not None:

@@ -19,7 +19,8 @@ class EventKind(enum.Enum):
 
 @dataclass(frozen=True)
 class FileEvent:
-    """Something happened to `path` (for MOVED, `dest` is the new path). RESCAN asks for a full scan."""
+    """Something happened to `path` (for MOVED, `dest` is the new path, and `path == dest` for a folder
+    renamed in from outside the watched folders). RESCAN asks for a full scan."""
 
     kind: EventKind
     path: Path

@@ -1,12 +1,16 @@
 """Bottlenecks for image files: found in the store by content hash, or decoded and run through the backbone in
-batches, the next batch decoding on a small thread pool while the current one is embedded.
+batches, the next batches decoding image by image on a thread pool while the current one is embedded.
 
-Measured on 2 cores (EfficientNet-Lite0, TFLite engine, 806 tuxpaint6 images through the daemon): the forward
-pass takes 92% of the fill time, everything else in the indexer and here 8% (decoding the first batch of each
-call 4%, catalog writes 2%, store writes 1%). Decoding costs about 1 ms of one core per image against about
-10 core-ms for the forward pass with 2 engine threads: what it takes from the engine is the limit on 2 cores,
-not waiting for it. Decoding inline was no faster (within the noise of a shared machine); the engine on one
-thread with decoding on the other core was 20-30% slower."""
+Two kinds of callers share the one engine: urgent ones (inbox files, HTTP requests) and background ones
+(caching training images, distorted variants). `EngineTurns` gives the engine to them in turn, batch by batch,
+so an inbox file waits for at most one background batch, and a stream of inbox files never starves caching.
+Each kind decodes on its own pool, so an inbox file's decoding never queues behind a backlog's.
+
+Decoding is spread image by image over as many threads as there are cores, and kept `_AHEAD` batches ahead of
+the forward pass: a phone photo takes longer to decode (DCT-scaled, ~15-30 ms of one core) than to embed
+(~6 ms on two cores), so one decoding thread per batch left the engine waiting. The threads compete with the
+engine's for the cores, which is the point: no core stays idle while there is work.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +28,9 @@ from daemon.backbone import Backbone
 from daemon.images import ImageFile, ImageRejected
 from daemon.metrics import Metrics
 from daemon.store import ORIGINAL, Store
+from daemon.tflite_engine import default_threads
 
+_AHEAD = 2  # batches decoding while one is embedded
 Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 
 
@@ -46,13 +53,14 @@ class Extractor:
         self._metrics = metrics
         self._max_pixels = max_pixels
         self._batch_size = batch_size
-        self._forward_lock = threading.Lock()  # the pipeline and HTTP threads share one backbone
-        # Two: the first two batches decode at once while the engine has nothing to do; after that one batch
-        # ahead is all the engine can use, and more threads would only take cores from it.
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retraind-decode")
+        self.turns = EngineTurns()
+        threads = max(2, default_threads())
+        self._pools = {urgent: ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"retraind-decode-{kind}")
+                       for urgent, kind in ((True, "inbox"), (False, "cache"))}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode one image to the backbone's input size; raises ImageRejected."""
@@ -61,19 +69,21 @@ class Extractor:
             raise ImageRejected("unsupported", "no decoder plugin could read this content")
         return image
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        with self._forward_lock, self._metrics.compute_seconds.time():
+    def embed(self, images: np.ndarray, urgent: bool = False) -> np.ndarray:
+        """Bottlenecks (N, dim) for uint8 images (N, height, width, 3), in the engine's next turn for `urgent`
+        (inbox, HTTP) or background (caching, variants) work."""
+        with self.turns.turn(urgent), self._metrics.compute_seconds.time():
             return self.backbone.embed(images)
 
-    def extract(self, files: Sequence[ImageFile]) -> Extraction:
+    def extract(self, files: Sequence[ImageFile], urgent: bool = False) -> Extraction:
         """Vectors for `files`, computing (and storing) only content not already in the store."""
         result = Extraction()
         unique = {f.sha256: f for f in files}
         result.vectors.update(self._store.get_bottlenecks(self.backbone.id, unique))
         self._metrics.cache_hits.inc(len(result.vectors))
         todo = [f for sha, f in unique.items() if sha not in result.vectors]
-        for batch, images in self._decoded_batches(todo, result):
-            vectors = self.embed(images)
+        for batch, images in self._decoded_batches(todo, result, self._pools[urgent]):
+            vectors = self.embed(images, urgent)
             self._store.put_bottlenecks(self.backbone.id, ((f.sha256, ORIGINAL, v) for f, v in zip(batch, vectors)))
             result.vectors.update((f.sha256, v) for f, v in zip(batch, vectors))
             self._metrics.cache_misses.inc(len(batch))
@@ -83,15 +93,15 @@ class Extractor:
         return result
 
     def _decoded_batches(
-        self, files: list[ImageFile], result: Extraction
+        self, files: list[ImageFile], result: Extraction, pool: ThreadPoolExecutor
     ) -> Iterator[tuple[list[ImageFile], np.ndarray]]:
-        """Yield (files, uint8 images) batches; decoding of batch k+1 runs while batch k is embedded."""
+        """Yield (files, uint8 images) batches; the next `_AHEAD` batches decode, image by image, meanwhile."""
         chunks = [files[i : i + self._batch_size] for i in range(0, len(files), self._batch_size)]
-        ahead = deque(self._pool.submit(self._decode_chunk, chunk) for chunk in chunks[:1])
+        ahead: deque[list[Future[np.ndarray | ImageRejected]]] = deque()
         for index, chunk in enumerate(chunks):
-            if index + 1 < len(chunks):
-                ahead.append(self._pool.submit(self._decode_chunk, chunks[index + 1]))
-            decoded = ahead.popleft().result()  # popped: a used batch's pixels are freed, not kept to the end
+            while len(ahead) <= _AHEAD and index + len(ahead) < len(chunks):
+                ahead.append([pool.submit(self._decode_one, f) for f in chunks[index + len(ahead)]])
+            decoded = [future.result() for future in ahead.popleft()]  # popped: used pixels are freed
             good = [(f, image) for f, image in zip(chunk, decoded) if not isinstance(image, ImageRejected)]
             for f, image in zip(chunk, decoded):
                 if isinstance(image, ImageRejected):
@@ -99,13 +109,36 @@ class Extractor:
             if good:
                 yield [f for f, _ in good], np.stack([image for _, image in good])
 
-    def _decode_chunk(self, chunk: list[ImageFile]) -> list[np.ndarray | ImageRejected]:
-        out: list[np.ndarray | ImageRejected] = []
-        for f in chunk:
-            started = time.perf_counter()
-            try:
-                out.append(self.decode(f.data))
-            except ImageRejected as exc:
-                out.append(exc)
+    def _decode_one(self, f: ImageFile) -> np.ndarray | ImageRejected:
+        started = time.perf_counter()
+        try:
+            return self.decode(f.data)
+        except ImageRejected as exc:
+            return exc
+        finally:
             self._metrics.classification_seconds.labels(stage="decode").observe(time.perf_counter() - started)
-        return out
+
+
+class EngineTurns:
+    """The engine for urgent and background callers in turn: when both wait, the kind that did not have the
+    last turn goes next; when one waits, it goes at once. Several threads of one kind queue among themselves."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._waiting = {True: 0, False: 0}
+        self._last: bool | None = None
+
+    @contextmanager
+    def turn(self, urgent: bool) -> Iterator[None]:
+        with self._cond:
+            self._waiting[urgent] += 1
+            self._cond.wait_for(lambda: not self._busy and (self._last is not urgent or not self._waiting[not urgent]))
+            self._waiting[urgent] -= 1
+            self._busy, self._last = True, urgent
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()

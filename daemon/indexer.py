@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from daemon.extractor import Extractor
@@ -52,24 +53,30 @@ class TrainingIndexer:
             self._on_change()
 
     def index(self, paths: list[Path]) -> None:
-        """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone."""
+        """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone.
+        The catalog rows of all `paths` are written in one transaction at the end."""
+        writes: list[CatalogEntry] = []
         fresh: list[tuple[CatalogEntry, ImageFile]] = []
+        lost = False  # a file that was usable no longer is
         for path in paths:
-            read = self._read(path)
-            if read is not None:
+            read = self._read(path, writes)
+            if isinstance(read, ImageRejected):
+                lost |= self._skipped(writes[-1], read)
+            elif read is not None:
                 fresh.append(read)
-        if not fresh:
-            return
-        extraction = self._extractor.extract([f for _, f in fresh])
+        extraction = self._extractor.extract([f for _, f in fresh]) if fresh else None
         for entry, f in fresh:
-            problem = extraction.rejected.get(str(f.path))
+            problem = extraction.rejected.get(str(f.path)) if extraction else None
+            writes.append(entry if problem is None else replace(entry, ok=False))
             if problem is not None:
-                self._skip(path=f.path, entry=entry, problem=problem)
-            else:
-                self._store.upsert_file(entry)
-        self._on_change()
+                lost |= self._skipped(writes[-1], problem)
+        self._store.upsert_files(writes)
+        if fresh or lost:
+            self._on_change()
 
-    def _read(self, path: Path) -> tuple[CatalogEntry, ImageFile] | None:
+    def _read(self, path: Path, writes: list[CatalogEntry]) -> tuple[CatalogEntry, ImageFile] | ImageRejected | None:
+        """The file and its new catalog entry when its content must be embedded; an `ImageRejected` (its entry
+        appended to `writes`) when it cannot be used; None when nothing is to be done (or only `writes`)."""
         rel = self.relative(path)
         if rel is None:
             log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
@@ -83,8 +90,8 @@ class TrainingIndexer:
         try:
             st = os.stat(path)
         except OSError as exc:
-            self._skip(path, CatalogEntry(rel, label, None, 0, 0, False), ImageRejected("unreadable", str(exc)))
-            return None
+            writes.append(CatalogEntry(rel, label, None, 0, 0, False))
+            return ImageRejected("unreadable", str(exc))
         has_vector = bool(known and known.ok and known.sha256 and not self._store.missing_bottlenecks(
             self._extractor.backbone.id, [known.sha256]))
         if known and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) and (has_vector or not known.ok):
@@ -92,18 +99,17 @@ class TrainingIndexer:
         try:
             f = read_image_file(path, self._max_bytes)
         except ImageRejected as exc:
-            self._skip(path, CatalogEntry(rel, label, None, st.st_size, st.st_mtime_ns, False), exc)
-            return None
+            writes.append(CatalogEntry(rel, label, None, st.st_size, st.st_mtime_ns, False))
+            return exc
         entry = CatalogEntry(rel, label, f.sha256, st.st_size, st.st_mtime_ns, True)
         if known and known.ok and known.sha256 == f.sha256 and has_vector:
-            self._store.upsert_file(entry)  # touched, not changed: no retrain needed
+            writes.append(entry)  # touched, not changed: no retrain needed
             return None
         return entry, f
 
-    def _skip(self, path: Path, entry: CatalogEntry, problem: ImageRejected) -> None:
-        log.warning("%s: skipped for training: %s", path, problem)
+    def _skipped(self, entry: CatalogEntry, problem: ImageRejected) -> bool:
+        """Log and count an unusable file; True if its catalog entry was usable until now."""
+        log.warning("%s: skipped for training: %s", self.root / entry.path, problem)
         self._metrics.rejected.labels(reason=problem.reason).inc()
         was = self._store.catalog_entry(entry.path)
-        self._store.upsert_file(CatalogEntry(entry.path, entry.label, entry.sha256, entry.size, entry.mtime_ns, False))
-        if was is not None and was.ok:
-            self._on_change()
+        return was is not None and was.ok

@@ -13,7 +13,7 @@ import numpy as np
 
 from daemon.augment import Augmenter, VariantCache
 from daemon.config import Config
-from daemon.dataset import Dataset, Part, build_dataset
+from daemon.dataset import Dataset, Part, build_dataset, manifest_of
 from daemon.extractor import Extractor
 from daemon.head import Head, accuracy
 from daemon.metrics import Metrics
@@ -87,6 +87,7 @@ class Trainer(threading.Thread):
         self._changes = 0
         self._first_change = self._last_change = 0.0
         self._forced = False
+        self._backlog = 0
         self._failures = 0
         self._retry_at: float | None = None
         self.runs = 0  # finished runs, whatever their result
@@ -101,6 +102,10 @@ class Trainer(threading.Thread):
             self._last_change = now
             self._cond.notify()
 
+    def set_backlog(self, waiting: int) -> None:
+        """How many training files are seen and not yet cached (the pipeline, after every turn)."""
+        self._backlog = waiting
+
     def request(self) -> None:
         """Train as soon as possible, whatever the policy says (API, CLI)."""
         with self._cond:
@@ -113,9 +118,10 @@ class Trainer(threading.Thread):
             self._cond.notify()
 
     def run(self) -> None:
-        current = self._serving.version
-        if current is not None and current.metrics.get("augmentation") != self._variants.augmenter.summary:
-            log.info("augmentation settings differ from model %d's; retraining", current.number)
+        try:
+            self._check_current()
+        except Exception:  # an unreadable catalog must not end the trainer thread: a run will tell more
+            log.exception("cannot tell whether the serving model is current; retraining")
             self.notify_change()
         while True:
             with self._cond:
@@ -128,7 +134,7 @@ class Trainer(threading.Thread):
                 if not self._changes:
                     continue
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
-                                     self._config.training.quiet_period_seconds, self._forced)
+                                     self._config.training.quiet_period_seconds, self._forced, self._backlog)
             try:
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
@@ -138,6 +144,19 @@ class Trainer(threading.Thread):
                 with self._cond:
                     self._changes, self._forced = 0, False
                 self.train_once()
+
+    def _check_current(self) -> None:
+        """Retrain if the serving model is not the one the stored training set and settings would give: no
+        model, another backbone, another manifest, other augmentation. Here, not in start-up: reading the
+        whole catalog must not delay serving the last model."""
+        current = self._serving.version
+        entries = sorted((e for e in self._store.catalog().values() if e.ok), key=lambda e: e.path)
+        if current is not None and current.metrics.get("augmentation") != self._variants.augmenter.summary:
+            log.info("augmentation settings differ from model %d's; retraining", current.number)
+            self.notify_change()
+        elif entries and (current is None or current.metrics.get("manifest_sha256") != manifest_of(entries)
+                          or current.backbone != self._backbone.id):
+            self.notify_change()
 
     def train_once(self) -> ModelVersion | None:
         """One training run; a failure is logged and counted, and the current model keeps serving."""
@@ -187,8 +206,8 @@ class Trainer(threading.Thread):
         self._metrics.training_runs.labels(result="promoted").inc()
         log.info("model %d published: %d labels, accuracy %s", version.number, len(version.labels),
                  metrics["accuracy"])
+        self._on_published(version)  # first: inbox files waiting for a model go on while plugins run
         self._hooks.on_model_published(version)
-        self._on_published(version)
         return version
 
     def _metrics_for(self, head: Head, dataset: Dataset, seconds: float) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""The caching thread: brings the catalog of training files and their bottlenecks up to date in the background,
+so that the pipeline thread stays free for inbox files (the engine is shared with it in turns).
+
+The pipeline hands it the training files that are due and the paths that left `classes/`, in event order,
+on one queue: a file deleted and created again is forgotten and indexed in that order. It alone calls the
+indexer. A chunk that fails is tried again file by file; files that fail alone are handed back to the
+pipeline (`on_retry`), which takes them again later with a growing delay. `STOP` ends it after the work in
+hand."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.indexer import TrainingIndexer
+
+log = logging.getLogger(__name__)
+
+STOP = object()
+_CHUNK = 128  # files indexed together: one catalog transaction; a chunk of phone photos holds ~170 MB
+
+
+class Backfill(threading.Thread):
+    def __init__(self, indexer: TrainingIndexer, on_retry: Callable[[list[Path]], None],
+                 on_idle: Callable[[], None]) -> None:
+        super().__init__(name="retraind-cache", daemon=False)
+        self._indexer, self._on_retry, self._on_idle = indexer, on_retry, on_idle
+        self._work: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0  # files handed over and not yet indexed
+        #: progress: (just indexed, still to index); the start-up caching bar hangs here
+        self.on_indexed: Callable[[int, int], None] = lambda indexed, waiting: None
+        self.on_chunk: Callable[[], None] = lambda: None  # a long caching run is progress: the watchdog ping
+
+    def outstanding(self) -> int:
+        """Training files handed over and not yet indexed (any thread)."""
+        with self._lock:
+            return self._outstanding
+
+    def index(self, paths: list[Path]) -> None:
+        with self._lock:
+            self._outstanding += len(paths)
+        for start in range(0, len(paths), _CHUNK):
+            self._work.put(paths[start : start + _CHUNK])
+
+    def forget(self, path: Path) -> None:
+        self._work.put(path)
+
+    def stop(self) -> None:
+        self._work.put(STOP)
+
+    def run(self) -> None:
+        while (item := self._work.get()) is not STOP:
+            try:
+                if isinstance(item, Path):
+                    self._indexer.forget(item)
+                elif isinstance(item, list):
+                    self._index(item)
+            except Exception:
+                log.exception("caching step failed; the next rescan mends what it left")
+            if self._work.empty():
+                self._on_idle()
+
+    def _index(self, paths: list[Path]) -> None:
+        retry = guarded(self._indexed, paths)
+        with self._lock:
+            self._outstanding -= len(paths)
+            waiting = self._outstanding
+        if retry:
+            self._on_retry(retry)
+        self.on_indexed(len(paths), waiting)
+        self.on_chunk()
+
+    def _indexed(self, paths: list[Path]) -> list[Path]:
+        self._indexer.index(paths)
+        return []
+
+
+def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
+    """Run `work` on a batch, then alone on each file of a batch that failed; returns the files to retry:
+    those `work` returned and those that failed alone."""
+    try:
+        return work(paths)
+    except Exception:
+        log.exception("a batch of %d files failed; %s", len(paths),
+                      "trying them one by one" if len(paths) > 1 else "retried later")
+        if len(paths) == 1:
+            return list(paths)
+    retry: list[Path] = []
+    for path in paths:
+        try:
+            retry += work([path])
+        except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
+            log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
+            retry.append(path)
+    return retry
