@@ -213,14 +213,14 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     rate = a.fill / (done - started)
     harness.emit("shipped.fill", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine")
     wait_for(lambda: daemon.get("/readyz")[0] == 200, 600, "the first model", daemon, poll=0.25)
-    runs = lambda: daemon.metric("retraind_training_runs_total")  # noqa: E731
+    runs = lambda: daemon.metric("retraind_training_runs_total")
     harness.note(f"first model after the fill; training runs so far: {runs():.0f}")
     time.sleep(4)  # let any follow-up training run finish: the burst is timed on an idle daemon
 
     # -- inbox burst --------------------------------------------------------------------------------------
     engine = bare_rate(bare, pixels)
     harness.emit("shipped.bare_engine_before_burst", engine, "img/s")
-    classified = lambda: daemon.metric("retraind_classifications_total")  # noqa: E731
+    classified = lambda: daemon.metric("retraind_classifications_total")
     base, started = classified(), time.perf_counter()
     for _label, path in staged["burst"]:
         os.rename(path, inbox / path.name)

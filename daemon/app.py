@@ -63,8 +63,7 @@ class App:
         self.inbox = InboxProcessor(config, self.store, self.extractor, self.serving, self.hooks, self.metrics)
         self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.metrics, self.watcher.rescan_needed)
-        self.pipeline.on_backlog = self.trainer.set_backlog
+                                 self.metrics, self.watcher.rescan_needed, self.trainer.set_backlog)
         api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
         self.http = HttpServer(api) if config.http.enabled else None
 

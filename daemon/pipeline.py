@@ -13,18 +13,20 @@ failure is logged and mended by a rescan soon after: nothing ends the thread but
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from daemon.backfill import Backfill, guarded
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
-from daemon.inbox import InboxProcessor
+from daemon.inbox import InboxProcessor, PreparedBatch
 from daemon.indexer import TrainingIndexer
 from daemon.metrics import Metrics
 from daemon.pending import PendingFiles
@@ -54,6 +56,7 @@ class Pipeline(threading.Thread):
     def __init__(
         self, config: Config, events: queue.Queue[object], hooks: Hooks, store: Store, indexer: TrainingIndexer,
         inbox: InboxProcessor, metrics: Metrics, rescan_needed: threading.Event,
+        on_backlog: Callable[[int], None],
     ) -> None:
         super().__init__(name="retraind-pipeline", daemon=False)
         self._config, self._events, self._hooks, self._store = config, events, hooks, store
@@ -68,14 +71,14 @@ class Pipeline(threading.Thread):
         self.on_loop: Callable[[], None] = lambda: None  # the main loop's watchdog ping hangs here
         #: progress of training files: (just indexed, still to index); the start-up caching bar hangs here
         self.on_indexed: Callable[[int, int], None] = lambda indexed, waiting: None
-        #: training files seen and not yet cached, after every turn (the trainer waits while there are any)
-        self.on_backlog: Callable[[int], None] = lambda waiting: None
+        self._on_backlog = on_backlog  # training files seen and not yet cached: the trainer waits for 0
         self.backfill = Backfill(indexer, self._hand_back, lambda: self._notify(_CACHED))
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retraind-inbox-ahead")
         self.backfill.on_indexed = lambda indexed, waiting: self.on_indexed(indexed, waiting)
         self.backfill.on_chunk = lambda: self.on_loop()
 
     def start(self) -> None:
-        self.on_backlog(1)  # unknown until the first scan has run: no training before it
+        self._on_backlog(1)  # unknown until the first scan has run: no training before it
         self.backfill.start()
         super().start()
 
@@ -102,6 +105,7 @@ class Pipeline(threading.Thread):
             self._safely(self.rescan)
             self._loop()
         finally:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
             self.backfill.stop()
             self.backfill.join()
 
@@ -185,25 +189,35 @@ class Pipeline(threading.Thread):
         classes = self._pending["classes"].due()
         if classes:
             self.backfill.index(classes)
-        # inbox files in backbone-sized batches: each batch's files are finished before the next is read, so
-        # in a burst the first results land after one forward batch
-        inbox = self._pending["inbox"].due()
-        size = self._config.backbone.batch_size
-        for start in range(0, len(inbox), size):
-            self._guarded(self._classify, inbox[start : start + size])
-            self.on_loop()
+        self._classify_due(self._pending["inbox"].due())
         if self._inbox.recovery_due():
             self._inbox.recover()  # finishes moves and records that failed before (full disk, read-only)
         self._metrics.inbox_pending.set(len(self._pending["inbox"]) + len(self._waiting))
         backlog = len(self._pending["classes"]) + self.backfill.outstanding()
-        self.on_backlog(backlog)
+        self._on_backlog(backlog)
         if backlog or len(self._pending["inbox"]):
             self.idle.clear()
         else:
             self.idle.set()
 
-    def _classify(self, paths: list[Path]) -> list[Path]:
-        outcome = self._inbox.process(paths)
+    def _classify_due(self, paths: list[Path]) -> None:
+        """Inbox files in backbone-sized batches, the next batch read and embedded (`_ahead`) while this one's
+        files are moved and recorded: in a burst the first results land after one forward batch, and the
+        durable writes cost no engine time."""
+        size = self._config.backbone.batch_size
+        batches = [paths[start : start + size] for start in range(0, len(paths), size)]
+        ahead = self._ahead.submit(self._inbox.prepare, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            assert ahead is not None
+            prepared = ahead
+            if index + 1 < len(batches):
+                ahead = self._ahead.submit(self._inbox.prepare, batches[index + 1])
+            self._guarded(functools.partial(self._finish, prepared, batch), batch)
+            self.on_loop()
+
+    def _finish(self, prepared: Future[PreparedBatch], batch: list[Path], paths: list[Path]) -> list[Path]:
+        """The prepared `batch` when `paths` is it; a file tried alone after its batch failed, afresh."""
+        outcome = self._inbox.finish(prepared.result()) if paths == batch else self._inbox.process(paths)
         self._waiting.update(outcome.waiting)
         return outcome.retry
 
