@@ -105,6 +105,8 @@ def wait_for(condition: object, timeout: float, what: str, daemon: Daemon, poll:
     deadline += timeout
     shown = started
     while time.perf_counter() < deadline:
+        if daemon.process.poll() is not None:
+            daemon.fail(f"the daemon exited while waiting for {what}")
         if condition():  # type: ignore[operator]
             return time.perf_counter()
         if progress is not None and time.perf_counter() - shown >= 5:
@@ -206,12 +208,17 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     # -- fill ---------------------------------------------------------------------------------------------
     engine = bare_rate(bare, pixels)
     harness.emit("shipped.bare_engine", engine, "img/s")
-    base, started = computed(), time.perf_counter()
+    forward = lambda: daemon.metric("retraind_bottleneck_compute_seconds_sum")
+    base, started, forward_base = computed(), time.perf_counter(), forward()
+    harness.note(f"daemon pid {daemon.process.pid}")
     copy_in(staged["fill"], classes)
     done = wait_for(lambda: computed() >= base + a.fill, 1800, "the fill", daemon,
                     progress=lambda: f"{computed() - base:.0f}/{a.fill}")
     rate = a.fill / (done - started)
     harness.emit("shipped.fill", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine")
+    busy = forward() - forward_base
+    harness.note(f"fill: the forward pass took {busy:.1f} s of {done - started:.1f} s ({a.fill / busy:.0f} img/s "
+                 "while it ran)")
     wait_for(lambda: daemon.get("/readyz")[0] == 200, 600, "the first model", daemon, poll=0.25)
     runs = lambda: daemon.metric("retraind_training_runs_total")
     harness.note(f"first model after the fill; training runs so far: {runs():.0f}")

@@ -82,11 +82,13 @@ class Extractor:
         result.vectors.update(self._store.get_bottlenecks(self.backbone.id, unique))
         self._metrics.cache_hits.inc(len(result.vectors))
         todo = [f for sha, f in unique.items() if sha not in result.vectors]
+        computed: list[tuple[str, str, np.ndarray]] = []
         for batch, images in self._decoded_batches(todo, result, self._pools[urgent]):
             vectors = self.embed(images, urgent)
-            self._store.put_bottlenecks(self.backbone.id, ((f.sha256, ORIGINAL, v) for f, v in zip(batch, vectors)))
+            computed += ((f.sha256, ORIGINAL, v) for f, v in zip(batch, vectors))
             result.vectors.update((f.sha256, v) for f, v in zip(batch, vectors))
-            self._metrics.cache_misses.inc(len(batch))
+        self._store.put_bottlenecks(self.backbone.id, computed)  # one commit for the call, not one per batch
+        self._metrics.cache_misses.inc(len(computed))
         for f in files:  # files sharing bad content were decoded once: each of them is rejected
             if f.sha256 not in result.vectors and str(f.path) not in result.rejected:
                 result.rejected[str(f.path)] = result.rejected[str(unique[f.sha256].path)]

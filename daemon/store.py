@@ -105,6 +105,8 @@ class Store:
         for sha, variant, vector in items:
             blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
             rows.append((sha, backbone, variant, blob, zlib.crc32(blob), now))
+        if not rows:
+            return
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO bottlenecks VALUES (?,?,?,?,?,?)", rows)
 
