@@ -14,8 +14,13 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.indexer import TrainingIndexer
+from daemon.metrics import Metrics
+
+if TYPE_CHECKING:
+    from daemon.pipeline import Progress
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +29,14 @@ _CHUNK = 128  # files indexed together: one catalog transaction; a chunk of phon
 
 
 class Backfill(threading.Thread):
-    def __init__(self, indexer: TrainingIndexer, on_retry: Callable[[list[Path]], None],
-                 on_idle: Callable[[], None]) -> None:
+    def __init__(self, indexer: TrainingIndexer, progress: Progress, metrics: Metrics,
+                 on_retry: Callable[[list[Path]], None], on_idle: Callable[[], None]) -> None:
         super().__init__(name="retraind-cache", daemon=False)
-        self._indexer, self._on_retry, self._on_idle = indexer, on_retry, on_idle
+        self._indexer, self._progress, self._metrics = indexer, progress, metrics
+        self._on_retry, self._on_idle = on_retry, on_idle
         self._work: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding = 0  # files handed over and not yet indexed
-        #: progress: (just indexed, still to index); the start-up caching bar hangs here
-        self.on_indexed: Callable[[int, int], None] = lambda indexed, waiting: None
-        self.on_chunk: Callable[[], None] = lambda: None  # a long caching run is progress: the watchdog ping
 
     def outstanding(self) -> int:
         """Training files handed over and not yet indexed (any thread)."""
@@ -61,32 +64,34 @@ class Backfill(threading.Thread):
                     self._index(item)
             except Exception:
                 log.exception("caching step failed; the next rescan mends what it left")
+                self._metrics.internal_error("pipeline_step")
             if self._work.empty():
                 self._on_idle()
 
     def _index(self, paths: list[Path]) -> None:
-        retry = guarded(self._indexed, paths)
+        retry = guarded(self._indexed, paths, self._metrics)
         with self._lock:
             self._outstanding -= len(paths)
             waiting = self._outstanding
         if retry:
             self._on_retry(retry)
-        self.on_indexed(len(paths), waiting)
-        self.on_chunk()
+        self._progress.indexed(len(paths), waiting)
+        self._progress.went_round()  # a long caching run is progress, not a hang: the watchdog is fed
 
     def _indexed(self, paths: list[Path]) -> list[Path]:
         self._indexer.index(paths)
         return []
 
 
-def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
+def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path], metrics: Metrics) -> list[Path]:
     """Run `work` on a batch, then alone on each file of a batch that failed; returns the files to retry:
-    those `work` returned and those that failed alone."""
+    those `work` returned and those that failed alone. Failures are counted in `metrics`."""
     try:
         return work(paths)
     except Exception:
         log.exception("a batch of %d files failed; %s", len(paths),
                       "trying them one by one" if len(paths) > 1 else "retried later")
+        metrics.internal_error("pipeline_batch")
         if len(paths) == 1:
             return list(paths)
     retry: list[Path] = []
@@ -95,5 +100,6 @@ def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list
             retry += work([path])
         except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
             log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
+            metrics.internal_error("pipeline_file")
             retry.append(path)
     return retry

@@ -14,13 +14,12 @@ class EventKind(enum.Enum):
     DELETED = "deleted"
     MOVED = "moved"
     SCANNED = "scanned"
-    RESCAN = "rescan"
 
 
 @dataclass(frozen=True)
 class FileEvent:
     """Something happened to `path` (for MOVED, `dest` is the new path, and `path == dest` for a folder
-    renamed in from outside the watched folders). RESCAN asks for a full scan."""
+    renamed in from outside the watched folders)."""
 
     kind: EventKind
     path: Path

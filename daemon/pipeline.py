@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from daemon.backfill import Backfill, guarded
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
 from daemon.inbox import InboxProcessor, PreparedBatch
 from daemon.indexer import TrainingIndexer
+from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pending import PendingFiles
 from daemon.plugin_manager import Hooks
@@ -52,30 +54,49 @@ _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
 
 
+class Progress(Protocol):
+    """What the pipeline and caching threads report as they go (the service turns it into a progress bar,
+    the STATUS line and the systemd watchdog's pings)."""
+
+    def went_round(self) -> None:
+        """The daemon is not hung: called every pipeline loop (at least every half second) while the caching
+        thread has nothing outstanding, else after every chunk it caches."""
+
+    def indexed(self, indexed: int, waiting: int) -> None:
+        """Training files: `indexed` just now, `waiting` still to index (0 when a run of work is done)."""
+
+
+class NoProgress:
+    """The `Progress` of a daemon nobody watches (tests, benches, embedding)."""
+
+    def went_round(self) -> None:
+        pass
+
+    def indexed(self, indexed: int, waiting: int) -> None:
+        pass
+
+
 class Pipeline(threading.Thread):
     def __init__(
         self, config: Config, events: queue.Queue[object], hooks: Hooks, store: Store, indexer: TrainingIndexer,
-        inbox: InboxProcessor, metrics: Metrics, rescan_needed: threading.Event,
-        on_backlog: Callable[[int], None],
+        inbox: InboxProcessor, journal: InboxJournal, metrics: Metrics, rescan_needed: threading.Event,
+        progress: Progress, on_backlog: Callable[[int], None],
     ) -> None:
         super().__init__(name="retraind-pipeline", daemon=False)
         self._config, self._events, self._hooks, self._store = config, events, hooks, store
-        self._indexer, self._inbox, self._metrics = indexer, inbox, metrics
+        self._indexer, self._inbox, self._journal, self._metrics = indexer, inbox, journal, metrics
         self._rescan_needed = rescan_needed
         self._classes, self._inbox_root = config.folder("classes"), config.folder("inbox")
         self._pending = {area: PendingFiles(config.watch.settle_seconds) for area in ("classes", "inbox")}
         self._waiting: set[Path] = set()
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
         self._next_rescan = math.inf
+        self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
-        self.on_loop: Callable[[], None] = lambda: None  # the main loop's watchdog ping hangs here
-        #: progress of training files: (just indexed, still to index); the start-up caching bar hangs here
-        self.on_indexed: Callable[[int, int], None] = lambda indexed, waiting: None
+        self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
         self._on_backlog = on_backlog  # training files seen and not yet cached: the trainer waits for 0
-        self.backfill = Backfill(indexer, self._hand_back, lambda: self._notify(_CACHED))
+        self.backfill = Backfill(indexer, progress, metrics, self._hand_back, lambda: self._notify(_CACHED))
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retraind-inbox-ahead")
-        self.backfill.on_indexed = lambda indexed, waiting: self.on_indexed(indexed, waiting)
-        self.backfill.on_chunk = lambda: self.on_loop()
 
     def start(self) -> None:
         self._on_backlog(1)  # unknown until the first scan has run: no training before it
@@ -120,14 +141,15 @@ class Pipeline(threading.Thread):
             if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
                 self._safely(self.rescan)
             self._safely(self._process_due)
-            if not self.backfill.outstanding():  # else the caching thread feeds it, once per chunk done
-                self.on_loop()
+            if not self.backfill.outstanding():  # else the caching thread reports, once per chunk done
+                self._progress.went_round()
 
     def _safely(self, work: Callable[..., None], *args: object) -> None:
         try:
             work(*args)
         except Exception:
             log.exception("pipeline step failed; a rescan in %.0f s mends what it left", _RESCAN_AFTER_FAILURE_SECONDS)
+            self._metrics.internal_error("pipeline_step")
             self._next_rescan = min(self._next_rescan, time.monotonic() + _RESCAN_AFTER_FAILURE_SECONDS)
 
     def _dispatch(self, item: object) -> None:
@@ -190,9 +212,11 @@ class Pipeline(threading.Thread):
         if classes:
             self.backfill.index(classes)
         self._classify_due(self._pending["inbox"].due())
-        if self._inbox.recovery_due():
-            self._inbox.recover()  # finishes moves and records that failed before (full disk, read-only)
-        self._metrics.inbox_pending.set(len(self._pending["inbox"]) + len(self._waiting))
+        self._inbox.flush_log()
+        if self._journal.recovery_due():
+            self._journal.recover()  # finishes moves and records that failed before (full disk, read-only)
+        self.inbox_waiting = len(self._pending["inbox"]) + len(self._waiting)
+        self._metrics.inbox_pending.set(self.inbox_waiting)
         backlog = len(self._pending["classes"]) + self.backfill.outstanding()
         self._on_backlog(backlog)
         if backlog or len(self._pending["inbox"]):
@@ -213,7 +237,7 @@ class Pipeline(threading.Thread):
             if index + 1 < len(batches):
                 ahead = self._ahead.submit(self._inbox.prepare, batches[index + 1])
             self._guarded(functools.partial(self._finish, prepared, batch), batch)
-            self.on_loop()
+            self._progress.went_round()
 
     def _finish(self, prepared: Future[PreparedBatch], batch: list[Path], paths: list[Path]) -> list[Path]:
         """The prepared `batch` when `paths` is it; a file tried alone after its batch failed, afresh."""
@@ -223,7 +247,7 @@ class Pipeline(threading.Thread):
 
     def _guarded(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> None:
         """Run `work` on a batch (file by file if it fails); retry what is left."""
-        retry = guarded(work, paths)
+        retry = guarded(work, paths, self._metrics)
         for path in set(paths) - set(retry):
             self._attempts.pop(path, None)
         self._retry(retry, self._pending["inbox"])

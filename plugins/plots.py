@@ -16,9 +16,8 @@ import numpy as np
 
 from daemon.atomic import write_atomic
 from daemon.hookspecs import hookimpl
-from daemon.registry import ModelVersion
+from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelVersion
 
-TRAINING_CURVE, CONFUSION_MATRIX = "training_curve.png", "confusion_matrix.png"
 _DPI = 110
 _MAX_ANNOTATED_LABELS = 30  # above this, numbers in the cells would be unreadable; the colours still tell
 
@@ -103,8 +102,8 @@ def write_confusion_matrix(matrix: np.ndarray, labels: tuple[str, ...], split: s
 def retraind_on_model_published(version: ModelVersion) -> None:
     directory = version.directory
     if version.head.history:
-        write_training_curve(version.head.history, version.number, directory / TRAINING_CURVE)
+        write_training_curve(version.head.history, version.number, directory / TRAINING_CURVE_FILE)
     matrix = np.asarray(version.metrics.get("confusion_matrix") or [], dtype=np.int64)
     if matrix.size:
         split = str(version.metrics.get("confusion_split", "test"))
-        write_confusion_matrix(matrix, version.labels, split, version.number, directory / CONFUSION_MATRIX)
+        write_confusion_matrix(matrix, version.labels, split, version.number, directory / CONFUSION_MATRIX_FILE)
