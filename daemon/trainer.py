@@ -145,7 +145,15 @@ class Trainer(threading.Thread):
             self.notify_change()
 
     def train_once(self) -> ModelVersion | None:
-        """One training run; a failure is logged and counted, and the current model keeps serving."""
+        """One training run; a failure is logged and counted, and the current model keeps serving. A new
+        version is announced (`retraind_on_model_published`) once the run is over and counted: what plugins
+        do then (the pictures) neither delays the model nor counts as training."""
+        version = self._run_once()
+        if version is not None:
+            self._hooks.on_model_published(version)
+        return version
+
+    def _run_once(self) -> ModelVersion | None:
         started = time.perf_counter()
         try:
             version = self._train(started)
@@ -197,7 +205,6 @@ class Trainer(threading.Thread):
         self._metrics.training_runs.labels(result="promoted").inc()
         log.info("model %d published: %d labels, accuracy %s", version.number, len(version.labels),
                  metrics["accuracy"])
-        self._hooks.on_model_published(version)
         return version
 
     def _metrics_for(self, head: Head, dataset: Dataset, seconds: float) -> dict[str, Any]:
