@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.indexer import TrainingIndexer
+from daemon.indexer import Indexing, TrainingIndexer
 from daemon.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -56,20 +56,55 @@ class Backfill(threading.Thread):
         self._work.put(STOP)
 
     def run(self) -> None:
-        while (item := self._work.get()) is not STOP:
+        """Chunks in queue order; while a chunk is embedded, the next one already queued is begun (read and
+        decoded on the pool), so the engine does not wait at a chunk's edge."""
+        begun: tuple[list[Path], Indexing | None] | None = None
+        while True:
             try:
-                if isinstance(item, Path):
-                    self._indexer.forget(item)
-                elif isinstance(item, list):
-                    self._index(item)
-            except Exception:
-                log.exception("caching step failed; the next rescan mends what it left")
-                self._metrics.internal_error("pipeline_step")
+                item = self._work.get(block=begun is None)
+            except queue.Empty:
+                item = None
+            if isinstance(item, list):
+                following = (item, self._begin(item))
+                if begun is not None:
+                    self._end(*begun)
+                begun = following
+                continue
+            if begun is not None:
+                self._end(*begun)
+                begun = None
+            if isinstance(item, Path):
+                self._forget(item)
+            if item is STOP:
+                return
             if self._work.empty():
                 self._on_idle()
 
-    def _index(self, paths: list[Path]) -> None:
-        retry = guarded(self._indexed, paths, self._metrics)
+    def _begin(self, paths: list[Path]) -> Indexing | None:
+        try:
+            return self._indexer.begin(paths)
+        except Exception:
+            log.exception("starting to cache %d training files failed; tried again file by file", len(paths))
+            self._metrics.internal_error("pipeline_step")
+            return None
+
+    def _forget(self, path: Path) -> None:
+        try:
+            self._indexer.forget(path)
+        except Exception:
+            log.exception("%s: forgetting failed; the next rescan mends it", path)
+            self._metrics.internal_error("pipeline_step")
+
+    def _end(self, paths: list[Path], chunk: Indexing | None) -> None:
+        retry: list[Path] = []
+        try:
+            if chunk is None:
+                raise RuntimeError("its start failed")
+            self._indexer.end(chunk)
+        except Exception:
+            log.exception("caching %d training files failed; trying again", len(paths))
+            self._metrics.internal_error("pipeline_step")
+            retry = guarded(self._indexed, paths, self._metrics)
         with self._lock:
             self._outstanding -= len(paths)
             waiting = self._outstanding

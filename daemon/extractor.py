@@ -6,17 +6,19 @@ Two kinds of callers share the one engine: urgent ones (inbox files, HTTP reques
 so an inbox file waits for at most one background batch, and a stream of inbox files never starves caching.
 Each kind decodes on its own pool, so an inbox file's decoding never queues behind a backlog's.
 
-Decoding is spread image by image over as many threads as there are cores, and kept `_AHEAD` batches ahead of
-the forward pass: a phone photo takes longer to decode (DCT-scaled, ~15-30 ms of one core) than to embed
-(~6 ms on two cores), so one decoding thread per batch left the engine waiting. The threads compete with the
-engine's for the cores, which is the point: no core stays idle while there is work.
+Reading, hashing, the store lookup and decoding run image by image on as many threads as there are cores, all
+of a chunk submitted at once (`submit`), while the caller embeds what is decoded (`collect`); the caching thread
+submits its next chunk before collecting the current one, so the engine never waits at a chunk's edge. A phone
+photo takes longer to decode (DCT-scaled, ~15-30 ms of one core) than to embed (~6 ms on two cores): one
+decoding thread per batch left the engine waiting. The threads compete with the engine's for the cores, which
+is the point: no core stays idle while there is work.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,16 +32,28 @@ from daemon.metrics import Metrics
 from daemon.store import ORIGINAL, Store
 from daemon.tflite_engine import default_threads
 
-_AHEAD = 2  # batches decoding while one is embedded
 Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 
 
 @dataclass
 class Extraction:
-    """Vectors by sha256, and the files that could not be decoded, by path."""
+    """Vectors by sha256, the files that could not be read or decoded by path, and each file's sha256."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     rejected: dict[str, ImageRejected] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """One file on its way to a bottleneck: found in the store (`vector`), decoded and waiting for the engine
+    (`image`), or unusable (`problem`)."""
+
+    key: str
+    sha256: str = ""
+    vector: np.ndarray | None = None
+    image: np.ndarray | None = None
+    problem: ImageRejected | None = None
 
 
 class Extractor:
@@ -76,49 +90,68 @@ class Extractor:
             return self.backbone.embed(images)
 
     def extract(self, files: Sequence[ImageFile], urgent: bool = False) -> Extraction:
-        """Vectors for `files`, computing (and storing) only content not already in the store."""
+        """Vectors for `files` (already read), computing (and storing) only content not already in the store."""
+        return self.collect(self.submit([(str(f.path), functools.partial(_given, f)) for f in files], urgent),
+                            urgent)
+
+    def submit(self, loads: Sequence[tuple[str, Callable[[], ImageFile]]], urgent: bool = False) -> list[Future[Job]]:
+        """Start each (key, load) on the decoding pool, in order: read (load raises ImageRejected), hash, look
+        up the store, decode what is not there. Returns at once; `collect` finishes them. Jobs submitted
+        before others decode first, so a caller can submit its next chunk before collecting this one."""
+        pool = self._pools[urgent]
+        return [pool.submit(self._job, key, load) for key, load in loads]
+
+    def collect(self, jobs: Sequence[Future[Job]], urgent: bool = False) -> Extraction:
+        """Wait for `jobs` in order and embed their decoded images a batch at a time, while the pool goes on
+        decoding the rest; the new bottlenecks are stored in one commit."""
         result = Extraction()
-        unique = {f.sha256: f for f in files}
-        result.vectors.update(self._store.get_bottlenecks(self.backbone.id, unique))
-        self._metrics.cache_hits.inc(len(result.vectors))
-        todo = [f for sha, f in unique.items() if sha not in result.vectors]
+        batch: list[Job] = []
         computed: list[tuple[str, str, np.ndarray]] = []
-        for batch, images in self._decoded_batches(todo, result, self._pools[urgent]):
-            vectors = self.embed(images, urgent)
-            computed += ((f.sha256, ORIGINAL, v) for f, v in zip(batch, vectors))
-            result.vectors.update((f.sha256, v) for f, v in zip(batch, vectors))
-        self._store.put_bottlenecks(self.backbone.id, computed)  # one commit for the call, not one per batch
+        for future in jobs:
+            job = future.result()
+            if job.problem is not None:
+                result.rejected[job.key] = job.problem
+                continue
+            result.hashes[job.key] = job.sha256
+            if job.vector is not None:
+                result.vectors[job.sha256] = job.vector
+                self._metrics.cache_hits.inc()
+            elif job.sha256 not in result.vectors and all(j.sha256 != job.sha256 for j in batch):
+                batch.append(job)  # a second file with the same content shares the first one's vector
+            if len(batch) == self._batch_size:
+                computed += self._embed_batch(batch, result, urgent)
+        if batch:
+            computed += self._embed_batch(batch, result, urgent)
+        self._store.put_bottlenecks(self.backbone.id, computed)
         self._metrics.cache_misses.inc(len(computed))
-        for f in files:  # files sharing bad content were decoded once: each of them is rejected
-            if f.sha256 not in result.vectors and str(f.path) not in result.rejected:
-                result.rejected[str(f.path)] = result.rejected[str(unique[f.sha256].path)]
         return result
 
-    def _decoded_batches(
-        self, files: list[ImageFile], result: Extraction, pool: ThreadPoolExecutor
-    ) -> Iterator[tuple[list[ImageFile], np.ndarray]]:
-        """Yield (files, uint8 images) batches; the next `_AHEAD` batches decode, image by image, meanwhile."""
-        chunks = [files[i : i + self._batch_size] for i in range(0, len(files), self._batch_size)]
-        ahead: deque[list[Future[np.ndarray | ImageRejected]]] = deque()
-        for index, chunk in enumerate(chunks):
-            while len(ahead) <= _AHEAD and index + len(ahead) < len(chunks):
-                ahead.append([pool.submit(self._decode_one, f) for f in chunks[index + len(ahead)]])
-            decoded = [future.result() for future in ahead.popleft()]  # popped: used pixels are freed
-            good = [(f, image) for f, image in zip(chunk, decoded) if not isinstance(image, ImageRejected)]
-            for f, image in zip(chunk, decoded):
-                if isinstance(image, ImageRejected):
-                    result.rejected[str(f.path)] = image
-            if good:
-                yield [f for f, _ in good], np.stack([image for _, image in good])
+    def _embed_batch(self, batch: list[Job], result: Extraction, urgent: bool) -> list[tuple[str, str, np.ndarray]]:
+        vectors = self.embed(np.stack([job.image for job in batch if job.image is not None]), urgent)
+        result.vectors.update((job.sha256, v) for job, v in zip(batch, vectors))
+        done = [(job.sha256, ORIGINAL, v) for job, v in zip(batch, vectors)]
+        batch.clear()  # the decoded pixels are freed with the jobs
+        return done
 
-    def _decode_one(self, f: ImageFile) -> np.ndarray | ImageRejected:
+    def _job(self, key: str, load: Callable[[], ImageFile]) -> Job:
+        try:
+            f = load()
+        except ImageRejected as exc:
+            return Job(key, problem=exc)
+        found = self._store.get_bottlenecks(self.backbone.id, [f.sha256])
+        if found:
+            return Job(key, f.sha256, vector=found[f.sha256])
         started = time.perf_counter()
         try:
-            return self.decode(f.data)
+            return Job(key, f.sha256, image=self.decode(f.data))
         except ImageRejected as exc:
-            return exc
+            return Job(key, f.sha256, problem=exc)
         finally:
             self._metrics.classification_seconds.labels(stage="decode").observe(time.perf_counter() - started)
+
+
+def _given(f: ImageFile) -> ImageFile:
+    return f
 
 
 class EngineTurns:

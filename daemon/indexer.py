@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.extractor import Extractor
-from daemon.images import ImageFile, ImageRejected, read_image_file
+from daemon.extractor import Extractor, Job
+from daemon.images import ImageRejected, read_image_file
 from daemon.metrics import Metrics
 from daemon.store import CatalogEntry, Store
 
@@ -23,6 +25,29 @@ def _storable(rel: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A training file to read, with what the catalog knew of it."""
+
+    path: Path
+    rel: str
+    label: str
+    size: int
+    mtime_ns: int
+    known: CatalogEntry | None
+    has_vector: bool
+
+
+@dataclass
+class Indexing:
+    """A chunk of training files being read and decoded (`TrainingIndexer.begin`), and its catalog rows."""
+
+    planned: list[_Planned] = field(default_factory=list)
+    jobs: list[Future[Job]] = field(default_factory=list)
+    writes: list[CatalogEntry] = field(default_factory=list)
+    lost: bool = False  # a file that was usable no longer is
 
 
 class TrainingIndexer:
@@ -53,30 +78,42 @@ class TrainingIndexer:
             self._on_change()
 
     def index(self, paths: list[Path]) -> None:
-        """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone.
-        The catalog rows of all `paths` are written in one transaction at the end."""
-        writes: list[CatalogEntry] = []
-        fresh: list[tuple[CatalogEntry, ImageFile]] = []
-        lost = False  # a file that was usable no longer is
+        """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone."""
+        self.end(self.begin(paths))
+
+    def begin(self, paths: list[Path]) -> Indexing:
+        """Decide which files must be read (new or changed since their catalog entry) and start reading,
+        hashing and decoding them on the extractor's pool; `end` finishes. The caching thread begins its next
+        chunk before it ends this one."""
+        chunk = Indexing()
         for path in paths:
-            read = self._read(path, writes)
-            if isinstance(read, ImageRejected):
-                lost |= self._skipped(writes[-1], read)
-            elif read is not None:
-                fresh.append(read)
-        extraction = self._extractor.extract([f for _, f in fresh]) if fresh else None
-        for entry, f in fresh:
-            problem = extraction.rejected.get(str(f.path)) if extraction else None
-            writes.append(entry if problem is None else replace(entry, ok=False))
+            planned = self._plan(path, chunk)
+            if planned is not None:
+                chunk.planned.append(planned)
+        loads = [(str(p.path), functools.partial(read_image_file, p.path, self._max_bytes)) for p in chunk.planned]
+        chunk.jobs = self._extractor.submit(loads)
+        return chunk
+
+    def end(self, chunk: Indexing) -> None:
+        """Embed what `begin` started and write the chunk's catalog rows in one transaction."""
+        extraction = self._extractor.collect(chunk.jobs)
+        changed = False
+        for p in chunk.planned:
+            key = str(p.path)
+            sha = extraction.hashes.get(key)
+            problem = extraction.rejected.get(key)
+            entry = CatalogEntry(p.rel, p.label, sha, p.size, p.mtime_ns, problem is None)
+            chunk.writes.append(entry)
             if problem is not None:
-                lost |= self._skipped(writes[-1], problem)
-        self._store.upsert_files(writes)
-        if fresh or lost:
+                chunk.lost |= self._skipped(entry, problem)
+            elif not (p.known and p.known.ok and p.known.sha256 == sha and p.has_vector):
+                changed = True  # else touched, not changed: no retrain needed
+        self._store.upsert_files(chunk.writes)
+        if changed or chunk.lost:
             self._on_change()
 
-    def _read(self, path: Path, writes: list[CatalogEntry]) -> tuple[CatalogEntry, ImageFile] | ImageRejected | None:
-        """The file and its new catalog entry when its content must be embedded; an `ImageRejected` (its entry
-        appended to `writes`) when it cannot be used; None when nothing is to be done (or only `writes`)."""
+    def _plan(self, path: Path, chunk: Indexing) -> _Planned | None:
+        """The file to read, or None when there is nothing to do (or only a catalog row, added to `chunk`)."""
         rel = self.relative(path)
         if rel is None:
             log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
@@ -90,22 +127,14 @@ class TrainingIndexer:
         try:
             st = os.stat(path)
         except OSError as exc:
-            writes.append(CatalogEntry(rel, label, None, 0, 0, False))
-            return ImageRejected("unreadable", str(exc))
+            chunk.writes.append(CatalogEntry(rel, label, None, 0, 0, False))
+            chunk.lost |= self._skipped(chunk.writes[-1], ImageRejected("unreadable", str(exc)))
+            return None
         has_vector = bool(known and known.ok and known.sha256 and not self._store.missing_bottlenecks(
             self._extractor.backbone.id, [known.sha256]))
         if known and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) and (has_vector or not known.ok):
             return None
-        try:
-            f = read_image_file(path, self._max_bytes)
-        except ImageRejected as exc:
-            writes.append(CatalogEntry(rel, label, None, st.st_size, st.st_mtime_ns, False))
-            return exc
-        entry = CatalogEntry(rel, label, f.sha256, st.st_size, st.st_mtime_ns, True)
-        if known and known.ok and known.sha256 == f.sha256 and has_vector:
-            writes.append(entry)  # touched, not changed: no retrain needed
-            return None
-        return entry, f
+        return _Planned(path, rel, label, st.st_size, st.st_mtime_ns, known, has_vector)
 
     def _skipped(self, entry: CatalogEntry, problem: ImageRejected) -> bool:
         """Log and count an unusable file; True if its catalog entry was usable until now."""
