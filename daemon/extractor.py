@@ -7,7 +7,7 @@ so an inbox file waits for at most one background batch, and a stream of inbox f
 Each kind decodes on its own pool, so an inbox file's decoding never queues behind a backlog's.
 
 Reading, hashing, the store lookup and decoding run image by image on as many threads as there are cores, all
-of a chunk submitted at once (`submit`), while the caller embeds what is decoded (`collect`); the caching thread
+of a chunk submitted at once (`submit`), while the caller embeds what is decoded (`gather`); the caching thread
 submits its next chunk before collecting the current one, so the engine never waits at a chunk's edge. A phone
 photo takes longer to decode (DCT-scaled, ~15-30 ms of one core) than to embed (~6 ms on two cores): one
 decoding thread per batch left the engine waiting. The threads compete with the engine's for the cores, which
@@ -91,17 +91,17 @@ class Extractor:
 
     def extract(self, files: Sequence[ImageFile], urgent: bool = False) -> Extraction:
         """Vectors for `files` (already read), computing (and storing) only content not already in the store."""
-        return self.collect(self.submit([(str(f.path), functools.partial(_given, f)) for f in files], urgent),
+        return self.gather(self.submit([(str(f.path), functools.partial(_given, f)) for f in files], urgent),
                             urgent)
 
     def submit(self, loads: Sequence[tuple[str, Callable[[], ImageFile]]], urgent: bool = False) -> list[Future[Job]]:
         """Start each (key, load) on the decoding pool, in order: read (load raises ImageRejected), hash, look
-        up the store, decode what is not there. Returns at once; `collect` finishes them. Jobs submitted
+        up the store, decode what is not there. Returns at once; `gather` finishes them. Jobs submitted
         before others decode first, so a caller can submit its next chunk before collecting this one."""
         pool = self._pools[urgent]
         return [pool.submit(self._job, key, load) for key, load in loads]
 
-    def collect(self, jobs: Sequence[Future[Job]], urgent: bool = False) -> Extraction:
+    def gather(self, jobs: Sequence[Future[Job]], urgent: bool = False) -> Extraction:
         """Wait for `jobs` in order and embed their decoded images a batch at a time, while the pool goes on
         decoding the rest; the new bottlenecks are stored in one commit."""
         result = Extraction()

@@ -96,7 +96,7 @@ class TrainingIndexer:
 
     def end(self, chunk: Indexing) -> None:
         """Embed what `begin` started and write the chunk's catalog rows in one transaction."""
-        extraction = self._extractor.collect(chunk.jobs)
+        extraction = self._extractor.gather(chunk.jobs)
         changed = False
         for p in chunk.planned:
             key = str(p.path)
