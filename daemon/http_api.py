@@ -151,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(exc.status, {"error": str(exc)}, exc.headers)
         except Exception:
             log.exception("HTTP %s %s failed", self.command, self.path)
+            self.api.metrics.internal_error("http_request")
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the daemon's log"})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch

@@ -7,6 +7,7 @@ damaged content may be a file still being written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -105,6 +106,30 @@ class InboxProcessor:
     def _classify_one(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> bool:
         """Journal, move and sink one file; False when it must be tried again (its folder cannot be made)."""
         started = time.perf_counter()
+        result = self._routed(f, version, vector)
+        if result is None:
+            return False
+        assert result.destination is not None
+        entry = self._journal.begin(result)
+        try:
+            move_atomic(f.path, result.destination)
+        except OSError as exc:
+            log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
+                      f.path, result.destination.parent, exc)
+            self._metrics.internal_error("inbox_move")
+            self._journal.schedule_recovery()
+            return True
+        try:
+            self._journal.complete(entry, result)
+        except Exception:
+            self._journal.schedule_recovery()
+            raise
+        self._count(result, result.destination.parent, started)
+        return True
+
+    def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> ClassificationResult | None:
+        """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
+        and counted) when that folder cannot be made."""
         (top_k,) = self._serving.top_k(version, vector[None, :], self._config.classify.top_k)
         result = ClassificationResult(
             id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=top_k, model_version=version.number,
@@ -118,33 +143,19 @@ class InboxProcessor:
         except OSError as exc:
             log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", f.path, folder, exc)
             self._metrics.internal_error("inbox_folder")
-            return False
-        destination = free_name(folder, f.path.name, f.sha256[:12])
-        result = ClassificationResult(**{**result.__dict__, "destination": destination})
-        entry = self._journal.begin(result)
-        try:
-            move_atomic(f.path, destination)
-        except OSError as exc:
-            log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
-                      f.path, folder, exc)
-            self._metrics.internal_error("inbox_move")
-            self._journal.schedule_recovery()
-            return True
-        try:
-            self._journal.complete(entry, result)
-        except Exception:
-            self._journal.schedule_recovery()
-            raise
+            return None
+        return dataclasses.replace(result, destination=free_name(folder, f.path.name, f.sha256[:12]))
+
+    def _count(self, result: ClassificationResult, folder: Path, started: float) -> None:
         outcome = "review" if folder == self._config.folder("review") else "classified"
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)
-        self._announce(result, destination)
-        return True
+        self._announce(result)
 
-    def _announce(self, result: ClassificationResult, destination: Path) -> None:
-        """`inbox/cat.jpg -> red (0.973) -> outbox/red/cat.jpg`, summed up per destination during a burst."""
-        root = self._config.data_root
+    def _announce(self, result: ClassificationResult) -> None:
+        """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg`, summed up per destination during a burst."""
+        root, destination = self._config.data_root, result.destination or result.source
         shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
         self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f) -> %s", result.source.name, result.label,
                          result.confidence, shown)

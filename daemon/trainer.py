@@ -172,17 +172,9 @@ class Trainer(threading.Thread):
             self._metrics.training_seconds.observe(time.perf_counter() - started)
 
     def _train(self, started: float) -> ModelVersion | None:
-        entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
-        dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
-        self._update_image_gauges(dataset)
-        if len(dataset.labels) < 2:
-            log.info("training waits for images of two labels or more (have: %s): put them in %s/<label>/",
-                     ", ".join(dataset.labels) or "none", self._config.folder("classes"))
+        dataset = self._dataset()
+        if dataset is None:
             return None
-        augmented = self._variants.attach(dataset, entries, lambda: self._stopping)
-        if augmented is None:
-            return None  # stopping: the variants made so far are kept for the next start
-        dataset = augmented
         head = self._hooks.train_head(dataset, self._config.training)
         if head is None:
             raise RuntimeError("no plugin trained a head (is the built-in softmax_head plugin disabled?)")
@@ -197,6 +189,21 @@ class Trainer(threading.Thread):
         if not verdict.promote:
             self._metrics.training_runs.labels(result="rejected").inc()
             return None
+        return self._publish(head, dataset, metrics)
+
+    def _dataset(self) -> Dataset | None:
+        """The training set with its augmented rows; None when there is nothing to train on, or on a stop."""
+        entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
+        dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
+        self._update_image_gauges(dataset)
+        if len(dataset.labels) < 2:
+            log.info("training waits for images of two labels or more (have: %s): put them in %s/<label>/",
+                     ", ".join(dataset.labels) or "none", self._config.folder("classes"))
+            return None
+        # None when stopping: the variants made so far are kept for the next start
+        return self._variants.attach(dataset, entries, lambda: self._stopping)
+
+    def _publish(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> ModelVersion:
         version = self._registry.publish(
             head, dataset.labels, metrics,
             lambda v, d: self._hooks.write_model_artifacts(v, d, dataset, self._config),
