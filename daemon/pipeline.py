@@ -14,12 +14,13 @@ failure is logged and mended by a rescan soon after: nothing ends the thread but
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -52,6 +53,7 @@ class _Retry:
 
 _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
+_SCAN_SLICE_SECONDS = 0.05  # of each turn a scan may take: inbox files go on meanwhile
 
 
 class Progress(Protocol):
@@ -91,6 +93,7 @@ class Pipeline(threading.Thread):
         self._waiting: set[Path] = set()
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
         self._next_rescan = math.inf
+        self._scanning: Iterator[FileEvent] | None = None  # the reconcile scan under way
         self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
@@ -114,16 +117,27 @@ class Pipeline(threading.Thread):
         self._notify(_Retry(paths))
 
     def rescan(self) -> None:
-        """Queue every file a reconcile scan finds; also run at start-up."""
+        """Start a reconcile scan (also the first turn after start-up); each turn handles a slice of it."""
         self._rescan_needed.clear()
         interval = self._config.watch.rescan_interval_seconds
         self._next_rescan = time.monotonic() + interval if interval else math.inf
-        for event in scan_classes(self._classes, self._store, self._indexer.backbone_id) + scan_inbox(self._inbox_root):
+        self._scanning = itertools.chain(scan_inbox(self._inbox_root),  # the small, urgent one first
+                                         scan_classes(self._classes, self._store, self._indexer.backbone_id))
+
+    def _scan_slice(self) -> None:
+        """Handle what the scan finds for up to `_SCAN_SLICE_SECONDS`, then let the turn go on."""
+        if self._scanning is None:
+            return
+        deadline = time.monotonic() + _SCAN_SLICE_SECONDS
+        for event in self._scanning:
             self._handle(event)
+            if time.monotonic() >= deadline:
+                return
+        self._scanning = None
 
     def run(self) -> None:
         try:
-            self._safely(self.rescan)
+            self.rescan()
             self._loop()
         finally:
             self._ahead.shutdown(wait=True, cancel_futures=True)
@@ -140,6 +154,7 @@ class Pipeline(threading.Thread):
                     self._safely(self._dispatch, item)
             if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
                 self._safely(self.rescan)
+            self._safely(self._scan_slice)
             self._safely(self._process_due)
             if not self.backfill.outstanding():  # else the caching thread reports, once per chunk done
                 self._progress.went_round()
@@ -164,7 +179,7 @@ class Pipeline(threading.Thread):
 
     def _drain(self) -> list[object]:
         deadlines = [d for d in (p.next_deadline() for p in self._pending.values()) if d is not None]
-        timeout = min([0.5, *(max(d, 0.01) for d in deadlines)])
+        timeout = 0.0 if self._scanning is not None else min([0.5, *(max(d, 0.01) for d in deadlines)])
         try:
             items = [self._events.get(timeout=timeout)]
         except queue.Empty:
@@ -217,7 +232,7 @@ class Pipeline(threading.Thread):
             self._journal.recover()  # finishes moves and records that failed before (full disk, read-only)
         self.inbox_waiting = len(self._pending["inbox"]) + len(self._waiting)
         self._metrics.inbox_pending.set(self.inbox_waiting)
-        backlog = len(self._pending["classes"]) + self.backfill.outstanding()
+        backlog = len(self._pending["classes"]) + self.backfill.outstanding() + (self._scanning is not None)
         self._on_backlog(backlog)
         if backlog or len(self._pending["inbox"]):
             self.idle.clear()

@@ -17,24 +17,24 @@ def walk_files(root: Path) -> Iterator[Path]:
             yield Path(folder) / name
 
 
-def scan_classes(root: Path, store: Store, backbone: str) -> list[FileEvent]:
+def scan_classes(root: Path, store: Store, backbone: str) -> Iterator[FileEvent]:
     """Files whose size or mtime differ from the catalog or that lack a vector for `backbone`, and catalog
-    entries whose file is gone."""
-    catalog = store.catalog()
+    entries whose file is gone. A generator: the pipeline takes a slice of it per turn, so a scan of a large
+    tree never holds up inbox files. The catalog is read once, as it was when the scan began."""
+    known = store.catalog_signatures()
     for rel in store.paths_missing_bottleneck(backbone):
-        catalog.pop(rel, None)
-    events: list[FileEvent] = []
+        known.pop(rel, None)
     for path in walk_files(root):
-        known = catalog.pop(path.relative_to(root).as_posix(), None)
+        signature = known.pop(path.relative_to(root).as_posix(), None)
         try:
             st = os.stat(path)
         except OSError:
             st = None
-        if known is None or st is None or (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            events.append(FileEvent(EventKind.SCANNED, path))
-    events.extend(FileEvent(EventKind.DELETED, root / rel) for rel in catalog)
-    return events
+        if signature is None or st is None or signature != (st.st_size, st.st_mtime_ns):
+            yield FileEvent(EventKind.SCANNED, path)
+    for rel in known:
+        yield FileEvent(EventKind.DELETED, root / rel)
 
 
-def scan_inbox(root: Path) -> list[FileEvent]:
-    return [FileEvent(EventKind.SCANNED, path) for path in walk_files(root)]
+def scan_inbox(root: Path) -> Iterator[FileEvent]:
+    return (FileEvent(EventKind.SCANNED, path) for path in walk_files(root))

@@ -196,6 +196,12 @@ class Store:
             "b.sha256 = f.sha256 AND b.backbone = ? AND b.variant = ?)", (backbone, ORIGINAL)).fetchall()
         return [r[0] for r in rows]
 
+    def catalog_signatures(self) -> dict[str, tuple[int, int]]:
+        """(size, mtime_ns) of every catalog file by path: what a reconcile scan compares (lighter than
+        `catalog()` on a large tree)."""
+        return {path: (size, mtime) for path, size, mtime in
+                self._db().execute("SELECT path, size, mtime_ns FROM files")}
+
     def catalog(self) -> dict[str, CatalogEntry]:
         rows = self._db().execute("SELECT path, label, sha256, size, mtime_ns, ok FROM files").fetchall()
         return {r[0]: CatalogEntry(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
