@@ -4,7 +4,8 @@ It owns the pending sets and the files waiting for a first model, and alone call
 files that are due go to the caching thread (`Backfill`), which indexes them in the background: an inbox
 file is never queued behind a backlog of training images (the two share the engine in turns). Its first
 turn is the reconcile scan, so a start-up is ready (the last model serving) before the scan has run. Each
-turn costs what changed: due files come off a deadline heap, counts are kept, not recounted. A `STOP`
+turn costs what changed: due files come off a deadline heap, counts are kept, not recounted; a flood of
+training-file events (10,000 files copied in) is handled a slice per turn, after the inbox's. A `STOP`
 sentinel on the queue ends it (and the caching thread) after the work in hand.
 
 A batch that fails (a bug, a full disk, a decoder that raises) is tried again file by file, so one bad file
@@ -13,6 +14,7 @@ failure is logged and mended by a rescan soon after: nothing ends the thread but
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -54,6 +56,7 @@ class _Retry:
 _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
 _SCAN_SLICE_SECONDS = 0.05  # of each turn a scan may take: inbox files go on meanwhile
+_LATER_PER_TURN = 500  # training-file events handled per turn (a flood of them must not hold up the inbox)
 
 
 class Progress(Protocol):
@@ -94,6 +97,7 @@ class Pipeline(threading.Thread):
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
         self._next_rescan = math.inf
         self._scanning: Iterator[FileEvent] | None = None  # the reconcile scan under way
+        self._later: collections.deque[FileEvent] = collections.deque()  # training-file events not handled yet
         self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
@@ -147,11 +151,14 @@ class Pipeline(threading.Thread):
     def _loop(self) -> None:
         stopping = False
         while not stopping:
-            for item in self._drain():
+            for item in self._drain():  # everything but training-file events, which wait in `_later`
                 if item is STOP:
                     stopping = True
                 else:
                     self._safely(self._dispatch, item)
+            self._safely(self._process_due)  # inbox files first: they never wait behind a flood of events
+            for _ in range(min(len(self._later), _LATER_PER_TURN)):
+                self._safely(self._dispatch, self._later.popleft())
             if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
                 self._safely(self.rescan)
             self._safely(self._scan_slice)
@@ -178,18 +185,22 @@ class Pipeline(threading.Thread):
             self._handle(item)
 
     def _drain(self) -> list[object]:
+        """Take everything queued; events of training files go to `_later` (handled a slice per turn, after
+        the inbox), the rest (inbox events, control items) is returned in order."""
         deadlines = [d for d in (p.next_deadline() for p in self._pending.values()) if d is not None]
-        timeout = 0.0 if self._scanning is not None else min([0.5, *(max(d, 0.01) for d in deadlines)])
+        busy = self._scanning is not None or self._later
+        timeout = 0.0 if busy else min([0.5, *(max(d, 0.01) for d in deadlines)])
+        items: list[object] = []
         try:
-            items = [self._events.get(timeout=timeout)]
+            item = self._events.get(timeout=timeout)
+            while True:
+                if isinstance(item, FileEvent) and self._area(item.dest or item.path) == "classes":
+                    self._later.append(item)
+                else:
+                    items.append(item)
+                item = self._events.get_nowait()
         except queue.Empty:
-            return []
-        while len(items) < 10_000:
-            try:
-                items.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        return items
+            return items
 
     def _area(self, path: Path) -> str | None:
         if path.is_relative_to(self._classes) and path != self._classes:
@@ -232,7 +243,8 @@ class Pipeline(threading.Thread):
             self._journal.recover()  # finishes moves and records that failed before (full disk, read-only)
         self.inbox_waiting = len(self._pending["inbox"]) + len(self._waiting)
         self._metrics.inbox_pending.set(self.inbox_waiting)
-        backlog = len(self._pending["classes"]) + self.backfill.outstanding() + (self._scanning is not None)
+        backlog = (len(self._pending["classes"]) + self.backfill.outstanding() + len(self._later)
+                   + (self._scanning is not None))
         self._on_backlog(backlog)
         if backlog or len(self._pending["inbox"]):
             self.idle.clear()
