@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from daemon.engines import default_threads, sees_gpu
 from daemon.keras_engine import silence_tensorflow
-from daemon.tflite_engine import default_threads, sees_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tuxpaint6"

@@ -12,6 +12,7 @@ from typing import Self
 from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
 from daemon.dataset import manifest_of
+from daemon.engines import warm_up
 from daemon.extractor import Extractor
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
@@ -103,6 +104,7 @@ class App:
             self.trainer.notify_change()
 
     def start(self) -> None:
+        warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
         self._load_current()
         recovered = self.inbox.recover()
         if recovered:

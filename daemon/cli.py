@@ -234,13 +234,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from daemon.export import STEPS, export_model
     from daemon.http_api import MODEL_NAME
-    from daemon.keras_engine import KerasBackbone
     from daemon.oneshot import load_published
 
     model = load_published(_config(args), args.plugins, engine="keras")
-    if not isinstance(model.backbone, KerasBackbone):
-        raise ConfigError(f"backbone.name: export needs a Keras network; the plugin for {model.backbone.id} "
-                          "built another kind")
     with tqdm(total=len(STEPS), desc=f"exporting model {model.version.number}", unit="step", disable=None,
               leave=False) as bar:
         done = export_model(model.version, model.backbone, Path(args.out), MODEL_NAME,

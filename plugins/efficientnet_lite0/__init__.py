@@ -10,9 +10,9 @@ from pathlib import Path
 
 from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig
+from daemon.engines import select_engine
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
-from daemon.tflite_engine import select_engine
 
 NAME = "efficientnet_lite0"
 
