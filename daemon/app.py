@@ -9,10 +9,9 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
-from daemon.backbone import Backbone
-from daemon.config import Config, ConfigError
+from daemon.config import Config
 from daemon.dataset import manifest_of
-from daemon.engines import warm_up
+from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
@@ -31,16 +30,6 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
-
-
-def build_backbone(hooks: Hooks, config: Config) -> Backbone:
-    cache = config.folder("state") / "weights"
-    cache.mkdir(parents=True, exist_ok=True)
-    backbone = hooks.make_backbone(config.backbone, cache)
-    if backbone is None:
-        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
-                          "(built in: efficientnet_lite0, inception_v3)")
-    return backbone
 
 
 class App:

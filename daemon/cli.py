@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the file, then build its backbone: a misspelt `backbone.name` or missing weights fail here."""
-    from daemon.app import build_backbone
+    from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks, make_plugin_manager
 
     config = _config(args)

@@ -15,19 +15,35 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from daemon.backbone import Backbone, BackboneUnavailable
-from daemon.config import BackboneConfig
+from daemon.config import BackboneConfig, Config, ConfigError
 from daemon.keras_engine import KerasBackbone, silence_tensorflow
 from daemon.tflite_engine import EngineMismatch, tflite_backbone
+
+if TYPE_CHECKING:
+    from daemon.plugin_manager import Hooks
 
 log = logging.getLogger(__name__)
 
 #: Device nodes of the GPU drivers TensorFlow can use (NVIDIA CUDA, AMD ROCm, WSL2's GPU bridge); with none of
 #: them TensorFlow cannot see a GPU.
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def build_backbone(hooks: Hooks, config: Config) -> Backbone:
+    """The configured backbone, from the first plugin that provides it (weights and conversions cached under
+    `state/weights`); ConfigError naming `backbone.name` when none does."""
+    cache = config.folder("state") / "weights"
+    cache.mkdir(parents=True, exist_ok=True)
+    backbone = hooks.make_backbone(config.backbone, cache)
+    if backbone is None:
+        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
+                          "(built in: efficientnet_lite0, inception_v3)")
+    return backbone
 
 
 def sees_gpu() -> bool:
