@@ -1,7 +1,7 @@
 """The seed's backbone: Keras InceptionV3 without its top, average-pooled, 299×299 input scaled to [-1, 1],
 2048-float bottlenecks. ImageNet weights come from Keras's download (cached under the state dir) or a local
 `.h5` file named by `backbone.weights`. `backbone.engine` picks Keras or its TFLite conversion
-(daemon/tflite_engine.py); both give the same bottlenecks under the same id."""
+(daemon/engines.py); both give the same bottlenecks under the same id."""
 
 from __future__ import annotations
 

