@@ -22,6 +22,7 @@ import numpy as np
 from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig, Config, ConfigError
 from daemon.keras_engine import KerasBackbone, silence_tensorflow
+from daemon.logs import foreign_output_as_debug
 from daemon.tflite_engine import EngineMismatch, tflite_backbone
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ def build_backbone(hooks: Hooks, config: Config) -> Backbone:
     `state/weights`); ConfigError naming `backbone.name` when none does."""
     cache = config.folder("state") / "weights"
     cache.mkdir(parents=True, exist_ok=True)
-    backbone = hooks.make_backbone(config.backbone, cache)
+    with foreign_output_as_debug():  # TensorFlow or LiteRT load here: their own chatter becomes DEBUG lines
+        backbone = hooks.make_backbone(config.backbone, cache)
     if backbone is None:
         raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
                           "(built in: efficientnet_lite0, inception_v3)")

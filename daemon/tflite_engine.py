@@ -21,17 +21,14 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import sys
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from daemon.atomic import write_atomic
 from daemon.backbone import Backbone, BackboneUnavailable
@@ -51,26 +48,6 @@ class EngineMismatch(BackboneUnavailable):
     """The converted network does not give the Keras bottlenecks; it is not used (nor kept)."""
 
 
-@contextlib.contextmanager
-def _native_stderr_to_debug_log() -> Iterator[None]:
-    """LiteRT's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." straight to file
-    descriptor 2, which is not for a service log or a command's output: meanwhile fd 2 points at a temporary
-    file, whose text goes to the debug log. Used only while an interpreter is set up (start-up, no other
-    thread writing)."""
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as capture:
-        saved = os.dup(2)
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            if text := capture.read().decode(errors="replace").strip():
-                log.debug("LiteRT: %s", text)
-
-
 class TfliteBackbone:
     """A converted backbone run by LiteRT one image per `invoke` (measured faster than batches of 32 on 2 cores
     for Lite0, the same for Inception v3), behind a lock: an interpreter must not be entered by two threads.
@@ -81,9 +58,8 @@ class TfliteBackbone:
     def __init__(self, model: bytes, backbone_id: str, threads: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        with _native_stderr_to_debug_log():
-            self._interpreter = Interpreter(model_content=model, num_threads=threads)
-            self._interpreter.allocate_tensors()
+        self._interpreter = Interpreter(model_content=model, num_threads=threads)
+        self._interpreter.allocate_tensors()
         (pixels,) = self._interpreter.get_input_details()
         (features,) = self._interpreter.get_output_details()
         self._input, self._output = pixels["index"], features["index"]
@@ -174,25 +150,22 @@ def engine_difference(a: Backbone, b: Backbone) -> float:
 def _convert_and_check(make_keras: Callable[[], KerasBackbone], backbone_id: str, path: Path,
                        threads: int) -> TfliteBackbone:
     """Build the Keras engine, convert it, check it against Keras and keep it: the one-time cost of a first
-    start, shown as a progress line on a terminal and as log lines in a journal."""
-    log.info("converting backbone %s to TFLite (once; kept in %s)", backbone_id, path)
-    with tqdm(total=3, desc=f"converting {backbone_id} to TFLite (once)", unit="step", disable=None,
-              leave=False) as bar:
-        bar.set_postfix_str("building the Keras network")
-        keras_backbone = make_keras()
-        bar.update()
-        bar.set_postfix_str("converting")
-        model = convert(keras_backbone.network)
-        bar.update()
-        bar.set_postfix_str("checking against Keras")
-        converted = TfliteBackbone(model, backbone_id, threads)
-        difference = engine_difference(converted, keras_backbone)
-        bar.update()
+    start, told step by step in INFO lines (a terminal and the journal alike)."""
+    started = time.monotonic()
+    step = f"converting backbone {backbone_id} to TFLite (once; 20-60 s on 2 cores)"
+    log.info("%s: building the Keras network", step)
+    keras_backbone = make_keras()
+    log.info("%s: converting", step)
+    model = convert(keras_backbone.network)
+    log.info("%s: checking against Keras", step)
+    converted = TfliteBackbone(model, backbone_id, threads)
+    difference = engine_difference(converted, keras_backbone)
     if not difference <= TOLERANCE:
         raise EngineMismatch(f"backbone.engine: the TFLite conversion of {backbone_id} differs from Keras "
                              f"by {difference:.3g} (> {TOLERANCE}); set backbone.engine: keras")
     write_cached(path, backbone_id, model, difference)
-    log.info("TFLite engine matches Keras within %.2g; kept in %s", difference, path)
+    log.info("%s: done in %.0f s; matches Keras within %.2g; kept in %s", step, time.monotonic() - started,
+             difference, path)
     return converted
 
 
