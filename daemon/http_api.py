@@ -76,7 +76,7 @@ class Api:
     def classify(self, body: bytes, content_type: str) -> dict[str, Any]:
         version = self._version()
         images = [self._decode(data) for data in _payloads(body, content_type)]
-        vectors = self.extractor.embed(np.stack(images))
+        vectors = self.extractor.embed(np.stack(images), urgent=True)
         k = self.config.classify.top_k
         return {"model_version": version.number,
                 "predictions": [{"top_k": [{"label": label, "score": score} for label, score in top]}
