@@ -6,7 +6,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 TMP_PREFIX = ".retraind-tmp-"
@@ -67,11 +67,12 @@ def _place(dst: Path, make: Callable[[Path], object]) -> None:
             tmp.unlink()
 
 
-def free_name(folder: Path, name: str, tag: str) -> Path:
-    """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name."""
+def free_name(folder: Path, name: str, tag: str, taken: Collection[Path] = ()) -> Path:
+    """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name (or it is
+    in `taken`: names given to a batch's files not moved yet)."""
     stem, suffix = os.path.splitext(name)
     candidate, n = folder / name, 1
-    while os.path.lexists(candidate):
+    while os.path.lexists(candidate) or candidate in taken:
         candidate = folder / f"{stem}-{tag}{f'-{n}' if n > 1 else ''}{suffix}"
         n += 1
     return candidate

@@ -241,15 +241,22 @@ class Store:
     # -- inbox journal -----------------------------------------------------------------------------------
 
     def journal_begin(self, entry: JournalEntry) -> None:
+        self.journal_begin_many([entry])
+
+    def journal_begin_many(self, entries: list[JournalEntry]) -> None:
+        """Write journal entries in one transaction (an inbox batch: one commit, not one per file)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
-                (entry.id, entry.source, entry.destination, entry.record, entry.state, time.time()),
-            )
+            db.executemany("INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
+                           [(e.id, e.source, e.destination, e.record, e.state, now) for e in entries])
 
     def journal_finish(self, entry_id: str) -> None:
+        self.journal_finish_many([entry_id])
+
+    def journal_finish_many(self, entry_ids: list[str]) -> None:
+        """Close journal entries in one transaction."""
         with self._tx() as db:
-            db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+            db.executemany("DELETE FROM journal WHERE id = ?", [(i,) for i in entry_ids])
 
     def journal_open(self) -> list[JournalEntry]:
         rows = self._db().execute("SELECT id, source, destination, record, state FROM journal").fetchall()

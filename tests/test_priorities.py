@@ -127,3 +127,17 @@ def test_ready_and_serving_before_the_scan(tmp_path: Path) -> None:
         assert not blocking.release.is_set() and entered < 10, "start-up waited for the scan"
         blocking.release.set()
         wait_for(lambda: "red/new-while-down.jpg" in app.store.catalog(), what="the scan's file cached")
+
+
+def test_one_batch_two_files_of_one_name(tmp_path: Path) -> None:
+    """An inbox batch is journalled, then moved: files of one name in one batch still get two destinations."""
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+        outside = tmp_path / "outside"
+        for i, folder in enumerate(("a", "b", "c")):
+            write_image(outside / folder / "same.jpg", "red", seed=6000 + i)
+        os.rename(outside, data / "inbox" / "batch")  # one folder renamed in: its files arrive together
+        wait_for(lambda: len(list(data.glob("outbox/*/same*.jpg.json"))) == 3, what="three results")
+    assert len({p.name for p in data.glob("outbox/*/same*.jpg")}) == 3
