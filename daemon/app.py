@@ -19,10 +19,11 @@ from daemon.indexer import TrainingIndexer
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, Pipeline
 from daemon.plugin_manager import Hooks, make_plugin_manager
+from daemon.publish import Publisher, repositories
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.serving import ServingModel
 from daemon.split import SPLITS
-from daemon.store import Store
+from daemon.store import STORE_FILE, Store
 from daemon.trainer import Trainer
 from daemon.watcher import Watcher
 
@@ -51,7 +52,7 @@ class App:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
-        self.store = Store(state / "store.sqlite")
+        self.store = Store(state / STORE_FILE)
         self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
@@ -65,8 +66,17 @@ class App:
         self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.metrics, self.watcher.rescan_needed)
+        self.publisher = self._publisher()
         api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
         self.http = HttpServer(api) if config.http.enabled else None
+
+    def _publisher(self) -> Publisher | None:
+        """The `publisher` plugin, when a serving repository is configured and it is not disabled."""
+        if not repositories(self.config.publish) or self.hooks.pm.is_blocked("publisher"):
+            return None
+        publisher = Publisher(self.config, lambda config: build_backbone(self.hooks, config), self.metrics)
+        self.hooks.pm.register(publisher, name="publisher")
+        return publisher
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
@@ -111,6 +121,10 @@ class App:
         self.pipeline.rescan()
         self.pipeline.start()
         self.trainer.start()
+        if self.publisher is not None:
+            self.publisher.start()
+            if self.serving.version is not None:  # published before a stop, or its export failed: catch up
+                self.publisher.submit(self.serving.version)
         if self.http is not None:
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
@@ -125,6 +139,9 @@ class App:
         if self.trainer.is_alive():
             self.trainer.stop()
             self.trainer.join()
+        if self.publisher is not None and self.publisher.is_alive():
+            self.publisher.stop()
+            self.publisher.join()
         if self.http is not None:
             self.http.stop()
         self.extractor.close()

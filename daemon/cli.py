@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -21,6 +21,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from daemon.backbone import BackboneUnavailable
+from daemon.bulk_cli import EX_DATAERR, add_commands
+from daemon.bulk_sources import SourceError
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.export import ExportError
 from daemon.logs import setup_logging
@@ -288,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = add("report", help="write an HTML page about the current model")
     report.add_argument("--out", default="report.html", help="HTML file to write (default: ./report.html)")
     report.set_defaults(func=cmd_report)
+    add_commands(add, common, _with_config)
     return parser
+
+
+def _with_config(command: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    return lambda args: command(args, _config(args))
 
 
 def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
@@ -306,6 +313,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except DaemonUnavailable as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except SourceError as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except BrokenPipeError:  # `retraind status | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

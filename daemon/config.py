@@ -100,6 +100,18 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Every promoted version exported to serving fleets' folders (daemon/publish.py); an empty path is off.
+    Relative paths are taken from the config file's folder."""
+
+    tf_serving_base_path: str = ""
+    triton_model_repository: str = ""
+    #: Triton's `max_batch_size` and its dynamic batcher's queue delay (TF Serving's batching names)
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 1000
+
+
+@dataclass(frozen=True)
 class PluginsConfig:
     disable: list[str] = field(default_factory=list)
 
@@ -115,6 +127,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log_level: str = "INFO"
 
@@ -150,6 +163,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "watch.max_file_bytes": (1, 10**12),
     "http.port": (0, 65535),
     "http.max_body_bytes": (1, 10**10),
+    "publish.max_batch_size": (1, 2**20),
+    "publish.batch_timeout_micros": (0, 60_000_000),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backbone.engine": ("auto", "keras", "tflite"),
@@ -221,7 +236,15 @@ def _resolve_root(config: Config, base: Path) -> Config:
         raise ConfigError(f"data_root: parent folder {root.parent} does not exist; create it or fix the path")
     if config.split.validation_percentage + config.split.testing_percentage >= 100:
         raise ConfigError("split: validation_percentage + testing_percentage must be below 100")
-    return dataclasses.replace(config, data_root=root)
+    publish = config.publish
+    publish = dataclasses.replace(publish, tf_serving_base_path=_absolute(base, publish.tf_serving_base_path),
+                                  triton_model_repository=_absolute(base, publish.triton_model_repository))
+    return dataclasses.replace(config, data_root=root, publish=publish)
+
+
+def _absolute(base: Path, path: str) -> str:
+    """An optional path from the config, made absolute against the config's folder ("" stays "": off)."""
+    return str((base / path).resolve()) if path else ""
 
 
 def parse_config(raw: Any, base: Path) -> Config:

@@ -13,18 +13,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from daemon.backbone import Backbone
-from daemon.images import ImageFile, ImageRejected
+from daemon.images import Decoder, ImageFile, ImageRejected, decode_or_reject
 from daemon.metrics import Metrics
 from daemon.store import ORIGINAL, Store
-
-Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 
 
 @dataclass
@@ -56,10 +54,7 @@ class Extractor:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode one image to the backbone's input size; raises ImageRejected."""
-        image = self._decode(data, self.backbone.input_size, self._max_pixels)
-        if image is None:
-            raise ImageRejected("unsupported", "no decoder plugin could read this content")
-        return image
+        return decode_or_reject(self._decode, data, self.backbone.input_size, self._max_pixels)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         with self._forward_lock, self._metrics.compute_seconds.time():
