@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from daemon.bulk_sources import SourceError
 from daemon.config import Config
 from daemon.store import STORE_FILE
 
 #: Exit status of `import` when rows were refused, and of `bulk` when a SRC cannot be listed
 EX_DATAERR = 65
+
+
+def _require(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise SourceError(f"this command needs {module}, which is not installed: pip install 'retraind[bulk]'")
 
 
 def _summary(what: str, run: Any, out: str) -> str:
@@ -26,6 +33,7 @@ def _summary(what: str, run: Any, out: str) -> str:
 
 
 def cmd_bulk_embed(args: argparse.Namespace, config: Config) -> int:
+    _require("ray")
     from daemon.bulk import embed
 
     run = embed(config, args.plugins, args.sources, args.out, args.address, args.workers, args.cpus_per_worker)
@@ -34,6 +42,7 @@ def cmd_bulk_embed(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_bulk_classify(args: argparse.Namespace, config: Config) -> int:
+    _require("ray")
     from daemon.bulk import RESULTS_FILE, classify
     from daemon.oneshot import load_published
 
@@ -46,6 +55,7 @@ def cmd_bulk_classify(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
+    _require("pyarrow")
     from daemon.app import build_backbone
     from daemon.bottleneck_import import BottleneckImporter, parquet_files, row_count
     from daemon.plugin_manager import Hooks, make_plugin_manager
