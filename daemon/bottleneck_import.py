@@ -91,7 +91,7 @@ class BottleneckImporter:
         return None
 
     def _batch(self, path: Path, batch: Any, report: ImportReport) -> None:
-        columns = batch.to_pydict()
+        columns = {name: batch.column(name).to_pylist() for name in ("sha256", "backbone", "error")}
         other = {b for b, error in zip(columns["backbone"], columns["error"]) if error is None and b != self._backbone}
         if other:
             report.refused += len(columns["backbone"])
