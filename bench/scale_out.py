@@ -126,8 +126,9 @@ def publish_figures(args: argparse.Namespace) -> None:
                 promoted = time.perf_counter()
                 for kind, inner in (("tf_serving", "tf/retraind/{n}/saved_model.pb"),
                                     ("triton", "triton/retraind/{n}/model.savedmodel/saved_model.pb")):
-                    seen = harness.wait_until(lambda: (root / inner.format(n=version.number)).is_file(),
-                                              timeout=600, what=f"model {version.number} in {kind}", poll=0.05)
+                    marker = root / inner.format(n=version.number)
+                    seen = harness.wait_until(marker.is_file, timeout=600, what=f"model {version.number} in {kind}",
+                                              poll=0.05)
                     harness.emit(f"scale.publish_{kind}_{'first' if number == 1 else 'next'}",
                                  seen - promoted, "s")
 
