@@ -82,11 +82,12 @@ def import_figures(args: argparse.Namespace) -> None:
     from daemon.app import build_backbone
     from daemon.bulk import schema
     from daemon.config import load_config
-    from daemon.plugin_manager import Hooks, make_plugin_manager
+    from daemon.plugin_manager import Hooks
 
     with harness.scratch("import") as root:
         config = _config_file(root, args)
-        backbone = build_backbone(Hooks(make_plugin_manager()), load_config(config))
+        loaded = load_config(config)
+        backbone = build_backbone(Hooks.of(loaded), loaded)
         rng = np.random.default_rng(0)
         folder = root / "parquet"
         folder.mkdir()

@@ -33,7 +33,7 @@ from daemon.atomic import TMP_PREFIX
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
 from daemon.config import Config
 from daemon.images import ImageRejected, decode_or_reject
-from daemon.plugin_manager import Hooks, make_plugin_manager
+from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
@@ -72,7 +72,7 @@ class BulkWorker:
     def __init__(self, config: Config, plugins: Sequence[object], threads: int,
                  version: ModelVersion | None = None) -> None:
         self._config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, threads=threads))
-        self._hooks = Hooks(make_plugin_manager(config.plugins.disable, plugins))
+        self._hooks = Hooks.of(config, plugins)
         self.backbone = build_backbone(self._hooks, self._config)
         self._reader = SourceReader(config.watch.max_file_bytes)
         self._version = version
@@ -189,7 +189,7 @@ def _dataset(ray: Any, config: Config, plugins: Sequence[object], files: list[So
 
 
 def _listed(config: Config, plugins: Sequence[object], sources: Sequence[str], area: str) -> list[SourceFile]:
-    hooks = Hooks(make_plugin_manager(config.plugins.disable, plugins))
+    hooks = Hooks.of(config, plugins)
     files = list_sources(sources, lambda rel: hooks.accept_path(rel, area))
     if not files:
         raise SourceError(f"no files found under {', '.join(sources)}")
@@ -199,7 +199,7 @@ def _listed(config: Config, plugins: Sequence[object], sources: Sequence[str], a
 def embed(config: Config, plugins: Sequence[object], sources: Sequence[str], out: str, address: str | None = None,
           workers: int | None = None, cpus_per_worker: int = 1) -> BulkRun:
     """Bottlenecks of every file under `sources` as Parquet files in the folder or URI `out`."""
-    build_backbone(Hooks(make_plugin_manager(config.plugins.disable, plugins)), config)  # fails fast, converts once
+    build_backbone(Hooks.of(config, plugins), config)  # fails fast, converts once
     files = _listed(config, plugins, sources, "classes")
     started = time.perf_counter()
     with ray_session(address) as ray:

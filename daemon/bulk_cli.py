@@ -58,10 +58,10 @@ def cmd_import(args: argparse.Namespace, config: Config) -> int:
     _require("pyarrow")
     from daemon.app import build_backbone
     from daemon.bottleneck_import import BottleneckImporter, parquet_files, row_count
-    from daemon.plugin_manager import Hooks, make_plugin_manager
+    from daemon.plugin_manager import Hooks
     from daemon.store import Store
 
-    backbone = build_backbone(Hooks(make_plugin_manager(config.plugins.disable, args.plugins)), config)
+    backbone = build_backbone(Hooks.of(config, args.plugins), config)
     files = parquet_files(Path(d) for d in args.dirs)
     store = Store(config.folder("state") / STORE_FILE)
     try:
