@@ -13,6 +13,7 @@ from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
 from daemon.dataset import manifest_of
 from daemon.extractor import Extractor
+from daemon.fstype import file_system
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
@@ -32,6 +33,17 @@ FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
 
 
+def check_state_dir(config: Config) -> None:
+    """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
+    (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
+    state = config.folder("state")
+    fs = file_system(state)
+    if fs.remote:
+        raise ConfigError(f"folders.state: {state} is on {fs.name}, a network or FUSE file system, where SQLite's "
+                          "locking and write-ahead log are unsafe; give a folder on a local disk (an absolute "
+                          "path may lie outside data_root)")
+
+
 def build_backbone(hooks: Hooks, config: Config) -> Backbone:
     cache = config.folder("state") / "weights"
     cache.mkdir(parents=True, exist_ok=True)
@@ -49,6 +61,7 @@ class App:
         self.hooks = Hooks(make_plugin_manager(config.plugins.disable, extra_plugins), self.metrics)
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        check_state_dir(config)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / "store.sqlite")
@@ -62,14 +75,22 @@ class App:
         self.indexer = TrainingIndexer(config.folder("classes"), self.store, self.extractor, self.metrics,
                                        config.watch.max_file_bytes, self.trainer.notify_change)
         self.inbox = InboxProcessor(config, self.store, self.extractor, self.serving, self.hooks, self.metrics)
-        self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
+        self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
+                               self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.metrics, self.watcher.rescan_needed)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
+        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.health)
         self.http = HttpServer(api) if config.http.enabled else None
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """/healthz: `status` is `ok`, `degraded` while a watched folder is missing (nothing put there is seen),
+        or `down` when a worker thread has ended."""
+        alive, missing = self.alive(), self.watcher.missing()
+        status = "down" if not alive else "degraded" if missing else "ok"
+        return {"alive": alive, "status": status, "missing_folders": missing}
 
     def _published(self, version: ModelVersion) -> None:
         self._show(version)
