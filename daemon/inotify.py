@@ -16,24 +16,27 @@ from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchCallback, WatchDescriptor
 
-#: errno → (metric reason, the sysctl to raise, a value to suggest)
+#: errno → (metric reason, what runs out, the sysctl to raise, a value to suggest)
 _LIMITS = {
-    errno.ENOSPC: ("watch_limit", "fs.inotify.max_user_watches", 524288),
-    errno.EMFILE: ("instance_limit", "fs.inotify.max_user_instances", 1024),
+    errno.ENOSPC: ("watch_limit", "watches", "fs.inotify.max_user_watches", 524288),
+    errno.EMFILE: ("instance_limit", "instances", "fs.inotify.max_user_instances", 1024),
 }
 
 
 def limit_hint(exc: OSError) -> tuple[str, str]:
-    """(metric reason, one phrase for the log) for an inotify failure: which limit, its value, how to raise it."""
+    """(metric reason, one phrase for the log) for an inotify failure: which limit, its value, how to raise it.
+
+    The value is the one that applies here: `/proc/sys/user/max_inotify_*` is this user namespace's own limit
+    (the same as the sysctl on a host; a container's may be lower)."""
     if exc.errno not in _LIMITS:
         return "other", f"inotify failed ({exc.strerror or exc})"
-    reason, sysctl, suggest = _LIMITS[exc.errno]
+    reason, what, sysctl, suggest = _LIMITS[exc.errno]
     try:
-        current = Path("/proc/sys", *sysctl.split(".")).read_text().strip()
+        current = Path("/proc/sys/user", f"max_inotify_{what}").read_text().strip()
     except OSError:
         current = "unknown"
-    return reason, (f"the inotify {reason.replace('_', ' ')} is reached ({sysctl} = {current}); raise it with "
-                    f"`sysctl -w {sysctl}={suggest}` (and a file in /etc/sysctl.d/ to keep it)")
+    return reason, (f"the inotify {reason.replace('_', ' ')} is reached ({current} {what} for this user); raise it with `sysctl -w {sysctl}={suggest}` (and a file in /etc/sysctl.d/ "
+                    "to keep it)")
 
 
 class _ReportingInotifyFD(InotifyFD):

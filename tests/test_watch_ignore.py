@@ -26,6 +26,8 @@ TOOL_FOLDERS = (
     ".snapshot/hourly.0/old.jpg",                   # NetApp/NAS snapshots
     "$RECYCLE.BIN/S-1-5-21/$R0001.jpg",             # Windows trash can on a shared drive
     "System Volume Information/tracking.jpg",       # Windows volume metadata
+    "._IMG_0001.jpg",                               # macOS's resource fork beside a file copied to a share
+    ".hidden-photo.jpg",                            # any hidden name
 )
 
 

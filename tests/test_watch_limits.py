@@ -1,6 +1,7 @@
 """The kernel's inotify limits reached (issue 11, row 7): a real daemon (tests/crash_child.py) in a user
-namespace (`unshare -Ur`) whose own `fs.inotify.max_user_watches` / `max_user_instances` are set low, as on a
-busy host where other programs hold most of them."""
+namespace (`unshare -Ur`) whose own inotify limits (`/proc/sys/user/max_inotify_watches`, `..._instances`) are
+set low, as on a busy host where other programs hold most of them. Only that namespace's limits change: the
+host's `fs.inotify.*` (which `unshare -Ur`'s root could write too) are checked to stay as they were."""
 
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ NOTICED = 20.0  # far below the periodic rescan (off here): an unwatched folder 
 SUBFOLDERS = 40
 
 
+HOST_LIMITS = tuple(Path("/proc/sys/fs/inotify", name) for name in ("max_user_watches", "max_user_instances"))
+
+
 def _namespace_limits_refused() -> str | None:
     try:
-        done = subprocess.run(["unshare", "-Ur", "sh", "-c", "echo 20 > /proc/sys/fs/inotify/max_user_watches"],
+        done = subprocess.run(["unshare", "-Ur", "sh", "-c", "echo 20 > /proc/sys/user/max_inotify_watches"],
                               capture_output=True, text=True, timeout=30, check=False)
     except FileNotFoundError:
         return "unshare (util-linux) is not installed"
@@ -53,8 +57,8 @@ class LimitedDaemon:
             "watch: {settle_seconds: 0.1, rescan_interval_seconds: 0, poll_interval_seconds: 0.2}\n"
             "classify: {confidence_threshold: 0.0}\nsplit: {validation_percentage: 20, testing_percentage: 0}\n"
             f"http: {{port: {self.port}}}\n")
-        limits = (f"echo {watches} > /proc/sys/fs/inotify/max_user_watches && "
-                  f"echo {instances} > /proc/sys/fs/inotify/max_user_instances && ")
+        limits = (f"echo {watches} > /proc/sys/user/max_inotify_watches && "
+                  f"echo {instances} > /proc/sys/user/max_inotify_instances && ")
         command = ["unshare", "-Ur", "sh", "-c", limits + 'exec "$0" -m tests.crash_child config.yaml',
                    sys.executable]
         with (root / "child.log").open("wb") as log:
@@ -82,7 +86,9 @@ class LimitedDaemon:
 
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[type[LimitedDaemon]]:
+    host = [path.read_text() for path in HOST_LIMITS]
     refused = _namespace_limits_refused()
+    assert [path.read_text() for path in HOST_LIMITS] == host, "the host's inotify limits changed"
     if refused:
         pytest.skip(refused)
     for label, colour in (("red", "red"), ("blue", "blue")):
@@ -98,6 +104,7 @@ def limited(tmp_path: Path) -> Iterator[type[LimitedDaemon]]:
     yield Started
     for daemon in started:
         daemon.stop()
+    assert [path.read_text() for path in HOST_LIMITS] == host, "the host's inotify limits changed"
 
 
 def _classified(data: Path) -> int:
@@ -120,7 +127,7 @@ def test_folders_beyond_the_watch_limit_are_said_counted_and_polled(tmp_path: Pa
     assert daemon.metric("retraind_watch_errors_total", reason="watch_limit") >= 1
     daemon.stop()
     lines = [line for line in daemon.log().splitlines() if "ERROR" in line]
-    assert lines and all("cannot watch" in line and "fs.inotify.max_user_watches = 20" in line
+    assert lines and all("cannot watch" in line and "watch limit is reached (20 watches for this user)" in line
                          and "sysctl -w fs.inotify.max_user_watches=" in line for line in lines), lines
     assert "Traceback" not in daemon.log()
 
@@ -138,6 +145,6 @@ def test_no_inotify_instance_at_start_up_is_one_line_and_the_daemon_polls(tmp_pa
     assert daemon.metric("retraind_watch_mode", folder="inbox", mode="polling") == 1
     daemon.stop()
     errors = [line for line in daemon.log().splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "fs.inotify.max_user_instances = 0" in errors[0], errors
+    assert len(errors) == 1 and "instance limit is reached (0 instances for this user)" in errors[0], errors
     assert "sysctl -w fs.inotify.max_user_instances=1024" in errors[0]
     assert "Traceback" not in daemon.log() and daemon.process.returncode == 0
