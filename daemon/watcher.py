@@ -73,8 +73,11 @@ def _text(path: bytes | str) -> str:
 
 
 class _Enqueue(FileSystemEventHandler):
+    """One per watched root (and the folders polled inside it): `folder_gone(path)` hears of every folder
+    deleted or moved away in what this root's watches see, the root itself included."""
+
     def __init__(self, events: queue.Queue[object], overflowed: threading.Event, metrics: Metrics,
-                 folder_gone: Callable[[], None]) -> None:
+                 folder_gone: Callable[[Path], None]) -> None:
         self._events, self._overflowed, self._metrics = events, overflowed, metrics
         self._folder_gone = folder_gone
 
@@ -83,7 +86,7 @@ class _Enqueue(FileSystemEventHandler):
         if kind is None:
             return  # opened, closed-without-write, directory created/modified: the files inside tell us
         if event.is_directory:
-            self._folder_gone()  # perhaps a root: the guard looks now rather than at its next round
+            self._folder_gone(Path(_text(event.src_path)))
         dest = Path(_text(event.dest_path)) if kind is EventKind.MOVED else None
         try:
             self._events.put_nowait(FileEvent(kind, Path(_text(event.src_path)), dest))
@@ -128,9 +131,13 @@ class _Root:
     path: Path
     identity: tuple[int, int] | None = None  # of the folder watched now; None while not watched
     missing: bool = False
+    #: the folder watched now was deleted (a new one may have its inode number: identity cannot tell)
+    lost: bool = False
+    generation: int = 0  # counts the watches made, so a late event about an old folder is not taken as news
     mode: str = ""
     watches: list[tuple[BaseObserver, ObservedWatch]] = field(default_factory=list)
     polled: list[Path] = field(default_factory=list)  # folders inside it inotify could not watch
+    handler: _Enqueue | None = None  # of this generation's watches
 
 
 class Watcher:
@@ -143,7 +150,7 @@ class Watcher:
         self.rescan_needed = threading.Event()
         self._config, self._metrics = config, metrics
         self._wake, self._stopping = threading.Event(), threading.Event()
-        self._handler = _Enqueue(events, self.rescan_needed, metrics, self._wake.set)
+        self._events = events
         self._roots = [_Root(area, path) for area, path in roots.items()]
         self._inotify: InotifyObserver | None = None
         self._polling = PollingObserver(timeout=config.poll_interval_seconds)
@@ -201,6 +208,16 @@ class Watcher:
         observer.start()
         return observer
 
+    def _handler(self, root: _Root) -> _Enqueue:
+        generation = root.generation
+
+        def folder_gone(path: Path) -> None:
+            if path == root.path and root.generation == generation:
+                root.lost = True
+            self._wake.set()  # perhaps a root: the guard looks now rather than at its next round
+
+        return _Enqueue(self._events, self.rescan_needed, self._metrics, folder_gone)
+
     def _on_watch_failed(self, path: Path) -> None:
         """Called by inotify's thread (or a schedule) for a folder the watch limit kept out."""
         with self._lock:
@@ -223,7 +240,7 @@ class Watcher:
     def _check(self, root: _Root) -> None:
         """Watch `root` again if it is no longer the folder watched: deleted, moved away, replaced, back."""
         identity = _identity(root.path)
-        if identity is not None and identity == root.identity:
+        if identity is not None and identity == root.identity and not root.lost:
             return
         watched = root.identity is not None
         self._unwatch(root)
@@ -251,6 +268,9 @@ class Watcher:
             self._unwatch(root)
 
     def _watch(self, root: _Root, identity: tuple[int, int]) -> None:
+        root.generation += 1
+        root.lost = False
+        handler = self._handler(root)
         fs = file_system(root.path)
         mode = self._config.mode
         if mode == "auto":
@@ -261,7 +281,7 @@ class Watcher:
                         fs.name)
         if mode == "events" and self._inotify is not None:
             try:
-                root.watches.append((self._inotify, self._inotify.schedule(self._handler, str(root.path),
+                root.watches.append((self._inotify, self._inotify.schedule(handler, str(root.path),
                                                                            recursive=True)))
             except OSError as exc:
                 reason, hint = limit_hint(exc)
@@ -272,11 +292,11 @@ class Watcher:
         elif mode == "events":
             mode = "polling"  # no inotify instance at all: said once at start
         if mode == "polling":
-            root.watches.append((self._polling, self._polling.schedule(self._handler, str(root.path),
+            root.watches.append((self._polling, self._polling.schedule(handler, str(root.path),
                                                                        recursive=True)))
             log.info("%s folder %s (%s) is polled every %g s (watch.mode: %s)", root.area, root.path, fs.name,
                      self._config.poll_interval_seconds, self._config.mode)
-        root.identity, root.mode = identity, mode
+        root.identity, root.mode, root.handler = identity, mode, handler
         for each in ("events", "polling"):
             self._metrics.watch_mode.labels(folder=root.area, mode=each).set(1 if each == mode else 0)
 
@@ -296,16 +316,16 @@ class Watcher:
             failed, self._unwatched = sorted(set(self._unwatched), key=lambda p: len(p.parts)), []
         for path in failed:
             root = next((r for r in self._roots if path.is_relative_to(r.path) and path != r.path), None)
-            if root is None or root.mode != "events" or any(path.is_relative_to(p) for p in root.polled):
+            if root is None or root.mode != "events" or root.handler is None or not path.is_dir():
                 continue  # a root itself is handled by _watch; a polled one needs no watches
-            if not path.is_dir():
+            if any(path.is_relative_to(p) for p in root.polled):
                 continue
             reason, hint = limit_hint(OSError(errno.ENOSPC, "inotify watch limit reached"))
             log.error("cannot watch %s: %s; that folder is polled every %g s instead", path, hint,
                       self._config.poll_interval_seconds)
             self._metrics.watch_errors.labels(reason=reason).inc()
             try:
-                root.watches.append((self._polling, self._polling.schedule(self._handler, str(path),
+                root.watches.append((self._polling, self._polling.schedule(root.handler, str(path),
                                                                            recursive=True)))
             except OSError:
                 continue  # gone meanwhile

@@ -50,8 +50,10 @@ def test_inbox_deleted_replaced_or_moved_away_is_noticed_rewatched_and_rescanned
     assert metrics["retraind_watch_root_changes_total{folder=inbox}"] == 2
     assert metrics["retraind_watch_root_missing{folder=inbox}"] == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "daemon.watcher" and r.levelno == logging.WARNING]
-    assert any("was replaced by another folder" in line for line in lines), lines
-    assert any("is gone" in line for line in lines) and any("is back" in line for line in lines), lines
+    # rm -rf then mkdir reads "was replaced by another folder", or "is gone" then "is back" when the guard
+    # looked in between (it looks at once when a folder is deleted); mv then mkdir always reads the latter
+    said = [next((words for words in ("was replaced", "is gone", "is back") if words in line), line) for line in lines]
+    assert said in (["was replaced", "is gone", "is back"], ["is gone", "is back", "is gone", "is back"]), lines
 
 
 def test_classes_replaced_is_rewatched_and_retrained(tmp_path: Path, run_app: Any) -> None:
