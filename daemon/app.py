@@ -18,6 +18,7 @@ from daemon.extractor import Extractor
 from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
 from daemon.http_api import Api, HttpServer
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -109,7 +110,8 @@ class App:
         self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
                                self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress())
+                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
+                                 self.trainer.set_backlog)
         api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed,
                   self.health)
         self.http = HttpServer(api) if config.http.enabled else None
@@ -148,7 +150,9 @@ class App:
                 self.metrics.accuracy.labels(split=split).set(value)
 
     def _load_current(self) -> None:
-        """Serve the published model if it was trained on this backbone; retrain if the data or settings moved on."""
+        """Serve the published model if it was trained on this backbone. Whether the data or settings moved
+        on is the trainer's first question, on its own thread: reading the whole catalog must not delay
+        serving."""
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
@@ -159,21 +163,14 @@ class App:
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
-        if version is not None and not self.trainer.trained_on_current(version):
-            log.info("model %d was trained on other images, another backbone or other settings; retraining",
-                     version.number)
-            self.trainer.notify_change()
-        elif version is None and any(e.ok for e in self.store.catalog().values()):
-            self.trainer.notify_change()
 
     def start(self) -> None:
         self._load_current()
         recovered = self.journal.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
-        self.watcher.start()  # before the scan, so nothing falls between the two
-        self.pipeline.rescan()
-        if next(walk_files(self.config.folder("classes")), None) is None:
+        self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
+        if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))
         self.pipeline.start()

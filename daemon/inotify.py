@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
-from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify import InotifyFullEmitter
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchCallback, WatchDescriptor
 
 #: errno → (metric reason, what runs out, the sysctl to raise, a value to suggest)
@@ -54,7 +54,8 @@ class _ReportingInotifyFD(InotifyFD):
 
 
 class InotifyObserver(BaseObserver):
-    """watchdog's InotifyObserver with one private inotify instance that calls `on_watch_failed(folder)` for
+    """watchdog's InotifyObserver (with `generate_full_events`: the halves of a rename across the watched
+    folders' edge are reported as moves) and one private inotify instance that calls `on_watch_failed(folder)` for
     each folder the watch limit kept out (from inotify's thread, or from `schedule`). Raises OSError when no
     inotify instance can be had (EMFILE: `fs.inotify.max_user_instances`)."""
 
@@ -62,7 +63,7 @@ class InotifyObserver(BaseObserver):
         self._inotify_fd = _ReportingInotifyFD(on_watch_failed)
         self._inotify_fd.name = "retraind-inotify"
         self._inotify_fd.start()
-        super().__init__(InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd)
+        super().__init__(InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd)
 
     def on_thread_stop(self) -> None:
         super().on_thread_stop()

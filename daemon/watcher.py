@@ -12,7 +12,11 @@ The guard thread (`retraind-watch-guard`) checks twice a second, and at once whe
 that each root is still the folder being watched: a root deleted, moved away or replaced by another folder of the
 same name is logged, counted (`retraind_watch_root_changes_total`), watched again once it is there and rescanned;
 while it is missing, `missing()` names it and /healthz says degraded.
-"""
+
+A rename is the writer's signal that a file is complete. On Linux the observer reports the halves of a rename
+that crosses the watched folders' edge too (watchdog's "full events"), so a file renamed in from outside
+arrives as CLOSED (taken at once, like a file its writer closed) instead of as CREATED (which waits
+`settle_seconds`), and a folder renamed in arrives as MOVED; a file renamed out is DELETED."""
 
 from __future__ import annotations
 
@@ -85,11 +89,18 @@ class _Enqueue(FileSystemEventHandler):
         kind = _KINDS.get(type(event))
         if kind is None:
             return  # opened, closed-without-write, directory created/modified: the files inside tell us
-        if event.is_directory:
-            self._folder_gone(Path(_text(event.src_path)))
-        dest = Path(_text(event.dest_path)) if kind is EventKind.MOVED else None
+        src, dest = _text(event.src_path), _text(event.dest_path) if kind is EventKind.MOVED else ""
+        if event.is_directory and src:
+            self._folder_gone(Path(src))
+        if kind is EventKind.MOVED and not src:  # renamed in from outside the watched folders: complete
+            item = FileEvent(EventKind.MOVED, Path(dest), Path(dest)) if event.is_directory else \
+                FileEvent(EventKind.CLOSED, Path(dest))
+        elif kind is EventKind.MOVED and not dest:  # renamed out of them
+            item = FileEvent(EventKind.DELETED, Path(src))
+        else:
+            item = FileEvent(kind, Path(src), Path(dest) if dest else None)
         try:
-            self._events.put_nowait(FileEvent(kind, Path(_text(event.src_path)), dest))
+            self._events.put_nowait(item)
         except queue.Full:
             if not self._overflowed.is_set():
                 self._metrics.overflows.inc()
