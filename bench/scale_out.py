@@ -79,9 +79,9 @@ def import_figures(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from daemon.app import build_backbone
     from daemon.bulk import schema
     from daemon.config import load_config
+    from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks
 
     with harness.scratch("import") as root:

@@ -12,15 +12,16 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
-from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
+from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
+from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
 from daemon.http_api import Api, HttpServer
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
-from daemon.logs import foreign_output_as_debug
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
@@ -39,15 +40,15 @@ FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
 
 
-def build_backbone(hooks: Hooks, config: Config) -> Backbone:
-    cache = config.folder("state") / "weights"
-    cache.mkdir(parents=True, exist_ok=True)
-    with foreign_output_as_debug():  # TensorFlow loads here: its own chatter becomes DEBUG lines
-        backbone = hooks.make_backbone(config.backbone, cache)
-    if backbone is None:
-        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
-                          "(built in: efficientnet_lite0, inception_v3)")
-    return backbone
+def check_state_dir(config: Config) -> None:
+    """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
+    (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
+    state = config.folder("state")
+    fs = file_system(state)
+    if fs.remote:
+        raise ConfigError(f"folders.state: {state} is on {fs.name}, a network or FUSE file system, where SQLite's "
+                          "locking and write-ahead log are unsafe; give a folder on a local disk (an absolute "
+                          "path may lie outside data_root)")
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -79,6 +80,7 @@ class App:
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        check_state_dir(config)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / STORE_FILE)
@@ -94,11 +96,14 @@ class App:
                                        config.watch.max_file_bytes, self.trainer.notify_change)
         self.journal = InboxJournal(config, self.store, self.hooks, self.metrics)
         self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
-        self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
+        self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
+                               self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress())
+                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
+                                 self.trainer.set_backlog)
         self.publisher = self._publisher()
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
+        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed,
+                  self.health)
         self.http = HttpServer(api) if config.http.enabled else None
 
     def _publisher(self) -> Publisher | None:
@@ -111,6 +116,13 @@ class App:
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """/healthz: `status` is `ok`, `degraded` while a watched folder is missing (nothing put there is seen),
+        or `down` when a worker thread has ended."""
+        alive, missing = self.alive(), self.watcher.missing()
+        status = "down" if not alive else "degraded" if missing else "ok"
+        return {"alive": alive, "status": status, "missing_folders": missing}
 
     def status(self) -> DaemonStatus:
         """What the daemon is doing now (any thread)."""
@@ -136,7 +148,9 @@ class App:
                 self.metrics.accuracy.labels(split=split).set(value)
 
     def _load_current(self) -> None:
-        """Serve the published model if it was trained on this backbone; retrain if the data or settings moved on."""
+        """Serve the published model if it was trained on this backbone. Whether the data or settings moved
+        on is the trainer's first question, on its own thread: reading the whole catalog must not delay
+        serving."""
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
@@ -147,21 +161,15 @@ class App:
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
-        if version is not None and not self.trainer.trained_on_current(version):
-            log.info("model %d was trained on other images, another backbone or other settings; retraining",
-                     version.number)
-            self.trainer.notify_change()
-        elif version is None and any(e.ok for e in self.store.catalog().values()):
-            self.trainer.notify_change()
 
     def start(self) -> None:
+        warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
         self._load_current()
         recovered = self.journal.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
-        self.watcher.start()  # before the scan, so nothing falls between the two
-        self.pipeline.rescan()
-        if next(walk_files(self.config.folder("classes")), None) is None:
+        self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
+        if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))
         self.pipeline.start()

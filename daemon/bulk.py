@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from daemon.app import build_backbone
 from daemon.atomic import TMP_PREFIX
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
 from daemon.config import Config
+from daemon.engines import build_backbone
 from daemon.images import ImageRejected, decode_or_reject
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion

@@ -56,8 +56,8 @@ def cmd_bulk_classify(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
     _require("pyarrow")
-    from daemon.app import build_backbone
     from daemon.bottleneck_import import BottleneckImporter, parquet_files, row_count
+    from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks
     from daemon.store import Store
 

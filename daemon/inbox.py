@@ -23,7 +23,7 @@ import numpy as np
 from daemon.atomic import free_name, move_atomic, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
-from daemon.extractor import Extractor
+from daemon.extractor import Extraction, Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
@@ -46,6 +46,17 @@ class InboxOutcome:
     retry: list[Path] = field(default_factory=list)
 
 
+@dataclass
+class PreparedBatch:
+    """Inbox files read and embedded by `InboxProcessor.prepare`, not yet moved; `version` None: no model yet."""
+
+    paths: list[Path]
+    version: ModelVersion | None
+    files: list[ImageFile] = field(default_factory=list)
+    unreadable: dict[Path, ImageRejected] = field(default_factory=dict)
+    extraction: Extraction = field(default_factory=Extraction)
+
+
 class InboxProcessor:
     def __init__(
         self, config: Config, journal: InboxJournal, extractor: Extractor, serving: ServingModel, hooks: Hooks,
@@ -57,25 +68,38 @@ class InboxProcessor:
 
     def process(self, paths: list[Path]) -> InboxOutcome:
         """Classify `paths` (files already in the journal belong to `recover` and are left alone)."""
+        return self.finish(self.prepare(paths))
+
+    def prepare(self, paths: list[Path]) -> PreparedBatch:
+        """Read and embed a batch (any thread: no journal entry, no move). The pipeline prepares the next batch
+        while it finishes this one, so the forward pass overlaps the durable writes."""
         version = self._serving.version
         if version is None:
-            return InboxOutcome(waiting=list(paths))
-        outcome = InboxOutcome()
+            return PreparedBatch(list(paths), None)
         journaled = self._journal.open_sources()
-        files: list[ImageFile] = []
+        batch = PreparedBatch(list(paths), version)
         for path in paths:
             if path in journaled or not os.path.lexists(path):
                 continue
             try:
-                files.append(read_image_file(path, self._config.watch.max_file_bytes))
+                batch.files.append(read_image_file(path, self._config.watch.max_file_bytes))
             except ImageRejected as exc:
-                self._reject(path, exc, outcome)
-        extraction = self._extractor.extract(files)
-        for f in files:
-            problem = extraction.rejected.get(str(f.path))
+                batch.unreadable[path] = exc
+        batch.extraction = self._extractor.extract(batch.files, urgent=True)
+        return batch
+
+    def finish(self, batch: PreparedBatch) -> InboxOutcome:
+        """Journal, move and record each file of a prepared batch (the pipeline thread)."""
+        if batch.version is None:
+            return InboxOutcome(waiting=batch.paths)
+        outcome = InboxOutcome()
+        for path, unreadable in batch.unreadable.items():
+            self._reject(path, unreadable, outcome)
+        for f in batch.files:
+            problem = batch.extraction.rejected.get(str(f.path))
             if problem is not None:
                 self._reject(f.path, problem, outcome)
-            elif not self._classify_one(f, version, extraction.vectors[f.sha256]):
+            elif not self._classify_one(f, batch.version, batch.extraction.vectors[f.sha256]):
                 outcome.retry.append(f.path)
         return outcome
 

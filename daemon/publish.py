@@ -196,11 +196,11 @@ class Publisher(threading.Thread):
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _export(self, version: ModelVersion, scratch: Path) -> None:
-        from daemon.export import write_saved_model
+        from daemon.export import keras_network, write_saved_model
 
         if self._backbone is None:
             keras = dataclasses.replace(self._config.backbone, engine="keras")
-            self._backbone = self._make_backbone(dataclasses.replace(self._config, backbone=keras))
+            self._backbone = keras_network(self._make_backbone(dataclasses.replace(self._config, backbone=keras)))
         if self._backbone.id != version.backbone:
             raise ConfigError(f"model {version.number} was trained on {version.backbone}, but the configured "
                               f"backbone is {self._backbone.id}")
