@@ -10,10 +10,14 @@ from types import TracebackType
 from typing import Self
 
 from daemon.backbone import Backbone
+from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
 from daemon.dataset import manifest_of
 from daemon.extractor import Extractor
-from daemon.http_api import Api, HttpServer
+from daemon.http.api import Api
+from daemon.http.routes import make_app
+from daemon.http.security import read_token
+from daemon.http.server import HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.metrics import Metrics
@@ -65,8 +69,17 @@ class App:
         self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.metrics, self.watcher.rescan_needed)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
-        self.http = HttpServer(api) if config.http.enabled else None
+        self.batcher: Batcher | None = None
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            self._build_http()
+
+    def _build_http(self) -> None:
+        config = self.config
+        self.batcher = Batcher(self.extractor.embed, self.backbone.input_size, config.http.batching, self.metrics)
+        self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
+                       self.trainer.request, self.alive, lambda: self.serving.candidate)
+        self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
@@ -111,7 +124,9 @@ class App:
         self.pipeline.rescan()
         self.pipeline.start()
         self.trainer.start()
-        if self.http is not None:
+        if self.batcher is not None and self.http is not None:
+            self.batcher.start()  # warms the engine up; /readyz says ready after that
+            self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
 
@@ -127,6 +142,9 @@ class App:
             self.trainer.join()
         if self.http is not None:
             self.http.stop()
+            self.api.close()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.extractor.close()
         self.store.close()
 

@@ -46,6 +46,21 @@ class Metrics:
             "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)
         self.plugin_errors = Counter(
             "retraind_plugin_errors", "Exceptions raised by plugins", ["hook", "plugin"], registry=r)
+        self.http_requests = Counter(
+            "retraind_http_requests", "HTTP requests answered, by route name", ["route", "method", "code"],
+            registry=r)
+        self.http_seconds = Histogram(
+            "retraind_http_request_duration_seconds", "HTTP request duration, by route name", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.http_inflight = Gauge("retraind_http_inflight_requests", "HTTP requests being answered", registry=r)
+        self.batch_size = Histogram(
+            "retraind_batch_size", "Images per inference batch of the HTTP batcher",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_queue = Gauge(
+            "retraind_batch_queued_images", "Images waiting in the HTTP batcher's queue", registry=r)
+        self.batch_rejections = Counter(
+            "retraind_batch_rejections", "Inference requests refused because the batch queue was full",
+            registry=r)
         for result in ("promoted", "rejected", "failed"):
             self.training_runs.labels(result=result)
         self.model_version.set(0)
