@@ -19,12 +19,11 @@ from http import HTTPStatus
 from typing import Any
 
 import numpy as np
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from daemon.http import MODEL_NAME
+from daemon.http import MODEL_NAME, convertors  # noqa: F401 - registers the path types
 from daemon.http.api import Api
 from daemon.http.body import read_body
 from daemon.http.errors import ApiError
@@ -33,32 +32,6 @@ from daemon.http.security import StateChangingRoute
 from daemon.registry import ModelVersion
 
 SIGNATURES = ("serving_default", "classify")
-
-
-class ModelNameConvertor(Convertor[str]):
-    regex = "[^/:]+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-class AddressConvertor(Convertor[str]):
-    """TF Serving's optional `/versions/N` or `/labels/L` after the model name (may be empty)."""
-
-    regex = "(?:/versions/[0-9]+|/labels/[^/:]+)?"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("model", ModelNameConvertor())
-register_url_convertor("address", AddressConvertor())
 
 
 def _api(request: Request) -> Api:
