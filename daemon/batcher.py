@@ -7,8 +7,9 @@ as TF Serving's `BasicBatchScheduler` does, with its knobs (`http.batching`):
 - `max_enqueued_batches`: the queue holds at most this many full batches of images; a request that would go
   beyond is refused at once with `QueueFull` (the HTTP layer answers 503 with `Retry-After`).
 
-One named thread runs the batches through `embed` (the extractor's, whose FIFO engine lock shares the
-backbone fairly with the pipeline's inbox and training batches). Futures are `concurrent.futures.Future`, so
+One named thread runs the batches through `embed` (the extractor's: its engine lock is shared with the
+pipeline's inbox and training batches, which leave it between batches for file work, so neither side
+starves: tests/test_batcher.py classifies inbox files under HTTP load). Futures are `concurrent.futures.Future`, so
 an asyncio caller awaits them with `asyncio.wrap_future`."""
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Batcher:
         self._metrics = metrics
         self._queue: queue.Queue[_Task | None] = queue.Queue()
         self._queued = 0  # images waiting, under _lock
+        self._stopped = False
         self._lock = threading.Lock()
         self._carry: _Task | None = None  # a task that did not fit the last batch: it opens the next
         self._seconds_per_image = 0.01  # smoothed, for Retry-After
@@ -71,7 +73,10 @@ class Batcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the batch in hand, refuse what is queued, join the thread."""
+        """Run what is queued (the HTTP server has stopped taking requests by then), join the thread; a
+        request submitted after that is refused with BatcherStopped."""
+        with self._lock:
+            self._stopped = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
@@ -82,6 +87,8 @@ class Batcher:
         size = self._config.max_batch_size
         limit = size * self._config.max_enqueued_batches
         with self._lock:
+            if self._stopped:
+                raise BatcherStopped("the daemon is stopping")
             if self._queued + len(images) > limit and self._queued:
                 seconds = max(1, round(self._queued * self._seconds_per_image + 0.5))
                 raise QueueFull(self._queued, seconds)

@@ -35,27 +35,6 @@ class Extraction:
     rejected: dict[str, ImageRejected] = field(default_factory=dict)
 
 
-class FifoLock:
-    """A lock granted in arrival order, so two busy callers (the inbox pipeline and the HTTP batcher) take
-    turns at the engine; a plain Lock lets one thread that releases and re-acquires starve the other."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self) -> None:
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._cond.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
 class Extractor:
     def __init__(
         self, backbone: Backbone, decode: Decoder, store: Store, metrics: Metrics, max_pixels: int,
@@ -67,7 +46,7 @@ class Extractor:
         self._metrics = metrics
         self._max_pixels = max_pixels
         self._batch_size = batch_size
-        self._forward_lock = FifoLock()  # the pipeline and the HTTP batcher share one backbone, in turns
+        self._forward_lock = threading.Lock()  # the pipeline and HTTP threads share one backbone
         # Two: the first two batches decode at once while the engine has nothing to do; after that one batch
         # ahead is all the engine can use, and more threads would only take cores from it.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retraind-decode")

@@ -117,14 +117,12 @@ class Api:
                                         for i, data in enumerate(payloads)))
         try:
             futures = self.batcher.submit(np.stack(images))
+            return np.concatenate([await asyncio.wrap_future(future) for future in futures])
         except QueueFull as exc:
             self.metrics.batch_rejections.inc()
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), {"Retry-After": str(exc.retry_after)}) from exc
-        try:
-            parts = [await asyncio.wrap_future(future) for future in futures]
         except BatcherStopped as exc:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), {"Retry-After": "5"}) from exc
-        return np.concatenate(parts)
 
     async def probabilities(self, payloads: Sequence[bytes], version: ModelVersion) -> np.ndarray:
         """Probabilities [N, labels] in `version.labels` order."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -27,7 +28,7 @@ from starlette.routing import BaseRoute, Route
 from daemon import __version__
 from daemon.http import MODEL_NAME, convertors  # noqa: F401 - registers the path types
 from daemon.http.api import Api
-from daemon.http.body import parse_json, read_body
+from daemon.http.body import parse_json, read_parsed
 from daemon.http.errors import ApiError
 from daemon.http.payloads import INPUT
 from daemon.registry import ModelVersion
@@ -54,21 +55,25 @@ def _model(request: Request) -> tuple[Api, ModelVersion]:
 
 
 async def server_metadata(request: Request) -> JSONResponse:
+    """KServe v2 server metadata: name, version, extensions."""
     return JSONResponse({"name": MODEL_NAME, "version": __version__, "extensions": EXTENSIONS})
 
 
 async def live(request: Request) -> JSONResponse:
+    """KServe v2 liveness: the daemon's threads are alive."""
     alive = request.app.state.api.alive()
     return JSONResponse({"live": alive}, status_code=HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 async def ready(request: Request) -> JSONResponse:
+    """KServe v2 readiness: a model is loaded and the engine warmed up."""
     is_ready = request.app.state.api.ready()
     return JSONResponse({"ready": is_ready},
                         status_code=HTTPStatus.OK if is_ready else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 async def model_metadata(request: Request) -> JSONResponse:
+    """KServe v2 model metadata: versions, the BYTES input, the FP32 output."""
     api, version = _model(request)
     versions = [str(version.number)] if request.path_params["version"] else [str(n) for n in api.versions()]
     return JSONResponse({
@@ -79,17 +84,15 @@ async def model_metadata(request: Request) -> JSONResponse:
 
 
 async def model_ready(request: Request) -> JSONResponse:
+    """KServe v2 model readiness (404 for an unknown model or version)."""
     api, _ = _model(request)  # 404 for an unknown model or version
     is_ready = api.batcher.warm.is_set()
     return JSONResponse({"name": MODEL_NAME, "ready": is_ready},
                         status_code=HTTPStatus.OK if is_ready else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
-def _split(request: Request, body: bytes) -> tuple[Any, bytes]:
-    """The JSON header and the binary part of an inference request."""
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "compressed request bodies are not accepted")
-    raw = request.headers.get(HEADER_LENGTH)
+def _split(body: bytes, raw: str | None) -> tuple[Any, bytes]:
+    """The JSON header and the binary part of an inference request (`raw`: Inference-Header-Content-Length)."""
     if raw is None:
         return parse_json(body), b""
     if not raw.isdigit() or int(raw) > len(body):
@@ -176,8 +179,11 @@ def _tensor(requested: _Requested, version: ModelVersion, probabilities: np.ndar
 
 
 async def infer(request: Request) -> Response:
+    """KServe v2 inference: BYTES image files in, probabilities (or classification strings) out."""
     api, version = _model(request)
-    header, binary = _split(request, await read_body(request))
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "compressed request bodies are not accepted")
+    header, binary = await read_parsed(request, partial(_split, raw=request.headers.get(HEADER_LENGTH)))
     images = _images(header, binary)
     requested = _requested(header)
     probabilities = await api.probabilities(images, version)

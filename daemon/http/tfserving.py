@@ -15,6 +15,7 @@ Paths are matched case-insensitively (security.Guard lowercases them); `N` is an
 
 from __future__ import annotations
 
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -25,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from daemon.http import MODEL_NAME, convertors  # noqa: F401 - registers the path types
 from daemon.http.api import Api
-from daemon.http.body import read_body
+from daemon.http.body import parse_json, read_body, read_parsed
 from daemon.http.errors import ApiError
 from daemon.http.payloads import INPUT, parse
 from daemon.http.security import StateChangingRoute
@@ -73,6 +74,7 @@ def _state(number: int, state: str = "AVAILABLE", code: str = "OK", message: str
 
 
 async def status(request: Request) -> JSONResponse:
+    """TF Serving model status: every kept version, or the one addressed."""
     api = _api(request)
     if request.path_params["address"]:
         return JSONResponse({"model_version_status": [_state(_addressed(request).number)]})
@@ -82,6 +84,7 @@ async def status(request: Request) -> JSONResponse:
 
 
 async def metadata(request: Request) -> JSONResponse:
+    """TF Serving model metadata with the SavedModel's signature_def, plus labels, backbone and accuracy."""
     version = _addressed(request)
     m = version.metrics
     return JSONResponse({
@@ -101,9 +104,10 @@ def _ranked(version: ModelVersion, probabilities: np.ndarray) -> tuple[list[list
 
 
 async def predict(request: Request) -> JSONResponse:
+    """TF Serving predict: serving_default → probabilities, classify → classes and scores."""
     version = _addressed(request)
     api: Api = request.app.state.api
-    parsed = parse(await read_body(request), request.headers.get("content-type", ""))
+    parsed = await read_parsed(request, partial(parse, content_type=request.headers.get("content-type", "")))
     signature = parsed.signature_name or "serving_default"
     if signature not in SIGNATURES:
         raise ApiError(HTTPStatus.BAD_REQUEST, f'Serving signature name: "{signature}" not found in signature def '
@@ -122,9 +126,10 @@ async def predict(request: Request) -> JSONResponse:
 
 
 async def classify(request: Request) -> JSONResponse:
+    """TF Serving classify (examples → result), or an image body / instances → top-k (ours)."""
     version = _addressed(request)
     api: Api = request.app.state.api
-    parsed = parse(await read_body(request), request.headers.get("content-type", ""))
+    parsed = await read_parsed(request, partial(parse, content_type=request.headers.get("content-type", "")))
     probabilities = await api.probabilities(parsed.images, version)
     classes, scores = _ranked(version, probabilities)
     if parsed.format == "examples":
@@ -136,8 +141,10 @@ async def classify(request: Request) -> JSONResponse:
 
 
 async def retrain(request: Request) -> JSONResponse:
+    """Train a new head now, whatever the quiet period says (ours; JSON body)."""
     api = _api(request)
-    await read_body(request)
+    if body := await read_body(request):
+        parse_json(body)  # a JSON body (e.g. {}); its fields are reserved for later options
     api.retrain()
     return JSONResponse({"retrain": "requested"}, status_code=HTTPStatus.ACCEPTED)
 
