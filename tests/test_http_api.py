@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.routing import Route
 
 from daemon.app import App
 from daemon.http.api import MAX_INSTANCES
+from daemon.http.routes import routes
 from tests.conftest import image_bytes, seed_classes, wait_for
 
 MODEL = "/v1/models/retraind"
@@ -159,3 +161,22 @@ def test_retrain_request_runs_the_trainer(tmp_path: Path, run_app: Any) -> None:
         code, _, body = call(app, "POST", f"{MODEL}:retrain", b"{}", {"Content-Type": "application/json"})
         assert (code, body) == (202, {"retrain": "requested"})
         wait_for(lambda: app.trainer.runs == 2, what="a forced training run")
+
+
+def test_openapi_documents_every_route(served: App) -> None:
+    """/openapi.json is built from the route table: a route added to it (another module's group) is in it."""
+    code, _, doc = call(served, "GET", "/openapi.json")
+    assert code == 200 and doc["openapi"].startswith("3.")
+    operations = {op["operationId"]: (path, method) for path, methods in doc["paths"].items()
+                  for method, op in methods.items()}
+    assert len(operations) == sum(len(m) for m in doc["paths"].values())  # ids are unique
+    for route in routes():
+        assert isinstance(route, Route)
+        assert any(op.startswith(route.name) for op in operations), route.name
+    assert operations["tfserving_predict_by_version"] == ("/v1/models/{model}/versions/{version}:predict", "post")
+    assert operations["tfserving_predict_by_label"] == ("/v1/models/{model}/labels/{label}:predict", "post")
+    assert operations["kserve_infer_by_version"] == ("/v2/models/{model}/versions/{version}/infer", "post")
+    retrain = doc["paths"]["/v1/models/{model}:retrain"]["post"]
+    assert retrain["x-retraind-extension"] is True and "application/json" in retrain["requestBody"]["content"]
+    assert "x-retraind-extension" not in doc["paths"]["/v1/models/{model}:predict"]["post"]
+    assert doc["paths"]["/v1/models/{model}:classify"]["post"]["x-retraind-extension"] is True
