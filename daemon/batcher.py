@@ -153,6 +153,7 @@ class Batcher:
             vectors = self._embed(np.concatenate([t.images for t in batch]))
         except Exception as exc:
             log.exception("an inference batch of %d images failed", count)
+            self._metrics.internal_error("inference_batch")
             for task in batch:
                 task.future.set_exception(exc)
             return

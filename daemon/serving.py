@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from daemon.registry import ModelVersion
@@ -14,7 +12,6 @@ class ServingModel:
         self._version: ModelVersion | None = None
         #: the last head the gate rejected (TF Serving's `candidate` label), if any since start
         self.candidate: ModelVersion | None = None
-        self._ready = threading.Event()
 
     @property
     def version(self) -> ModelVersion | None:
@@ -22,10 +19,6 @@ class ServingModel:
 
     def swap(self, version: ModelVersion) -> None:
         self._version = version
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
 
     @staticmethod
     def top_k(version: ModelVersion, vectors: np.ndarray, k: int) -> list[tuple[tuple[str, float], ...]]:

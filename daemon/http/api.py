@@ -34,7 +34,8 @@ _DECODERS = 2
 class Api:
     def __init__(
         self, config: Config, metrics: Metrics, serving: ServingModel, registry: ModelRegistry,
-        extractor: Extractor, batcher: Batcher, retrain: Callable[[], None], alive: Callable[[], bool],
+        extractor: Extractor, batcher: Batcher, retrain: Callable[[], ModelVersion | None],
+        alive: Callable[[], bool],
         candidate: Callable[[], ModelVersion | None],
     ) -> None:
         self.config, self.metrics, self.serving, self.registry = config, metrics, serving, registry

@@ -11,6 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -48,10 +50,11 @@ EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_exception}
 
 
 class CatchErrors:
-    """Innermost safety net: a bug in a route is logged with its path and answered as a JSON 500."""
+    """Innermost safety net: a bug in a route is logged with its path, counted, and answered as a JSON 500."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
@@ -65,6 +68,7 @@ class CatchErrors:
             await self.app(scope, receive, tracking_send)
         except Exception:
             log.exception("HTTP %s %s failed", scope.get("method"), scope.get("path"))
+            self.metrics.internal_error("http_request")
             if not started and scope["type"] == "http":
                 response = error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the daemon's log")
                 await response(scope, receive, send)

@@ -28,7 +28,7 @@ def make_app(api: Api, token: bytes | None) -> Starlette:
         routes=routes(),
         middleware=[Middleware(RequestMetrics, metrics=api.metrics),
                     Middleware(Guard, http=api.config.http, token=token),
-                    Middleware(CatchErrors)],
+                    Middleware(CatchErrors, metrics=api.metrics)],
         exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.api = api

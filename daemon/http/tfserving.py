@@ -141,11 +141,13 @@ async def classify(request: Request) -> JSONResponse:
 
 
 async def retrain(request: Request) -> JSONResponse:
-    """Train a new head now, whatever the quiet period says (ours; JSON body)."""
+    """Train a new head now, whatever the quiet period says, unless the training set is unchanged (ours)."""
     api = _api(request)
     if body := await read_body(request):
         parse_json(body)  # a JSON body (e.g. {}); its fields are reserved for later options
-    api.retrain()
+    unchanged = api.retrain()  # the serving version when the training set has not changed since it
+    if unchanged is not None:
+        return JSONResponse({"retrain": "unchanged", "model_version": unchanged.number})
     return JSONResponse({"retrain": "requested"}, status_code=HTTPStatus.ACCEPTED)
 
 
