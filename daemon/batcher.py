@@ -7,9 +7,9 @@ as TF Serving's `BasicBatchScheduler` does, with its knobs (`http.batching`):
 - `max_enqueued_batches`: the queue holds at most this many full batches of images; a request that would go
   beyond is refused at once with `QueueFull` (the HTTP layer answers 503 with `Retry-After`).
 
-One named thread runs the batches through `embed` (the extractor's: its engine lock is shared with the
-pipeline's inbox and training batches, which leave it between batches for file work, so neither side
-starves: tests/test_batcher.py classifies inbox files under HTTP load). Futures are `concurrent.futures.Future`, so
+One named thread runs the batches through `embed` (the extractor's, as urgent work: the engine's turns put
+it level with inbox files and ahead of caching, batch by batch, so no side starves; tests/test_batcher.py
+classifies inbox files under HTTP load). Futures are `concurrent.futures.Future`, so
 an asyncio caller awaits them with `asyncio.wrap_future`."""
 
 from __future__ import annotations

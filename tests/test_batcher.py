@@ -96,7 +96,7 @@ def test_a_full_queue_is_a_503_with_retry_after(tmp_path: Any, run_app: Any) -> 
         wait_for(lambda: app.serving.version, what="first model")
         body = json.dumps({"instances": [{"b64": base64.b64encode(image_bytes("red", 9)).decode()}]}).encode()
         with ThreadPoolExecutor(8) as pool:
-            with app.extractor._forward_lock:  # the engine is busy elsewhere (the inbox, say)
+            with app.extractor.turns.turn(urgent=False):  # the engine is busy elsewhere (caching, say)
                 futures = [pool.submit(call, app, "POST", f"{MODEL}:predict", body) for _ in range(8)]
                 # at most one batch of 2 in the engine's hands and 2 images queued: the rest are refused at once
                 wait_for(lambda: sum(f.done() for f in futures) >= 4, what="refusals while the engine is busy")
