@@ -168,7 +168,7 @@ class App:
         self.pipeline.start()
         self.trainer.start()
         if self.batcher is not None and self.http is not None:
-            self.batcher.start()  # warms the engine up; /readyz says ready after that
+            self.batcher.start()  # warms the engine up first: /readyz is ready once the server answers
             self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)

@@ -70,6 +70,9 @@ class Batcher:
         self.warm = threading.Event()  # set once the engine has run a batch of each size used (readiness)
 
     def start(self) -> None:
+        """Warm the engine up (here, so the daemon is ready to serve when `App.start` returns), then start
+        the batching thread."""
+        self._warm_up()
         self._thread.start()
 
     def stop(self) -> None:
@@ -100,7 +103,6 @@ class Batcher:
         return [task.future for task in tasks]
 
     def _run(self) -> None:
-        self._warm_up()
         while True:
             batch = self._gather()
             if batch is None:

@@ -140,3 +140,13 @@ def test_the_inbox_is_served_under_http_load(tmp_path: Any, run_app: Any) -> Non
             finally:
                 stop.set()
         assert set(answered) == {200}
+
+
+def test_the_engine_is_warm_before_the_server_answers(run_app: Any) -> None:
+    """The engine runs a single image and a full batch before the HTTP server starts, so /readyz never says
+    ready for an engine whose first forward pass (set-up, allocation) is still to come."""
+    with run_app(http={"port": 0, "batching": {"max_batch_size": 8}}) as app:
+        code, _, body = call(app, "GET", "/readyz")
+        assert (code, body) == (503, {"ready": False, "model_version": 0, "engine_warm": True})  # no model yet
+        text = call_text(app, "/metrics")
+        assert "retraind_bottleneck_compute_seconds_count 2.0" in text  # a batch of 1 and one of 8, nothing else

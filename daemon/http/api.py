@@ -87,12 +87,16 @@ class Api:
         serving = self.serving_version()
         if number is None or number == serving.number:
             return serving
+        kept = self.registry.versions()
+        if number not in kept:
+            self._loaded.pop(number, None)  # pruned since it was loaded
+            raise ApiError(HTTPStatus.NOT_FOUND,
+                           f"version {number} is not kept (kept: {', '.join(map(str, kept)) or 'none'})")
         if number not in self._loaded:
             try:
                 self._loaded[number] = self.registry.load(number)
             except (OSError, ValueError, KeyError) as exc:
-                kept = ", ".join(map(str, self.registry.versions())) or "none"
-                raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} is not kept (kept: {kept})") from exc
+                raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} cannot be loaded: {exc}") from exc
         version = self._loaded[number]
         if version.backbone != self.extractor.backbone.id:
             raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} was trained on backbone {version.backbone}; "
