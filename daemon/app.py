@@ -13,9 +13,9 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
-from daemon.backbone import Backbone
 from daemon.batcher import Batcher
-from daemon.config import Config, ConfigError
+from daemon.config import Config
+from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
 from daemon.http.api import Api
@@ -25,7 +25,6 @@ from daemon.http.server import HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
-from daemon.logs import foreign_output_as_debug
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
@@ -41,17 +40,6 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
-
-
-def build_backbone(hooks: Hooks, config: Config) -> Backbone:
-    cache = config.folder("state") / "weights"
-    cache.mkdir(parents=True, exist_ok=True)
-    with foreign_output_as_debug():  # TensorFlow loads here: its own chatter becomes DEBUG lines
-        backbone = hooks.make_backbone(config.backbone, cache)
-    if backbone is None:
-        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
-                          "(built in: efficientnet_lite0, inception_v3)")
-    return backbone
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -110,7 +98,7 @@ class App:
     def _build_http(self) -> None:
         config = self.config
         urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
-        self.batcher = Batcher(urgent, self.backbone.input_size, config.http.batching, self.metrics)
+        self.batcher = Batcher(urgent, config.http.batching, self.metrics)
         self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
                        self.trainer.request_if_changed, self.alive, lambda: self.serving.candidate)
         self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
@@ -157,6 +145,7 @@ class App:
             log.info("serving model %d (%s)", version.number, version.backbone)
 
     def start(self) -> None:
+        warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
         self._load_current()
         recovered = self.journal.recover()
         if recovered:
@@ -168,7 +157,8 @@ class App:
         self.pipeline.start()
         self.trainer.start()
         if self.batcher is not None and self.http is not None:
-            self.batcher.start()  # warms the engine up first: /readyz is ready once the server answers
+            warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
+            self.batcher.start()
             self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)

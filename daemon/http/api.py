@@ -56,8 +56,8 @@ class Api:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def ready(self) -> bool:
-        """A model is loaded and the engine has run its warm-up batches."""
-        return self.serving.version is not None and self.batcher.warm.is_set()
+        """A model is loaded (the engine was warmed up before the server started)."""
+        return self.serving.version is not None
 
     def check_model(self, name: str) -> None:
         if name != MODEL_NAME:

@@ -32,8 +32,7 @@ async def readyz(request: Request) -> JSONResponse:
     api: Api = request.app.state.api
     version = api.serving.version
     ready = api.ready()
-    return JSONResponse({"ready": ready, "model_version": version.number if version else 0,
-                         "engine_warm": api.batcher.warm.is_set()},
+    return JSONResponse({"ready": ready, "model_version": version.number if version else 0},
                         status_code=HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
