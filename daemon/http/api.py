@@ -35,11 +35,11 @@ class Api:
     def __init__(
         self, config: Config, metrics: Metrics, serving: ServingModel, registry: ModelRegistry,
         extractor: Extractor, batcher: Batcher, retrain: Callable[[], ModelVersion | None],
-        alive: Callable[[], bool],
+        health: Callable[[], dict[str, object]],
         candidate: Callable[[], ModelVersion | None],
     ) -> None:
         self.config, self.metrics, self.serving, self.registry = config, metrics, serving, registry
-        self.extractor, self.batcher, self.retrain, self.alive = extractor, batcher, retrain, alive
+        self.extractor, self.batcher, self.retrain, self.health = extractor, batcher, retrain, health
         self.candidate = candidate
         # decoding (and parsing big JSON bodies) off the event loop; Pillow releases the GIL while decoding
         self.pool = ThreadPoolExecutor(max_workers=_DECODERS, thread_name_prefix="retraind-http-decode")

@@ -61,7 +61,7 @@ async def server_metadata(request: Request) -> JSONResponse:
 
 async def live(request: Request) -> JSONResponse:
     """KServe v2 liveness: the daemon's threads are alive."""
-    alive = request.app.state.api.alive()
+    alive = request.app.state.api.health()["status"] != "down"  # degraded (a folder missing) still serves
     return JSONResponse({"live": alive}, status_code=HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
