@@ -12,11 +12,13 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
-from daemon.config import Config
+from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
+from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
 from daemon.http_api import Api, HttpServer
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -35,6 +37,17 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
+
+
+def check_state_dir(config: Config) -> None:
+    """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
+    (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
+    state = config.folder("state")
+    fs = file_system(state)
+    if fs.remote:
+        raise ConfigError(f"folders.state: {state} is on {fs.name}, a network or FUSE file system, where SQLite's "
+                          "locking and write-ahead log are unsafe; give a folder on a local disk (an absolute "
+                          "path may lie outside data_root)")
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -66,6 +79,7 @@ class App:
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        check_state_dir(config)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / "store.sqlite")
@@ -81,15 +95,24 @@ class App:
                                        config.watch.max_file_bytes, self.trainer.notify_change)
         self.journal = InboxJournal(config, self.store, self.hooks, self.metrics)
         self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
-        self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
+        self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
+                               self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
+        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed,
+                  self.health)
         self.http = HttpServer(api) if config.http.enabled else None
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """/healthz: `status` is `ok`, `degraded` while a watched folder is missing (nothing put there is seen),
+        or `down` when a worker thread has ended."""
+        alive, missing = self.alive(), self.watcher.missing()
+        status = "down" if not alive else "degraded" if missing else "ok"
+        return {"alive": alive, "status": status, "missing_folders": missing}
 
     def status(self) -> DaemonStatus:
         """What the daemon is doing now (any thread)."""
@@ -136,7 +159,7 @@ class App:
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
         self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
-        if next(walk_files(self.config.folder("classes")), None) is None:
+        if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))
         self.pipeline.start()

@@ -51,10 +51,10 @@ class Api:
 
     def __init__(
         self, config: Config, metrics: Metrics, serving: ServingModel, extractor: Extractor,
-        retrain: Callable[[], ModelVersion | None], alive: Callable[[], bool],
+        retrain: Callable[[], ModelVersion | None], health: Callable[[], dict[str, object]],
     ) -> None:
         self.config, self.metrics, self.serving, self.extractor = config, metrics, serving, extractor
-        self.retrain, self.alive = retrain, alive
+        self.retrain, self.health = retrain, health
 
     def status(self) -> dict[str, Any]:
         version = self.serving.version
@@ -184,8 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, encode(self.api.metrics.registry), content_type)
 
     def _healthz(self) -> None:
-        alive = self.api.alive()
-        self._json(HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE, {"alive": alive})
+        health = self.api.health()
+        self._json(HTTPStatus.OK if health["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE, health)
 
     def _readyz(self) -> None:
         version = self.api.serving.version

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.atomic import TMP_PREFIX
 from daemon.config import Config
 from daemon.http_api import MODEL_NAME
+from daemon.ignore import IgnoreRules
 from daemon.registry import ModelRegistry
 from daemon.scanner import walk_files
 from daemon.split import SPLITS
@@ -75,7 +76,8 @@ def from_daemon(config: Config) -> dict[str, Any]:
 def from_state(config: Config) -> dict[str, Any]:
     version = ModelRegistry.of(config).current()
     m = version.metrics if version else {}
-    inbox = [p for p in walk_files(config.folder("inbox")) if not p.name.startswith(TMP_PREFIX)]
+    ignored = IgnoreRules(config.watch.ignore).name
+    inbox = [p for p in walk_files(config.folder("inbox"), ignored) if not p.name.startswith(TMP_PREFIX)]
     return {
         "source": f"state dir {config.folder('state')} (no daemon answers at {api_url(config)})",
         "model": version and _model(version.number, version.backbone, list(version.labels), m.get("accuracy", {})),

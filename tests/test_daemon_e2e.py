@@ -45,7 +45,7 @@ def test_inbox_waits_for_first_model_then_classifies(tmp_path: Path, run_app: An
     data = tmp_path / "data"
     with run_app() as app:
         assert get(app, "/readyz")[0] == 503
-        assert get(app, "/healthz") == (200, {"alive": True})
+        assert get(app, "/healthz") == (200, {"alive": True, "status": "ok", "missing_folders": []})
         early = write_image(data / "inbox" / "early red.jpg", "red", seed=900)
         seed_classes(tmp_path)
         wait_for(lambda: app.serving.version, what="first model")
