@@ -3,6 +3,7 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 from collections.abc import Iterable
@@ -12,12 +13,16 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
+from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
 from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
-from daemon.http_api import Api, HttpServer
+from daemon.http.api import Api
+from daemon.http.routes import make_app
+from daemon.http.security import read_token
+from daemon.http.server import HttpServer
 from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
@@ -102,9 +107,18 @@ class App:
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
         self.publisher = self._publisher()
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed,
-                  self.health)
-        self.http = HttpServer(api) if config.http.enabled else None
+        self.batcher: Batcher | None = None
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            self._build_http()
+
+    def _build_http(self) -> None:
+        config = self.config
+        urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
+        self.batcher = Batcher(urgent, config.http.batching, self.metrics)
+        self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
+                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate)
+        self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def _publisher(self) -> Publisher | None:
         """The `publisher` plugin, when a serving repository is configured and it is not disabled."""
@@ -178,7 +192,10 @@ class App:
             self.publisher.start()
             if self.serving.version is not None:  # published before a stop, or its export failed: catch up
                 self.publisher.submit(self.serving.version)
-        if self.http is not None:
+        if self.batcher is not None and self.http is not None:
+            warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
+            self.batcher.start()
+            self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
 
@@ -197,6 +214,9 @@ class App:
             self.publisher.join()
         if self.http is not None:
             self.http.stop()
+            self.api.close()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.extractor.close()
         self.store.close()
 
