@@ -60,6 +60,11 @@ class Metrics:
         self.internal_errors = Counter(
             "retraind_internal_errors", "Failures logged and survived, by where they happened", ["where"],
             registry=r)
+        self.review_actions = Counter(
+            "retraind_review_actions", "Reviewers' decisions (review page and /v1/review API) by action",
+            ["action"], registry=r)
+        for action in ("label", "reject", "move", "remove", "keep", "undo"):
+            self.review_actions.labels(action=action)
         for place in INTERNAL_ERROR_PLACES:
             self.internal_errors.labels(where=place)
         for result in ("promoted", "rejected", "failed"):

@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE TABLE IF NOT EXISTS journal (
     id TEXT PRIMARY KEY, source TEXT NOT NULL, destination TEXT NOT NULL, record TEXT NOT NULL,
     state TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS review_actions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, plan TEXT NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL);
 """
 
 ORIGINAL = ""  # the `variant` of an undistorted image's bottleneck
@@ -43,6 +46,17 @@ class CatalogEntry:
     size: int
     mtime_ns: int
     ok: bool
+
+
+@dataclass(frozen=True)
+class ReviewActionRow:
+    """A reviewer's decision (`daemon/review_actions.py`): `plan` is its JSON (the moves and the records to
+    write or restore); `state` goes `doing` → `done` → `undoing` → `undone`."""
+
+    seq: int
+    kind: str
+    plan: str
+    state: str
 
 
 @dataclass(frozen=True)
@@ -248,3 +262,23 @@ class Store:
     def journal_open(self) -> list[JournalEntry]:
         rows = self._db().execute("SELECT id, source, destination, record, state FROM journal").fetchall()
         return [JournalEntry(*r) for r in rows]
+
+    # -- review actions ----------------------------------------------------------------------------------
+
+    def review_begin(self, kind: str, plan: str) -> int:
+        """Journal a reviewer's action before its files move; returns its sequence number."""
+        with self._tx() as db:
+            cursor = db.execute("INSERT INTO review_actions (kind, plan, state, created) VALUES (?,?,?,?)",
+                                (kind, plan, "doing", time.time()))
+            return int(cursor.lastrowid or 0)
+
+    def review_set_state(self, seq: int, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE review_actions SET state = ? WHERE seq = ?", (state, seq))
+
+    def review_actions(self, states: tuple[str, ...]) -> list[ReviewActionRow]:
+        """Actions in any of `states`, newest first."""
+        marks = ",".join("?" * len(states))
+        rows = self._db().execute(f"SELECT seq, kind, plan, state FROM review_actions WHERE state IN ({marks}) "
+                                  "ORDER BY seq DESC", states).fetchall()
+        return [ReviewActionRow(*r) for r in rows]
