@@ -3,6 +3,7 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 from collections.abc import Iterable
@@ -13,10 +14,14 @@ from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
 from daemon.backbone import Backbone
+from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
 from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
-from daemon.http_api import Api, HttpServer
+from daemon.http.api import Api
+from daemon.http.routes import make_app
+from daemon.http.security import read_token
+from daemon.http.server import HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -97,8 +102,18 @@ class App:
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
-        self.http = HttpServer(api) if config.http.enabled else None
+        self.batcher: Batcher | None = None
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            self._build_http()
+
+    def _build_http(self) -> None:
+        config = self.config
+        urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
+        self.batcher = Batcher(urgent, self.backbone.input_size, config.http.batching, self.metrics)
+        self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
+                       self.trainer.request_if_changed, self.alive, lambda: self.serving.candidate)
+        self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
@@ -152,7 +167,9 @@ class App:
                      self.config.folder("classes"))
         self.pipeline.start()
         self.trainer.start()
-        if self.http is not None:
+        if self.batcher is not None and self.http is not None:
+            self.batcher.start()  # warms the engine up; /readyz says ready after that
+            self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
 
@@ -168,6 +185,9 @@ class App:
             self.trainer.join()
         if self.http is not None:
             self.http.stop()
+            self.api.close()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.extractor.close()
         self.store.close()
 

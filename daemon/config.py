@@ -7,6 +7,7 @@ wrong and what is allowed, and the CLI exits with status 78 (EX_CONFIG) so syste
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,32 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """TF Serving's batching parameters (`--batching_parameters_file`), for HTTP inference requests."""
+
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 8
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9721
     max_body_bytes: int = 16 * 1024 * 1024
+    #: `Host` names accepted besides the bound address and localhost (`*.example.org` matches sub-domains)
+    allowed_hosts: list[str] = field(default_factory=list)
+    #: a file holding the bearer token; required when `host` is not loopback (or `allow_unauthenticated`)
+    token_file: str = ""
+    allow_unauthenticated: bool = False
+    #: paths answered without the token (probes; add "/metrics" for a scraper without credentials)
+    paths_without_token: list[str] = field(default_factory=lambda: ["/healthz", "/readyz"])
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keep_alive_seconds: float = 5.0
+    backlog: int = 2048
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 @dataclass(frozen=True)
@@ -156,6 +178,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "watch.max_file_bytes": (1, 10**12),
     "http.port": (0, 65535),
     "http.max_body_bytes": (1, 10**10),
+    "http.header_timeout_seconds": (0.1, 3600),
+    "http.body_timeout_seconds": (0.1, 3600),
+    "http.keep_alive_seconds": (0.1, 3600),
+    "http.backlog": (1, 65535),
+    "http.batching.max_batch_size": (1, 4096),
+    "http.batching.batch_timeout_micros": (0, 10**7),
+    "http.batching.max_enqueued_batches": (1, 10**6),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backbone.engine": ("auto", "keras", "tflite"),
@@ -254,7 +283,23 @@ def _resolve_root(config: Config, base: Path) -> Config:
         raise ConfigError(f"data_root: parent folder {root.parent} does not exist; create it or fix the path")
     if config.split.validation_percentage + config.split.testing_percentage >= 100:
         raise ConfigError("split: validation_percentage + testing_percentage must be below 100")
-    return dataclasses.replace(config, data_root=root)
+    http = config.http
+    if http.token_file:
+        http = dataclasses.replace(http, token_file=str((base / http.token_file).resolve()))
+    elif not (http.allow_unauthenticated or is_loopback(http.host)):
+        raise ConfigError(f"http.token_file: serving on {http.host!r} reaches beyond this machine; give a file "
+                          "holding a bearer token (or set http.allow_unauthenticated: true)")
+    return dataclasses.replace(config, data_root=root, http=http)
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and the loopback addresses (127.0.0.0/8, ::1); wildcards and names are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_config(raw: Any, base: Path) -> Config:
