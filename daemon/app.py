@@ -19,6 +19,8 @@ from daemon.config import Config, ConfigError
 from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
 from daemon.http.api import Api
+from daemon.review import Review
+from daemon.review_actions import ReviewActions
 from daemon.http.routes import make_app
 from daemon.http.security import read_token
 from daemon.http.server import HttpServer
@@ -102,6 +104,7 @@ class App:
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
+        self.review_actions = ReviewActions(self.store, self.metrics)
         self.batcher: Batcher | None = None
         self.http: HttpServer | None = None
         if config.http.enabled:
@@ -111,8 +114,9 @@ class App:
         config = self.config
         urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
         self.batcher = Batcher(urgent, self.backbone.input_size, config.http.batching, self.metrics)
+        review = Review(config, self.store, self.serving, self.registry, self.review_actions, self.backbone.id)
         self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
-                       self.trainer.request_if_changed, self.alive, lambda: self.serving.candidate)
+                       self.trainer.request_if_changed, self.alive, lambda: self.serving.candidate, review)
         self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def alive(self) -> bool:
@@ -161,6 +165,8 @@ class App:
         recovered = self.journal.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
+        if finished := self.review_actions.recover():
+            log.info("finished %d review decisions a stop interrupted", finished)
         self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
         if next(walk_files(self.config.folder("classes")), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",

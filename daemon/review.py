@@ -259,8 +259,9 @@ class Review:
         summary: dict[str, Any] = {
             "version": version.number, "backbone": version.backbone, "labels": list(version.labels),
             "created": metrics.get("created"), "accuracy": metrics.get("accuracy", {}),
-            "per_class": metrics.get("per_class", metrics.get("classes", {})),
-            "confusion_matrix": metrics.get("confusion_matrix"), "trust": metrics.get("trust"),
+            "per_class_accuracy": metrics.get("per_class_accuracy", {}),
+            "confusion_matrix": metrics.get("confusion_matrix"), "confusion_split": metrics.get("confusion_split"),
+            "trust": metrics.get("trust"),
             "images": metrics.get("images"),
             "plots": sorted(p.name for p in version.directory.glob("*.png")),
         }
@@ -270,6 +271,8 @@ class Review:
                 "accuracy": {split: _delta(metrics.get("accuracy", {}).get(split),
                                            previous.metrics.get("accuracy", {}).get(split))
                              for split in metrics.get("accuracy", {})},
+                "per_class_accuracy": {label: _delta(value, previous.metrics.get("per_class_accuracy", {}).get(label))
+                                       for label, value in metrics.get("per_class_accuracy", {}).items()},
                 "labels_added": sorted(set(version.labels) - set(previous.labels)),
                 "labels_removed": sorted(set(previous.labels) - set(version.labels)),
                 "images": previous.metrics.get("images"),

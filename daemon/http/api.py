@@ -20,6 +20,7 @@ from daemon.http.errors import ApiError
 from daemon.images import ImageRejected
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion
+from daemon.review import Review
 from daemon.serving import ServingModel
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ class Api:
         self, config: Config, metrics: Metrics, serving: ServingModel, registry: ModelRegistry,
         extractor: Extractor, batcher: Batcher, retrain: Callable[[], ModelVersion | None],
         alive: Callable[[], bool],
-        candidate: Callable[[], ModelVersion | None],
+        candidate: Callable[[], ModelVersion | None], review: Review,
     ) -> None:
         self.config, self.metrics, self.serving, self.registry = config, metrics, serving, registry
         self.extractor, self.batcher, self.retrain, self.alive = extractor, batcher, retrain, alive
-        self.candidate = candidate
+        self.candidate, self.review = candidate, review
         # decoding (and parsing big JSON bodies) off the event loop; Pillow releases the GIL while decoding
         self.pool = ThreadPoolExecutor(max_workers=_DECODERS, thread_name_prefix="retraind-http-decode")
         self._loaded: dict[int, ModelVersion] = {}
