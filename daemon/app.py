@@ -13,10 +13,11 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
-from daemon.backbone import Backbone
 from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
+from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
+from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
 from daemon.http.api import Api
 from daemon.review import Review
@@ -24,10 +25,10 @@ from daemon.review_actions import ReviewActions
 from daemon.http.routes import make_app
 from daemon.http.security import read_token
 from daemon.http.server import HttpServer
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
-from daemon.logs import foreign_output_as_debug
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
@@ -45,15 +46,15 @@ FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
 
 
-def build_backbone(hooks: Hooks, config: Config) -> Backbone:
-    cache = config.folder("state") / "weights"
-    cache.mkdir(parents=True, exist_ok=True)
-    with foreign_output_as_debug():  # TensorFlow loads here: its own chatter becomes DEBUG lines
-        backbone = hooks.make_backbone(config.backbone, cache)
-    if backbone is None:
-        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
-                          "(built in: efficientnet_lite0, inception_v3)")
-    return backbone
+def check_state_dir(config: Config) -> None:
+    """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
+    (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
+    state = config.folder("state")
+    fs = file_system(state)
+    if fs.remote:
+        raise ConfigError(f"folders.state: {state} is on {fs.name}, a network or FUSE file system, where SQLite's "
+                          "locking and write-ahead log are unsafe; give a folder on a local disk (an absolute "
+                          "path may lie outside data_root)")
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -85,6 +86,7 @@ class App:
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        check_state_dir(config)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / "store.sqlite")
@@ -100,7 +102,8 @@ class App:
                                        config.watch.max_file_bytes, self.trainer.notify_change)
         self.journal = InboxJournal(config, self.store, self.hooks, self.metrics)
         self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
-        self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
+        self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
+                               self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
@@ -113,14 +116,21 @@ class App:
     def _build_http(self) -> None:
         config = self.config
         urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
-        self.batcher = Batcher(urgent, self.backbone.input_size, config.http.batching, self.metrics)
+        self.batcher = Batcher(urgent, config.http.batching, self.metrics)
         review = Review(config, self.store, self.serving, self.registry, self.review_actions, self.backbone.id)
         self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
-                       self.trainer.request_if_changed, self.alive, lambda: self.serving.candidate, review)
+                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate, review)
         self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """/healthz: `status` is `ok`, `degraded` while a watched folder is missing (nothing put there is seen),
+        or `down` when a worker thread has ended."""
+        alive, missing = self.alive(), self.watcher.missing()
+        status = "down" if not alive else "degraded" if missing else "ok"
+        return {"alive": alive, "status": status, "missing_folders": missing}
 
     def status(self) -> DaemonStatus:
         """What the daemon is doing now (any thread)."""
@@ -161,6 +171,7 @@ class App:
             log.info("serving model %d (%s)", version.number, version.backbone)
 
     def start(self) -> None:
+        warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
         self._load_current()
         recovered = self.journal.recover()
         if recovered:
@@ -168,13 +179,14 @@ class App:
         if finished := self.review_actions.recover():
             log.info("finished %d review decisions a stop interrupted", finished)
         self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
-        if next(walk_files(self.config.folder("classes")), None) is None:
+        if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))
         self.pipeline.start()
         self.trainer.start()
         if self.batcher is not None and self.http is not None:
-            self.batcher.start()  # warms the engine up; /readyz says ready after that
+            warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
+            self.batcher.start()
             self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)

@@ -52,12 +52,8 @@ _STOP = None
 
 
 class Batcher:
-    def __init__(
-        self, embed: Callable[[np.ndarray], np.ndarray], input_size: tuple[int, int], config: BatchingConfig,
-        metrics: Metrics,
-    ) -> None:
+    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], config: BatchingConfig, metrics: Metrics) -> None:
         self._embed = embed
-        self._input_size = input_size
         self._config = config
         self._metrics = metrics
         self._queue: queue.Queue[_Task | None] = queue.Queue()
@@ -67,7 +63,6 @@ class Batcher:
         self._carry: _Task | None = None  # a task that did not fit the last batch: it opens the next
         self._seconds_per_image = 0.01  # smoothed, for Retry-After
         self._thread = threading.Thread(target=self._run, name="retraind-batcher", daemon=False)
-        self.warm = threading.Event()  # set once the engine has run a batch of each size used (readiness)
 
     def start(self) -> None:
         self._thread.start()
@@ -100,23 +95,12 @@ class Batcher:
         return [task.future for task in tasks]
 
     def _run(self) -> None:
-        self._warm_up()
         while True:
             batch = self._gather()
             if batch is None:
                 break
             self._execute(batch)
         self._refuse_rest()
-
-    def _warm_up(self) -> None:
-        """Run the sizes a request may bring (1 and a full batch) once, so a first request pays no set-up."""
-        try:
-            width, height = self._input_size
-            for n in sorted({1, self._config.max_batch_size}):
-                self._embed(np.zeros((n, height, width, 3), dtype=np.uint8))
-        except Exception:
-            log.exception("engine warm-up failed; requests will show the error")
-        self.warm.set()
 
     def _gather(self) -> list[_Task] | None:
         """Block for a first task, then take more until the batch is full or the timeout passes."""

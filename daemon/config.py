@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from daemon.ignore import DEFAULT_IGNORE, check_pattern
+
 EX_CONFIG = 78
 T = TypeVar("T")
 
@@ -91,6 +93,11 @@ class WatchConfig:
     rescan_interval_seconds: float = 300.0
     max_image_pixels: int = 89_478_485
     max_file_bytes: int = 64 * 1024 * 1024
+    #: names (globs) that are never labels nor images: what tools, trash cans, NAS systems and archives add
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    #: `auto` polls roots on network and FUSE file systems (no inotify events for other machines' writes)
+    mode: str = "auto"
+    poll_interval_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "watch.rescan_interval_seconds": (0, 86400 * 7),
     "watch.max_image_pixels": (1, 10**10),
     "watch.max_file_bytes": (1, 10**12),
+    "watch.poll_interval_seconds": (0.05, 3600),
     "http.port": (0, 65535),
     "http.max_body_bytes": (1, 10**10),
     "http.header_timeout_seconds": (0.1, 3600),
@@ -189,6 +197,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backbone.engine": ("auto", "keras", "tflite"),
     "training.optimizer": ("lbfgs", "sgd", "adam"),
+    "watch.mode": ("auto", "events", "polling"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
@@ -239,6 +248,10 @@ _ALL_OR_COUNT = ("training.validation_batch_size",)
 def _check(key: str, value: Any) -> None:
     if key == "training.l2" and (not value or min(value) < 0):
         raise ConfigError(f"{key}: give one or more L2 strengths >= 0, e.g. [0.0001, 0.001, 0.01]")
+    if key == "watch.ignore":
+        for problem in (check_pattern(f"{key}[{i}]", p) for i, p in enumerate(value)):
+            if problem:
+                raise ConfigError(problem)
     if key in _ALL_OR_COUNT and value == 0:
         raise ConfigError(f"{key}: 0 evaluates no images; use -1 for all of them or a positive count")
     if key in _RANGES:

@@ -57,6 +57,17 @@ class Metrics:
         self.rejected = Counter("retraind_rejected_files", "Files that are not usable images", ["reason"], registry=r)
         self.overflows = Counter(
             "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)
+        self.watch_errors = Counter(
+            "retraind_watch_errors", "Folders inotify could not watch, by reason (each is polled instead)",
+            ["reason"], registry=r)
+        self.root_changes = Counter(
+            "retraind_watch_root_changes", "Watched root folders deleted, moved away or replaced", ["folder"],
+            registry=r)
+        self.root_missing = Gauge(
+            "retraind_watch_root_missing", "1 while a watched root folder is missing", ["folder"], registry=r)
+        self.watch_mode = Gauge(
+            "retraind_watch_mode", "1 for how each root folder is watched now: events or polling",
+            ["folder", "mode"], registry=r)
         self.plugin_errors = Counter(
             "retraind_plugin_errors", "Exceptions raised by plugins", ["hook", "plugin"], registry=r)
         self.http_requests = Counter(
@@ -86,6 +97,11 @@ class Metrics:
             self.internal_errors.labels(where=place)
         for result in ("promoted", "rejected", "failed"):
             self.training_runs.labels(result=result)
+        for reason in ("watch_limit", "instance_limit", "other"):
+            self.watch_errors.labels(reason=reason)
+        for folder in ("classes", "inbox"):
+            self.root_changes.labels(folder=folder)
+            self.root_missing.labels(folder=folder).set(0)
         self.model_version.set(0)
 
     def internal_error(self, where: InternalErrorPlace) -> None:

@@ -16,6 +16,7 @@ from daemon.atomic import TMP_PREFIX
 from daemon.config import Config
 from daemon.http import MODEL_NAME
 from daemon.http.security import read_token
+from daemon.ignore import IgnoreRules
 from daemon.registry import ModelRegistry
 from daemon.scanner import walk_files
 from daemon.split import SPLITS
@@ -81,7 +82,8 @@ def from_daemon(config: Config) -> dict[str, Any]:
 def from_state(config: Config) -> dict[str, Any]:
     version = ModelRegistry.of(config).current()
     m = version.metrics if version else {}
-    inbox = [p for p in walk_files(config.folder("inbox")) if not p.name.startswith(TMP_PREFIX)]
+    ignored = IgnoreRules(config.watch.ignore).name
+    inbox = [p for p in walk_files(config.folder("inbox"), ignored) if not p.name.startswith(TMP_PREFIX)]
     return {
         "source": f"state dir {config.folder('state')} (no daemon answers at {api_url(config)})",
         "model": version and _model(version.number, version.backbone, list(version.labels), m.get("accuracy", {})),

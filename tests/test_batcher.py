@@ -9,16 +9,21 @@ import json
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from daemon.app import App
+from daemon.backbone import Backbone
 from daemon.batcher import Batcher, BatcherStopped, QueueFull
-from daemon.config import BatchingConfig
+from daemon.config import BackboneConfig, BatchingConfig
+from daemon.hookspecs import hookimpl
 from daemon.metrics import Metrics
-from tests.conftest import image_bytes, seed_classes, wait_for, write_image
+from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
 from tests.test_http_api import MODEL, call
+from tests.tiny_backbone import TinyBackbonePlugin
 
 
 class GatedEngine:
@@ -30,9 +35,8 @@ class GatedEngine:
         self.sizes: list[int] = []
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        if images.any():  # warm-up batches are zeros and do not wait
-            self.gate.wait(10)
-            self.sizes.append(len(images))
+        self.gate.wait(10)
+        self.sizes.append(len(images))
         return images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
 
 
@@ -43,10 +47,9 @@ def images(*values: int) -> np.ndarray:
 @pytest.fixture
 def gated() -> Any:
     engine = GatedEngine()
-    batcher = Batcher(engine, (4, 4), BatchingConfig(max_batch_size=8, batch_timeout_micros=0,
-                                                     max_enqueued_batches=2), Metrics())
+    batcher = Batcher(engine, BatchingConfig(max_batch_size=8, batch_timeout_micros=0, max_enqueued_batches=2),
+                      Metrics())
     batcher.start()
-    wait_for(batcher.warm.is_set, what="warm-up")
     yield engine, batcher
     engine.gate.set()
     batcher.stop()
@@ -140,3 +143,36 @@ def test_the_inbox_is_served_under_http_load(tmp_path: Any, run_app: Any) -> Non
             finally:
                 stop.set()
         assert set(answered) == {200}
+
+
+class RecordingTiny(TinyBackbonePlugin):
+    """The tiny backbone, recording each forward pass: (batch size, all black?)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, bool]] = []
+
+    @hookimpl(tryfirst=True)
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        inner = super().retraind_make_backbone(config, cache_dir)
+        calls = self.calls
+
+        class Recording:
+            id, input_size, dim = inner.id, inner.input_size, inner.dim  # type: ignore[union-attr]
+
+            def embed(self, images: np.ndarray) -> np.ndarray:
+                calls.append((len(images), not images.any()))
+                return inner.embed(images)  # type: ignore[union-attr]
+
+        return Recording()
+
+
+def test_the_engine_is_warm_before_the_server_answers(tmp_path: Path) -> None:
+    """The engine runs a black image and a full batch of them before the HTTP server starts, so /readyz never
+    says ready while the first forward pass of a batch size (set-up, buffers) is still to come."""
+    recording = RecordingTiny()
+    with App(make_config(tmp_path, http={"port": 0, "batching": {"max_batch_size": 8}}),
+             extra_plugins=(recording,)) as app:
+        assert recording.calls[:2] == [(1, True), (8, True)]
+        code, _, body = call(app, "GET", "/readyz")
+        assert (code, body) == (503, {"ready": False, "model_version": 0})  # no model yet

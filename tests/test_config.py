@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import EX_CONFIG, ConfigError, load_config, parse_config
+from tests.conftest import Lite0Conversion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,11 +52,14 @@ def test_int_where_float_expected_is_accepted(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`check-config` builds the default backbone, converting it to TFLite in a fresh state dir: about 30 s on
+    an idle 2-core machine, well over a minute on a busy one."""
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=300, check=False)
 
 
-def test_check_config_cli(tmp_path: Path) -> None:
+def test_check_config_cli(tmp_path: Path, lite0_conversion: Lite0Conversion) -> None:
+    shutil.copytree(lite0_conversion.weights, tmp_path / "data" / "state" / "weights")  # converted already
     (tmp_path / "config.yaml").write_text("classify:\n  top_k: 3\n")
     ok = _cli("check-config", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

@@ -144,7 +144,7 @@ def test_variants_are_made_once_for_training_images_only(
         recipe = version.metrics["augmentation"]["recipe"]
         assert 0 < len(train) < 24  # some images are validation images
         assert variant_rows(app) == {(sha, f"{recipe}.{i}") for sha in train for i in range(2)}
-        assert tiny.images_embedded == 24 + 2 * len(train)
+        assert tiny.images_embedded == 24 + 2 * len(train)  # the originals, the variants
         assert version.metrics["variant_rows"] == 2 * len(train)
         assert version.head.hyperparameters["train_rows"] == 3 * len(train)
         assert sum(c["train"] for c in version.metrics["images"].values()) == len(train)  # originals only

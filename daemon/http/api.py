@@ -36,11 +36,11 @@ class Api:
     def __init__(
         self, config: Config, metrics: Metrics, serving: ServingModel, registry: ModelRegistry,
         extractor: Extractor, batcher: Batcher, retrain: Callable[[], ModelVersion | None],
-        alive: Callable[[], bool],
+        health: Callable[[], dict[str, object]],
         candidate: Callable[[], ModelVersion | None], review: Review,
     ) -> None:
         self.config, self.metrics, self.serving, self.registry = config, metrics, serving, registry
-        self.extractor, self.batcher, self.retrain, self.alive = extractor, batcher, retrain, alive
+        self.extractor, self.batcher, self.retrain, self.health = extractor, batcher, retrain, health
         self.candidate, self.review = candidate, review
         # decoding (and parsing big JSON bodies) off the event loop; Pillow releases the GIL while decoding
         self.pool = ThreadPoolExecutor(max_workers=_DECODERS, thread_name_prefix="retraind-http-decode")
@@ -57,8 +57,8 @@ class Api:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def ready(self) -> bool:
-        """A model is loaded and the engine has run its warm-up batches."""
-        return self.serving.version is not None and self.batcher.warm.is_set()
+        """A model is loaded (the engine was warmed up before the server started)."""
+        return self.serving.version is not None
 
     def check_model(self, name: str) -> None:
         if name != MODEL_NAME:
@@ -88,12 +88,16 @@ class Api:
         serving = self.serving_version()
         if number is None or number == serving.number:
             return serving
+        kept = self.registry.versions()
+        if number not in kept:
+            self._loaded.pop(number, None)  # pruned since it was loaded
+            raise ApiError(HTTPStatus.NOT_FOUND,
+                           f"version {number} is not kept (kept: {', '.join(map(str, kept)) or 'none'})")
         if number not in self._loaded:
             try:
                 self._loaded[number] = self.registry.load(number)
             except (OSError, ValueError, KeyError) as exc:
-                kept = ", ".join(map(str, self.registry.versions())) or "none"
-                raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} is not kept (kept: {kept})") from exc
+                raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} cannot be loaded: {exc}") from exc
         version = self._loaded[number]
         if version.backbone != self.extractor.backbone.id:
             raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} was trained on backbone {version.backbone}; "

@@ -61,7 +61,7 @@ async def server_metadata(request: Request) -> JSONResponse:
 
 async def live(request: Request) -> JSONResponse:
     """KServe v2 liveness: the daemon's threads are alive."""
-    alive = request.app.state.api.alive()
+    alive = request.app.state.api.health()["status"] != "down"  # degraded (a folder missing) still serves
     return JSONResponse({"live": alive}, status_code=HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
@@ -85,10 +85,8 @@ async def model_metadata(request: Request) -> JSONResponse:
 
 async def model_ready(request: Request) -> JSONResponse:
     """KServe v2 model readiness (404 for an unknown model or version)."""
-    api, _ = _model(request)  # 404 for an unknown model or version
-    is_ready = api.batcher.warm.is_set()
-    return JSONResponse({"name": MODEL_NAME, "ready": is_ready},
-                        status_code=HTTPStatus.OK if is_ready else HTTPStatus.SERVICE_UNAVAILABLE)
+    _model(request)  # 404 for an unknown model or version (the engine was warmed up before the server started)
+    return JSONResponse({"name": MODEL_NAME, "ready": True})
 
 
 def _split(body: bytes, raw: str | None) -> tuple[Any, bytes]:

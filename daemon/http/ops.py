@@ -22,9 +22,10 @@ async def metrics(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    """Liveness: the daemon's threads are alive."""
-    alive = request.app.state.api.alive()
-    return JSONResponse({"alive": alive}, status_code=HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE)
+    """Health: `ok`, `degraded` (a watched folder is missing) or `down` (a worker thread ended); 503 unless ok."""
+    health = request.app.state.api.health()
+    ok = health["status"] == "ok"
+    return JSONResponse(health, status_code=HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 async def readyz(request: Request) -> JSONResponse:
@@ -32,8 +33,7 @@ async def readyz(request: Request) -> JSONResponse:
     api: Api = request.app.state.api
     version = api.serving.version
     ready = api.ready()
-    return JSONResponse({"ready": ready, "model_version": version.number if version else 0,
-                         "engine_warm": api.batcher.warm.is_set()},
+    return JSONResponse({"ready": ready, "model_version": version.number if version else 0},
                         status_code=HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
