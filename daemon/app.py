@@ -20,8 +20,6 @@ from daemon.extractor import Extractor
 from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
 from daemon.http.api import Api
-from daemon.review import Review
-from daemon.review_actions import ReviewActions
 from daemon.http.routes import make_app
 from daemon.http.security import read_token
 from daemon.http.server import HttpServer
@@ -33,6 +31,8 @@ from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
+from daemon.review import Review
+from daemon.review_actions import ReviewActions
 from daemon.scanner import walk_files
 from daemon.serving import ServingModel
 from daemon.split import SPLITS
