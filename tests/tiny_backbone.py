@@ -31,6 +31,7 @@ class TinyBackbonePlugin:
     def __init__(self) -> None:
         self.backbone: Backbone | None = None
         self.images_embedded = 0
+        self.warm_up_batches = 0
 
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
@@ -46,6 +47,8 @@ class TinyBackbonePlugin:
             def embed(self, images):  # type: ignore[no-untyped-def]
                 if images.any():  # the engine's warm-up batches are all zeros: not images of the test
                     plugin.images_embedded += len(images)
+                else:
+                    plugin.warm_up_batches += 1
                 return plugin.backbone.embed(images)  # type: ignore[union-attr]
 
         return Counting()
