@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS review_actions (
 """
 
 ORIGINAL = ""  # the `variant` of an undistorted image's bottleneck
+STORE_FILE = "store.sqlite"  # its name in the state dir
 
 
 @dataclass(frozen=True)
