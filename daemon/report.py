@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from daemon.atomic import write_atomic
+from daemon.images import open_image
 from daemon.registry import ModelVersion
 from daemon.split import SPLITS
 from daemon.status import percent
@@ -43,7 +44,7 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def _thumbnail(path: Path) -> str | None:
     try:
-        with Image.open(path) as image:
+        with open_image(path.read_bytes()) as image:
             image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=85)
