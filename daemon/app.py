@@ -76,6 +76,7 @@ class App:
         self.events.put(MODEL_CHANGED)
 
     def _show(self, version: ModelVersion) -> None:
+        self.metrics.known_labels(version.labels)
         self.metrics.model_version.set(version.number)
         self.metrics.model_info.clear()
         self.metrics.model_info.labels(version=str(version.number), backbone=version.backbone).set(1)

@@ -26,7 +26,7 @@ from daemon.atomic import free_name, fsync_dir, move_atomic, write_atomic
 from daemon.config import Config
 from daemon.extractor import Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
-from daemon.metrics import Metrics
+from daemon.metrics import OUTCOMES, Metrics
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
@@ -36,6 +36,7 @@ from daemon.store import JournalEntry, Store
 log = logging.getLogger(__name__)
 
 _RECOVER_FIRST_SECONDS, _RECOVER_MAX_SECONDS = 1.0, 60.0
+CLASSIFIED, REVIEW = OUTCOMES
 
 
 def _now() -> str:
@@ -137,7 +138,7 @@ class InboxProcessor:
         except Exception:
             self._schedule_recovery()
             raise
-        outcome = "review" if folder == self._config.folder("review") else "classified"
+        outcome = REVIEW if folder == self._config.folder("review") else CLASSIFIED
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)

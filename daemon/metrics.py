@@ -5,7 +5,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from daemon import __version__
+from daemon.images import REJECT_REASONS
 
+#: `retraind_classifications_total{outcome}`: filed under outbox/<label>/, or sent to review/
+OUTCOMES = ("classified", "review")
+#: `retraind_classification_duration_seconds{stage}`
+STAGES = ("decode", "route")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -46,6 +51,23 @@ class Metrics:
             "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)
         self.plugin_errors = Counter(
             "retraind_plugin_errors", "Exceptions raised by plugins", ["hook", "plugin"], registry=r)
+        # Every series a rate() may look at exists from the start at 0 (prometheus_client's advice): a
+        # counter first seen at its first increment hides that increment from rate() and increase().
         for result in ("promoted", "rejected", "failed"):
             self.training_runs.labels(result=result)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        for stage in STAGES:
+            self.classification_seconds.labels(stage=stage)
         self.model_version.set(0)
+
+    def known_labels(self, labels: tuple[str, ...]) -> None:
+        """Export `retraind_classifications_total` at 0 for each label of a model about to serve."""
+        for label in labels:
+            for outcome in OUTCOMES:
+                self.classifications.labels(label=label, outcome=outcome)
+
+    def known_plugins(self, hooks_and_plugins: list[tuple[str, str]]) -> None:
+        """Export `retraind_plugin_errors_total` at 0 for each (hook, plugin) called in isolation."""
+        for hook, plugin in hooks_and_plugins:
+            self.plugin_errors.labels(hook=hook, plugin=plugin)

@@ -83,6 +83,9 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager, metrics: Metrics | None = None) -> None:
         self.pm = pm
         self._metrics = metrics
+        if metrics is not None:
+            metrics.known_plugins([(name, impl.plugin_name) for name in ISOLATED_HOOKS
+                                   for impl in getattr(pm.hook, name).get_hookimpls()])
 
     def _notify(self, hook_name: str, **kwargs: Any) -> list[Exception]:
         """Call every implementation separately: pluggy would stop at the first exception. Returns what the

@@ -206,6 +206,20 @@ RULE_TESTS: list[dict[str, Any]] = [
                 "severity": "warning", "job": "retraind", "instance": "a"}}]},
         ],
     },
+    {  # the first burst: 300 rejects at once, then none. The daemon exports every reason at 0 from its start
+        # (instance a), so rate() sees the jump and the alert fires; a counter first exported at its first
+        # increment (instance b, the series missing before) hides the whole burst from rate().
+        "input_series": [
+            {"series": f'retraind_rejected_files_total{{reason="corrupt",{A}}}', "values": "0x10 300x30"},
+            {"series": 'retraind_rejected_files_total{reason="corrupt",job="retraind",instance="b"}',
+             "values": "_x10 300x30"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "10m", "alertname": "RetraindRejectsRising", "exp_alerts": []},
+            {"eval_time": "17m", "alertname": "RetraindRejectsRising", "exp_alerts": [{"exp_labels": {
+                "severity": "warning", "job": "retraind", "instance": "a"}}]},
+        ],
+    },
     {  # 0.9 -> 0.85 is within 80% of the best, 0.9 -> 0.6 is not
         "input_series": [
             {"series": f'retraind_model_accuracy_ratio{{split="validation",{A}}}', "values": "0.9x60 0.85x60"},
