@@ -16,6 +16,7 @@ from daemon.extractor import Extractor
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
+from daemon.instance_lock import InstanceLock
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, Pipeline
 from daemon.plugin_manager import Hooks, make_plugin_manager
@@ -49,6 +50,15 @@ class App:
         self.hooks = Hooks(make_plugin_manager(config.plugins.disable, extra_plugins), self.metrics)
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        self.lock = InstanceLock(config.folder("state"), config.data_root)
+        self.lock.acquire()  # before anything reads or writes the data: one daemon per data root
+        try:
+            self._build(config)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: Config) -> None:
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / "store.sqlite")
@@ -130,6 +140,7 @@ class App:
             self.http.stop()
         self.extractor.close()
         self.store.close()
+        self.lock.release()
 
     def __enter__(self) -> Self:
         try:

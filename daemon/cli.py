@@ -1,5 +1,6 @@
 """`retraind` command line. User mistakes (config, missing weights) print one line and exit 78 (EX_CONFIG); no
-model yet exits 1, no daemon answering (status excepted, which falls back to the state dir) exits 69."""
+model yet exits 1, no daemon answering (status excepted, which falls back to the state dir) exits 69, a
+second `run` on a data root another daemon holds exits 75 (EX_TEMPFAIL)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from daemon.backbone import BackboneUnavailable
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.export import ExportError
+from daemon.instance_lock import EX_TEMPFAIL, AlreadyRunning
 from daemon.logs import setup_logging
 from daemon.oneshot import NoModel
 from daemon.status import DaemonUnavailable
@@ -170,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         while current is not None:
             try:
                 app = App(current, args.plugins)
-            except (ConfigError, BackboneUnavailable) as exc:
+            except (ConfigError, BackboneUnavailable, AlreadyRunning) as exc:
                 if running is None:
                     raise
                 log.error("reload refused, going back to the running config: %s", exc)
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except (ConfigError, BackboneUnavailable) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except AlreadyRunning as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (NoModel, ExportError) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return 1

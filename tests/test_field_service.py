@@ -3,12 +3,18 @@ fault it covers and makes its input here."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from daemon.plugin_manager import ISOLATED_HOOKS
 from tests.conftest import seed_classes, wait_for
-from tests.test_daemon_e2e import scrape
+from tests.test_daemon_e2e import results, scrape
+from tests.test_field_decoding import REPO, free_port, start_child, stop_child
+from tests.test_reliability_input import encoded, pixels
 
 REJECT_REASONS = ("empty", "corrupt", "unsupported", "too_large", "unreadable")  # the README's list
 OUTCOMES = ("classified", "review")
@@ -43,3 +49,38 @@ def test_every_reason_and_known_label_series_is_exported_at_zero_from_the_start(
     with run_app() as app:  # a restart: the labels of the model loaded from disk are known at once
         restarted = scrape(app)
     assert restarted.get("retraind_classifications_total{label=red,outcome=review}") == 0.0
+
+
+def test_a_second_daemon_on_the_same_data_root_exits_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    """KIND: two daemons on one data root each classify every inbox file (duplicate result lines, moves
+    racing) and train on one store. A second `retraind run` on a data root a daemon holds (here with another
+    port, and another backbone it never gets to build) exits at once with one line and status 75
+    (EX_TEMPFAIL); the first keeps serving and classifies each inbox file exactly once."""
+    data = tmp_path / "data"
+    for label in ("red", "blue"):
+        (data / "classes" / label).mkdir(parents=True)
+        for i in range(8):
+            (data / "classes" / label / f"{label}-{i}.png").write_bytes(encoded(pixels(label, 70 + i), "PNG"))
+    port = free_port()
+    first = start_child(tmp_path, port)
+    try:
+        wait_for(lambda: (data / "state" / "models" / "CURRENT").exists() or first.poll() is not None,
+                 timeout=60, what="the first daemon's model")
+        (tmp_path / "second.yaml").write_text(f"data_root: {data}\nhttp: {{port: {free_port()}}}\n")
+        second = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", "second.yaml"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO)},
+                                check=False)
+        for i in range(3):
+            (data / "inbox" / f"after-{i}.png").write_bytes(encoded(pixels("red", 80 + i), "PNG"))
+        wait_for(lambda: len(results(tmp_path)) == 3, what="the first daemon classifying the inbox")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            health = response.status, json.loads(response.read())
+        assert first.poll() is None
+    finally:
+        stop_child(first, tmp_path)
+    assert second.returncode == 75, second.stderr
+    (line,) = second.stderr.splitlines()
+    assert line.startswith("retraind: another retraind (pid ") and str(data) in line, line
+    assert health == (200, {"alive": True})
+    assert sorted(r["file"] for r in results(tmp_path)) == ["after-0.png", "after-1.png", "after-2.png"]
+    assert "ERROR" not in (tmp_path / "child.log").read_text()
