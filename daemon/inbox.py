@@ -52,6 +52,21 @@ def _loaded(text: str) -> Path:
     return Path(json.loads(text))
 
 
+def _identity(path: Path) -> str:
+    """(st_dev, st_ino, st_ctime_ns) of the entry itself, as JSON; "" when it cannot be stat'ed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ""
+    return json.dumps([st.st_dev, st.st_ino, st.st_ctime_ns])
+
+
+def short(exc: BaseException) -> str:
+    """One short phrase for a log line: an OSError's text without its (possibly very long) file names."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def _sha256_of(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -82,7 +97,8 @@ class InboxProcessor:
         self._recover_delay = _RECOVER_FIRST_SECONDS
 
     def process(self, paths: list[Path]) -> InboxOutcome:
-        """Classify `paths` (files already in the journal belong to `recover` and are left alone)."""
+        """Classify `paths`. A file whose name an open journal entry still holds belongs to `recover` until
+        that entry is finished: it is tried again later (it may be a new file dropped under the same name)."""
         version = self._serving.version
         if version is None:
             return InboxOutcome(waiting=list(paths))
@@ -90,7 +106,10 @@ class InboxProcessor:
         journaled = {_loaded(entry.source) for entry in self._store.journal_open()}
         files: list[ImageFile] = []
         for path in paths:
-            if path in journaled or not os.path.lexists(path):
+            if not os.path.lexists(path):
+                continue
+            if path in journaled:
+                outcome.retry.append(path)
                 continue
             try:
                 files.append(read_image_file(path, self._config.watch.max_file_bytes))
@@ -124,13 +143,13 @@ class InboxProcessor:
         destination = free_name(folder, f.path.name, f.sha256[:12])
         result = ClassificationResult(**{**result.__dict__, "destination": destination})
         entry = JournalEntry(result.id, _stored(f.path), _stored(destination), json.dumps(result.record()),
-                             "moving")
+                             "moving", _identity(f.path))
         self._store.journal_begin(entry)
         try:
             move_atomic(f.path, destination)
         except OSError as exc:
             log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
-                      f.path, folder, exc)
+                      f.path, folder, short(exc))
             self._schedule_recovery()
             return True
         try:
@@ -149,7 +168,7 @@ class InboxProcessor:
         errors = self._hooks.on_result(result, self._config)
         if any(isinstance(exc, OSError) for exc in errors):
             log.error("%s: a result record could not be written (%s); retried later", result.destination,
-                      "; ".join(str(exc) for exc in errors))
+                      "; ".join(short(exc) for exc in errors))
             self._schedule_recovery()
             return False
         self._store.journal_finish(entry.id)
@@ -180,7 +199,7 @@ class InboxProcessor:
             write_atomic(record_path, json.dumps(record).encode())
             move_atomic(path, destination)
         except OSError as exc:
-            log.error("%s: cannot move to %s (%s); it stays in the inbox and is retried", path, folder, exc)
+            log.error("%s: cannot move to %s (%s); it stays in the inbox and is retried", path, folder, short(exc))
             if record_path is not None:
                 record_path.unlink(missing_ok=True)
             return False
@@ -207,8 +226,9 @@ class InboxProcessor:
         for entry in entries:
             try:
                 finished += self._recover_one(entry)
-            except Exception:
-                log.exception("%s: recovery failed; retried later", _loaded(entry.source))
+            except Exception as exc:
+                log.error("%s: recovery failed (%s); retried later", _loaded(entry.source), short(exc))
+                log.debug("recovery failure", exc_info=True)
         if finished == len(entries):
             self._recover_delay = _RECOVER_FIRST_SECONDS
         else:
@@ -229,17 +249,17 @@ class InboxProcessor:
             try:
                 move_atomic(source, destination)
             except OSError as exc:
-                log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, exc)
+                log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, short(exc))
                 return False
-        elif os.path.lexists(source) and _sha256_of(source) == record["sha256"]:
-            # a copy across file systems landed but its source was not removed: remove it now, or the next
-            # scan would classify the same file a second time
+        elif entry.source_stat and _identity(source) == entry.source_stat and _sha256_of(source) == record["sha256"]:
+            # a copy across file systems landed but its source, that very file, was not removed: remove it now,
+            # or the next scan would classify it a second time. A new file under its name is left alone.
             try:
                 source.unlink()
                 fsync_dir(source.parent)
             except OSError as exc:
                 log.error("%s: already moved to %s but cannot be removed (%s); retried later", source,
-                          destination.parent, exc)
+                          destination.parent, short(exc))
                 return False
         result = ClassificationResult(
             id=record["id"], source=source, sha256=record["sha256"],

@@ -10,7 +10,7 @@ from pathlib import Path
 from daemon.extractor import Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
 from daemon.metrics import Metrics
-from daemon.store import CatalogEntry, Store
+from daemon.store import CatalogEntry, Store, file_signature
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,14 @@ class TrainingIndexer:
             return None
         has_vector = bool(known and known.ok and known.sha256 and not self._store.missing_bottlenecks(
             self._extractor.backbone.id, [known.sha256]))
-        if known and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) and (has_vector or not known.ok):
+        if known and known.signature == file_signature(st) and (has_vector or not known.ok):
             return None
         try:
             f = read_image_file(path, self._max_bytes)
         except ImageRejected as exc:
-            self._skip(path, CatalogEntry(rel, label, None, st.st_size, st.st_mtime_ns, False), exc)
+            self._skip(path, CatalogEntry.seen(rel, label, None, st, False), exc)
             return None
-        entry = CatalogEntry(rel, label, f.sha256, st.st_size, st.st_mtime_ns, True)
+        entry = CatalogEntry.seen(rel, label, f.sha256, st, True)
         if known and known.ok and known.sha256 == f.sha256 and has_vector:
             self._store.upsert_file(entry)  # touched, not changed: no retrain needed
             return None
@@ -104,6 +104,6 @@ class TrainingIndexer:
         log.warning("%s: skipped for training: %s", path, problem)
         self._metrics.rejected.labels(reason=problem.reason).inc()
         was = self._store.catalog_entry(entry.path)
-        self._store.upsert_file(CatalogEntry(entry.path, entry.label, entry.sha256, entry.size, entry.mtime_ns, False))
+        self._store.upsert_file(entry.unusable())
         if was is not None and was.ok:
             self._on_change()

@@ -45,6 +45,8 @@ class Metrics:
         self.confidence = Histogram(
             "retraind_prediction_confidence", "Top-1 score of classifications",
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), registry=r)
+        self.label_conflicts = Gauge(
+            "retraind_label_conflicts", "Contents (sha256) found under more than one label in classes/", registry=r)
         self.inbox_pending = Gauge("retraind_inbox_pending_files", "Inbox files waiting", registry=r)
         self.rejected = Counter("retraind_rejected_files", "Files that are not usable images", ["reason"], registry=r)
         self.overflows = Counter(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
-from daemon.inbox import InboxProcessor
+from daemon.inbox import InboxProcessor, short
 from daemon.indexer import TrainingIndexer
 from daemon.metrics import Metrics
 from daemon.pending import PendingFiles
@@ -175,22 +175,30 @@ class Pipeline(threading.Thread):
         """Run `work` on a batch, then alone on each file of a batch that failed; retry what is left."""
         try:
             retry = work(paths)
-        except Exception:
-            log.exception("a batch of %d files failed; trying them one by one", len(paths))
-            retry = list(paths) if len(paths) == 1 else self._one_by_one(work, paths)
+        except Exception as exc:
+            if len(paths) == 1:
+                self._log_failure(paths[0], exc)
+                retry = list(paths)
+            else:
+                log.exception("a batch of %d files failed; trying them one by one", len(paths))
+                retry = self._one_by_one(work, paths)
         for path in set(paths) - set(retry):
             self._attempts.pop(path, None)
         for path in retry:
             attempts = self._attempts[path] = self._attempts.get(path, 0) + 1
             self._pending.retry(path, min(_MAX_RETRY_SECONDS, _FIRST_RETRY_SECONDS * 2 ** (attempts - 1)))
 
-    @staticmethod
-    def _one_by_one(work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
+    def _one_by_one(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
         retry: list[Path] = []
         for path in paths:
             try:
                 retry += work([path])
             except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
-                log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
+                self._log_failure(path, exc)
                 retry.append(path)
         return retry
+
+    def _log_failure(self, path: Path, exc: Exception) -> None:
+        """One short line per failure of a file; the traceback too the first time it fails."""
+        attempts = self._attempts.get(path, 0)
+        log.error("%s: failed (%s); retry %d later", path, short(exc), attempts + 1, exc_info=not attempts)

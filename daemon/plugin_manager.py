@@ -77,12 +77,24 @@ def _refuse_wrappers_of_isolated_hooks(pm: pluggy.PluginManager) -> None:
                     "isolation; it cannot be a wrapper or hookwrapper")
 
 
+def _subject(kwargs: dict[str, Any]) -> str:
+    """What a notification was about, for a log line: the file or model, never the whole config."""
+    if "result" in kwargs:
+        return str(kwargs["result"].source)
+    if "event" in kwargs:
+        return str(kwargs["event"].path)
+    if "version" in kwargs:
+        return f"model {kwargs['version'].number}"
+    return str(kwargs.get("path", "-"))
+
+
 class Hooks:
     """Typed calls into the plugins; notification hooks are isolated so one failing plugin stops nothing."""
 
     def __init__(self, pm: pluggy.PluginManager, metrics: Metrics | None = None) -> None:
         self.pm = pm
         self._metrics = metrics
+        self._failures_seen: set[tuple[str, str, str, str]] = set()
         if metrics is not None:
             metrics.known_plugins([(name, impl.plugin_name) for name in ISOLATED_HOOKS
                                    for impl in getattr(pm.hook, name).get_hookimpls()])
@@ -95,12 +107,25 @@ class Hooks:
         for impl in reversed(caller.get_hookimpls()):
             try:
                 impl.function(*(kwargs[arg] for arg in impl.argnames))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged by _log_failure (traceback the first time), counted
                 errors.append(exc)
-                log.exception("plugin %s failed in %s (%s)", impl.plugin_name, hook_name, kwargs)
+                self._log_failure(hook_name, impl.plugin_name, kwargs, exc)
                 if self._metrics is not None:
                     self._metrics.plugin_errors.labels(hook=hook_name, plugin=impl.plugin_name).inc()
         return errors
+
+    def _log_failure(self, hook_name: str, plugin: str, kwargs: dict[str, Any], exc: Exception) -> None:
+        """One line naming the file; the traceback only the first time a plugin fails this way (a failing sink
+        is retried, and each retry must not repeat it)."""
+        kind = (hook_name, plugin, type(exc).__name__, str(exc))
+        first = kind not in self._failures_seen
+        if first:
+            if len(self._failures_seen) > 1000:
+                self._failures_seen.clear()
+            self._failures_seen.add(kind)
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.error("plugin %s failed in %s for %s: %s: %s", plugin, hook_name, _subject(kwargs),
+                  type(exc).__name__, text[:200], exc_info=first)
 
     def make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         return self.pm.hook.retraind_make_backbone(config=config, cache_dir=cache_dir)  # type: ignore[no-any-return]

@@ -82,6 +82,13 @@ def _mistakes(mistakes: list[dict[str, Any]], classes_root: Path) -> str:
     return f'{legend}<div class="mistakes">{"".join(figures)}</div>'
 
 
+def _conflicts(conflicts: list[dict[str, Any]]) -> str:
+    if not conflicts:
+        return '<p class="muted">None: no two labels hold the same bytes.</p>'
+    return _table(["labels", "files", "sha256"], [[", ".join(c["labels"]), " | ".join(c["paths"]), c["sha256"][:12]]
+                                                  for c in conflicts])
+
+
 def render(version: ModelVersion, classes_root: Path) -> str:
     m = version.metrics
     accuracy = m.get("accuracy", {})
@@ -109,6 +116,8 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 {_plot(version.directory, CONFUSION_MATRIX, "confusion matrix")}
 <h2>Most confident mistakes ({html.escape(split)} split)</h2>
 {_mistakes(m.get("mistakes", []), classes_root)}
+<h2>The same image under two labels</h2>
+{_conflicts(m.get("label_conflicts", []))}
 </body></html>
 """
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from daemon.events import EventKind, FileEvent
-from daemon.store import Store
+from daemon.store import Store, file_signature
 
 
 def walk_files(root: Path) -> Iterator[Path]:
@@ -18,8 +18,8 @@ def walk_files(root: Path) -> Iterator[Path]:
 
 
 def scan_classes(root: Path, store: Store, backbone: str) -> list[FileEvent]:
-    """Files whose size or mtime differ from the catalog or that lack a vector for `backbone`, and catalog
-    entries whose file is gone."""
+    """Files whose size, mtime, ctime or inode differ from the catalog (`file_signature`) or that lack a vector
+    for `backbone`, and catalog entries whose file is gone. One stat per file, as before the ctime counted."""
     catalog = store.catalog()
     for rel in store.paths_missing_bottleneck(backbone):
         catalog.pop(rel, None)
@@ -30,7 +30,7 @@ def scan_classes(root: Path, store: Store, backbone: str) -> list[FileEvent]:
             st = os.stat(path)
         except OSError:
             st = None
-        if known is None or st is None or (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if known is None or st is None or known.signature != file_signature(st):
             events.append(FileEvent(EventKind.SCANNED, path))
     events.extend(FileEvent(EventKind.DELETED, root / rel) for rel in catalog)
     return events

@@ -21,7 +21,7 @@ from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.retrain_policy import RetrainState
 from daemon.serving import ServingModel
-from daemon.split import SPLITS, TEST, VALIDATION
+from daemon.split import SPLIT_RULE, SPLITS, TEST, VALIDATION
 from daemon.store import Store
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,19 @@ def _log_misclassified(head: Head, dataset: Dataset) -> None:
     for i in wrong:
         log.info("%s: is %s, predicted %s", test.paths[i], dataset.labels[test.y[i]],
                  dataset.labels[predicted[i]])
+
+
+_CONFLICTS_LOGGED = 10
+
+
+def _log_conflicts(dataset: Dataset) -> None:
+    """The same bytes under two labels teach the head both answers for one picture: say where, every run."""
+    for conflict in dataset.conflicts[:_CONFLICTS_LOGGED]:
+        log.warning("the same image is under labels %s: %s (sha256 %s)", ", ".join(conflict.labels),
+                    ", ".join(conflict.paths), conflict.sha256[:12])
+    if len(dataset.conflicts) > _CONFLICTS_LOGGED:
+        log.warning("... and %d more images under two labels (metrics.json: label_conflicts)",
+                    len(dataset.conflicts) - _CONFLICTS_LOGGED)
 
 
 #: A failed run (disk full while publishing, a plugin's bug) is tried again after a growing delay.
@@ -162,6 +175,7 @@ class Trainer(threading.Thread):
         entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
         dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
         self._update_image_gauges(dataset)
+        _log_conflicts(dataset)
         if len(dataset.labels) < 2:
             log.info("training waits for at least two labels with images (have %d)", len(dataset.labels))
             return None
@@ -196,6 +210,7 @@ class Trainer(threading.Thread):
             **evaluate(head, dataset), "backbone": self._backbone.id, "labels": list(dataset.labels),
             "images": dataset.counts(), "manifest_sha256": dataset.manifest_sha256,
             "labels_without_training_split": list(dataset.borrowed), "hyperparameters": head.hyperparameters,
+            "split_rule": SPLIT_RULE, "label_conflicts": [conflict.record() for conflict in dataset.conflicts],
             "augmentation": self._variants.augmenter.summary,
             "variant_rows": 0 if dataset.variants is None else len(dataset.variants.y),
             "history": head.history, "training_seconds": round(seconds, 4), "created": time.time(),
@@ -203,10 +218,11 @@ class Trainer(threading.Thread):
 
     def _passes_gate(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> bool:
         """A new head must not be worse than the serving one on the same validation images; a serving model
-        with another label set or backbone is another task, and is never compared."""
+        with another label set, backbone or split rule is another task, and is never compared."""
         current = self._serving.version
         validation = dataset.parts[VALIDATION]
-        if current is None or current.labels != dataset.labels or current.backbone != self._backbone.id:
+        if (current is None or current.labels != dataset.labels or current.backbone != self._backbone.id
+                or current.metrics.get("split_rule") != SPLIT_RULE):
             return True
         if not len(validation.y):
             return True
@@ -220,6 +236,7 @@ class Trainer(threading.Thread):
         return True
 
     def _update_image_gauges(self, dataset: Dataset) -> None:
+        self._metrics.label_conflicts.set(len(dataset.conflicts))
         self._metrics.images.clear()
         for label, per_split in dataset.counts().items():
             for split in SPLITS:
