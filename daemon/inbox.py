@@ -52,7 +52,7 @@ def _loaded(text: str) -> Path:
     return Path(json.loads(text))
 
 
-def _identity(path: Path) -> str:
+def file_identity(path: Path) -> str:
     """(st_dev, st_ino, st_ctime_ns) of the entry itself, as JSON; "" when it cannot be stat'ed."""
     try:
         st = os.lstat(path)
@@ -143,7 +143,7 @@ class InboxProcessor:
         destination = free_name(folder, f.path.name, f.sha256[:12])
         result = ClassificationResult(**{**result.__dict__, "destination": destination})
         entry = JournalEntry(result.id, _stored(f.path), _stored(destination), json.dumps(result.record()),
-                             "moving", _identity(f.path))
+                             "moving", file_identity(f.path))
         self._store.journal_begin(entry)
         try:
             move_atomic(f.path, destination)
@@ -251,7 +251,7 @@ class InboxProcessor:
             except OSError as exc:
                 log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, short(exc))
                 return False
-        elif entry.source_stat and _identity(source) == entry.source_stat and _sha256_of(source) == record["sha256"]:
+        elif entry.source_stat and file_identity(source) == entry.source_stat and _sha256_of(source) == record["sha256"]:
             # a copy across file systems landed but its source, that very file, was not removed: remove it now,
             # or the next scan would classify it a second time. A new file under its name is left alone.
             try:

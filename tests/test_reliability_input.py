@@ -226,6 +226,7 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
     import hashlib
     import json as json_
 
+    from daemon.inbox import file_identity
     from daemon.store import JournalEntry, Store
 
     data = tmp_path / "data"
@@ -243,7 +244,7 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
               "backbone": "tiny", "sha256": hashlib.sha256(content).hexdigest(), "time": "2026-01-01T00:00:00"}
     store = Store(data / "state" / "store.sqlite")
     store.journal_begin(JournalEntry("r1", json_.dumps(str(source)), json_.dumps(str(destination)),
-                                     json_.dumps(record), "moving"))
+                                     json_.dumps(record), "moving", file_identity(source)))
     store.close()
     with run_app() as app:
         wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")
