@@ -16,10 +16,9 @@ from PIL import UnidentifiedImageError
 
 from daemon.atomic import write_atomic
 from daemon.images import open_image
-from daemon.registry import ModelVersion
+from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelVersion
 from daemon.split import SPLITS
 from daemon.status import percent
-from plugins.plots import CONFUSION_MATRIX, TRAINING_CURVE
 
 THUMBNAIL_PIXELS = 160
 
@@ -110,10 +109,10 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 <h2>Labels</h2>
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>
-{_plot(version.directory, TRAINING_CURVE, "training curve")}
+{_plot(version.directory, TRAINING_CURVE_FILE, "training curve")}
 <p class="muted">chosen fit (the last segment of the curve): {html.escape(hyper)}</p>
 <h2>Confusion matrix</h2>
-{_plot(version.directory, CONFUSION_MATRIX, "confusion matrix")}
+{_plot(version.directory, CONFUSION_MATRIX_FILE, "confusion matrix")}
 <h2>Most confident mistakes ({html.escape(split)} split)</h2>
 {_mistakes(m.get("mistakes", []), classes_root)}
 <h2>The same image under two labels</h2>

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from daemon.registry import ModelVersion
@@ -12,7 +10,6 @@ from daemon.registry import ModelVersion
 class ServingModel:
     def __init__(self) -> None:
         self._version: ModelVersion | None = None
-        self._ready = threading.Event()
 
     @property
     def version(self) -> ModelVersion | None:
@@ -20,10 +17,6 @@ class ServingModel:
 
     def swap(self, version: ModelVersion) -> None:
         self._version = version
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
 
     @staticmethod
     def top_k(version: ModelVersion, vectors: np.ndarray, k: int) -> list[tuple[tuple[str, float], ...]]:

@@ -226,7 +226,7 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
     import hashlib
     import json as json_
 
-    from daemon.inbox import file_identity
+    from daemon.journal import file_identity
     from daemon.store import JournalEntry, Store
 
     data = tmp_path / "data"
