@@ -12,8 +12,8 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
-from daemon.backbone import Backbone
-from daemon.config import Config, ConfigError
+from daemon.config import Config
+from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
 from daemon.http_api import Api, HttpServer
@@ -21,7 +21,6 @@ from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.instance_lock import InstanceLock
 from daemon.journal import InboxJournal
-from daemon.logs import foreign_output_as_debug
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
@@ -37,17 +36,6 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
-
-
-def build_backbone(hooks: Hooks, config: Config) -> Backbone:
-    cache = config.folder("state") / "weights"
-    cache.mkdir(parents=True, exist_ok=True)
-    with foreign_output_as_debug():  # TensorFlow loads here: its own chatter becomes DEBUG lines
-        backbone = hooks.make_backbone(config.backbone, cache)
-    if backbone is None:
-        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
-                          "(built in: efficientnet_lite0, inception_v3)")
-    return backbone
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -153,6 +141,7 @@ class App:
             log.info("serving model %d (%s)", version.number, version.backbone)
 
     def start(self) -> None:
+        warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
         self._load_current()
         recovered = self.journal.recover()
         if recovered:
