@@ -3,6 +3,7 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 from collections.abc import Iterable
@@ -12,11 +13,17 @@ from types import TracebackType
 from typing import Self
 
 from daemon.augment import Augmenter, VariantCache
-from daemon.config import Config
+from daemon.batcher import Batcher
+from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
+from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
-from daemon.http_api import Api, HttpServer
+from daemon.http.api import Api
+from daemon.http.routes import make_app
+from daemon.http.security import read_token
+from daemon.http.server import HttpServer
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.instance_lock import InstanceLock
@@ -24,11 +31,12 @@ from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
+from daemon.publish import Publisher, repositories
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.scanner import walk_files
 from daemon.serving import ServingModel
 from daemon.split import SPLITS
-from daemon.store import Store
+from daemon.store import STORE_FILE, Store
 from daemon.trainer import Trainer
 from daemon.watcher import Watcher
 
@@ -36,6 +44,17 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
+
+
+def check_state_dir(config: Config) -> None:
+    """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
+    (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
+    state = config.folder("state")
+    fs = file_system(state)
+    if fs.remote:
+        raise ConfigError(f"folders.state: {state} is on {fs.name}, a network or FUSE file system, where SQLite's "
+                          "locking and write-ahead log are unsafe; give a folder on a local disk (an absolute "
+                          "path may lie outside data_root)")
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -67,6 +86,7 @@ class App:
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        check_state_dir(config)
         self.lock = InstanceLock(config.folder("state"), config.data_root)
         self.lock.acquire()  # before anything reads or writes the data: one daemon per data root
         try:
@@ -78,7 +98,7 @@ class App:
     def _build(self, config: Config, progress: Progress) -> None:
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
-        self.store = Store(state / "store.sqlite")
+        self.store = Store(state / STORE_FILE)
         self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
@@ -91,15 +111,42 @@ class App:
                                        config.watch.max_file_bytes, self.trainer.notify_change)
         self.journal = InboxJournal(config, self.store, self.hooks, self.metrics)
         self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
-        self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
+        self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
+                               self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress,
                                  self.trainer.set_backlog)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
-        self.http = HttpServer(api) if config.http.enabled else None
+        self.publisher = self._publisher()
+        self.batcher: Batcher | None = None
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            self._build_http()
+
+    def _build_http(self) -> None:
+        config = self.config
+        urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
+        self.batcher = Batcher(urgent, config.http.batching, self.metrics)
+        self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
+                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate)
+        self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
+
+    def _publisher(self) -> Publisher | None:
+        """The `publisher` plugin, when a serving repository is configured and it is not disabled."""
+        if not repositories(self.config.publish) or self.hooks.pm.is_blocked("publisher"):
+            return None
+        publisher = Publisher(self.config, lambda config: build_backbone(self.hooks, config), self.metrics)
+        self.hooks.pm.register(publisher, name="publisher")
+        return publisher
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """/healthz: `status` is `ok`, `degraded` while a watched folder is missing (nothing put there is seen),
+        or `down` when a worker thread has ended."""
+        alive, missing = self.alive(), self.watcher.missing()
+        status = "down" if not alive else "degraded" if missing else "ok"
+        return {"alive": alive, "status": status, "missing_folders": missing}
 
     def status(self) -> DaemonStatus:
         """What the daemon is doing now (any thread)."""
@@ -147,12 +194,19 @@ class App:
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
         self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
-        if next(walk_files(self.config.folder("classes")), None) is None:
+        if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))
         self.pipeline.start()
         self.trainer.start()
-        if self.http is not None:
+        if self.publisher is not None:
+            self.publisher.start()
+            if self.serving.version is not None:  # published before a stop, or its export failed: catch up
+                self.publisher.submit(self.serving.version)
+        if self.batcher is not None and self.http is not None:
+            warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
+            self.batcher.start()
+            self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
 
@@ -166,8 +220,14 @@ class App:
         if self.trainer.is_alive():
             self.trainer.stop()
             self.trainer.join()
+        if self.publisher is not None and self.publisher.is_alive():
+            self.publisher.stop()
+            self.publisher.join()
         if self.http is not None:
             self.http.stop()
+            self.api.close()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.extractor.close()
         self.store.close()
         self.lock.release()

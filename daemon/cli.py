@@ -10,12 +10,14 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from daemon.backbone import BackboneUnavailable
+from daemon.bulk_cli import EX_DATAERR, add_commands
+from daemon.bulk_sources import SourceError
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.export import ExportError
 from daemon.instance_lock import EX_TEMPFAIL, AlreadyRunning
@@ -62,7 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from daemon.http_api import MODEL_NAME
+    from daemon.http import MODEL_NAME
     from daemon.status import request
 
     code, body = request(_config(args), f"/v1/models/{MODEL_NAME}:retrain", "POST")
@@ -96,7 +98,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from daemon.export import STEPS, export_model
-    from daemon.http_api import MODEL_NAME
+    from daemon.http import MODEL_NAME
     from daemon.oneshot import load_published
 
     model = load_published(_config(args), args.plugins, engine="keras")
@@ -149,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = add("report", help="write an HTML page about the current model")
     report.add_argument("--out", help="HTML file to write (default: report.html in the data root)")
     report.set_defaults(func=cmd_report)
+    add_commands(add, common, _with_config)
     return parser
+
+
+def _with_config(command: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    return lambda args: command(args, _config(args))
 
 
 def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
@@ -170,6 +177,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except DaemonUnavailable as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except SourceError as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except BrokenPipeError:  # `retraind status | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

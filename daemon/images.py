@@ -8,10 +8,12 @@ import hashlib
 import io
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 from PIL import Image
 
 #: Every reason a file can be rejected for (a `retraind_rejected_files_total` series each, exported at 0).
@@ -25,6 +27,9 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "HEIF")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG chunks that hold text (XMP, comments, ImageMagick's raw profiles) and never pixels
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+#: The decoder hook's shape: (encoded bytes, (width, height), max pixels) → uint8 RGB, or None for "not mine".
+Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 
 
 class ImageRejected(Exception):
@@ -52,10 +57,7 @@ def read_image_file(path: Path, max_bytes: int) -> ImageFile:
         raise ImageRejected("unreadable", f"cannot stat {path}: {exc.strerror or exc}") from exc
     if not os.path.isfile(path):
         raise ImageRejected("unsupported", f"{path} is not a regular file")
-    if st.st_size == 0:
-        raise ImageRejected("empty", f"{path} is empty (0 bytes)")
-    if st.st_size > max_bytes:
-        raise ImageRejected("too_large", f"{path} is {st.st_size} bytes, above watch.max_file_bytes={max_bytes}")
+    check_size(path, st.st_size, max_bytes)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -117,3 +119,18 @@ def open_image(data: bytes) -> Image.Image:
     _register_heif()
     fp: IO[bytes] = io.BytesIO(png_without_text(data))
     return Image.open(fp, formats=IMAGE_FORMATS)
+def check_size(path: object, size: int, max_bytes: int) -> None:
+    """The daemon's size limits, before a byte is read: empty files and files above `watch.max_file_bytes`."""
+    if size == 0:
+        raise ImageRejected("empty", f"{path} is empty (0 bytes)")
+    if size > max_bytes:
+        raise ImageRejected("too_large", f"{path} is {size} bytes, above watch.max_file_bytes={max_bytes}")
+
+
+def decode_or_reject(decode: Decoder, data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """`decode` (the decoder hook) as uint8 pixels of `size` (width, height); raises `ImageRejected`, also when
+    no decoder plugin took the content."""
+    image = decode(data, size, max_pixels)
+    if image is None:
+        raise ImageRejected("unsupported", "no decoder plugin could read this content")
+    return image

@@ -41,6 +41,7 @@ _ADDED_COLUMNS = {
 _FILE_COLUMNS = "path, label, sha256, size, mtime_ns, ok, ctime_ns, inode"
 
 ORIGINAL = ""  # the `variant` of an undistorted image's bottleneck
+STORE_FILE = "store.sqlite"  # its name in the state dir
 
 
 def file_signature(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -32,6 +32,11 @@ class TinyBackbonePlugin:
         self.backbone: Backbone | None = None
         self.images_embedded = 0
 
+    def __getstate__(self) -> dict[str, object]:
+        """Sent to `retraind bulk`'s Ray workers without its network (a traced graph cannot be pickled): each
+        worker builds its own, and counts only its own forward passes."""
+        return {"backbone": None, "images_embedded": 0}
+
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         if config.name != NAME:
@@ -44,7 +49,8 @@ class TinyBackbonePlugin:
             id, input_size, dim = self.backbone.id, self.backbone.input_size, self.backbone.dim
 
             def embed(self, images):  # type: ignore[no-untyped-def]
-                plugin.images_embedded += len(images)
+                if images.any():  # the engine's warm-up batches are all zeros: not images of the test
+                    plugin.images_embedded += len(images)
                 return plugin.backbone.embed(images)  # type: ignore[union-attr]
 
         return Counting()
