@@ -81,6 +81,6 @@ def test_a_second_daemon_on_the_same_data_root_exits_and_leaves_the_first_alone(
     assert second.returncode == 75, second.stderr
     (line,) = second.stderr.splitlines()
     assert line.startswith("retraind: another retraind (pid ") and str(data) in line, line
-    assert health == (200, {"alive": True})
+    assert health[0] == 200 and health[1]["alive"] is True
     assert sorted(r["file"] for r in results(tmp_path)) == ["after-0.png", "after-1.png", "after-2.png"]
     assert "ERROR" not in (tmp_path / "child.log").read_text()
