@@ -34,6 +34,11 @@ class TinyBackbonePlugin:
         self.images_embedded = 0
         self.warm_ups: list[int] = []
 
+    def __getstate__(self) -> dict[str, object]:
+        """Sent to `retraind bulk`'s Ray workers without its network (a traced graph cannot be pickled): each
+        worker builds its own, and counts only its own forward passes."""
+        return {"backbone": None, "images_embedded": 0, "warm_ups": []}
+
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         if config.name != NAME:
