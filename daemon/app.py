@@ -3,12 +3,14 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
+from daemon import trust
 from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
 from daemon.dataset import manifest_of
@@ -24,6 +26,7 @@ from daemon.serving import ServingModel
 from daemon.split import SPLITS
 from daemon.store import Store
 from daemon.trainer import Trainer
+from daemon.trust import Trust, load_trust
 from daemon.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class App:
             value = version.metrics.get("accuracy", {}).get(split)
             if value is not None:
                 self.metrics.accuracy.labels(split=split).set(value)
+        trust.show(self.metrics, version)
 
     def _load_current(self) -> None:
         """Serve the published model if it was trained on this backbone; retrain if the data moved on."""
@@ -94,13 +98,27 @@ class App:
             log.error("the published model cannot be loaded (%s); a new one will be trained", exc)
             version = None
         if version is not None and version.backbone == self.backbone.id:
+            version = dataclasses.replace(version, trust=self._trust_of(version))
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
         entries = sorted((e for e in self.store.catalog().values() if e.ok), key=lambda e: e.path)
         if entries and (version is None or version.metrics.get("manifest_sha256") != manifest_of(entries)
-                        or version.backbone != self.backbone.id):
+                        or version.backbone != self.backbone.id or version.trust is None):
             self.trainer.notify_change()
+
+    def _trust_of(self, version: ModelVersion) -> Trust | None:
+        """The version's calibrator and novelty score; None (everything goes to review until a retrain, which
+        `_load_current` asks for) when it predates them or they cannot be loaded."""
+        try:
+            found = load_trust(version, self.hooks)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.error("model %d: its calibration cannot be loaded (%s); retraining", version.number, exc)
+            return None
+        if found is None:
+            log.warning("model %d has no calibration (made by an older retraind); every image goes to review "
+                        "until it is retrained", version.number)
+        return found
 
     def start(self) -> None:
         self._load_current()

@@ -70,7 +70,7 @@ class Api:
         return {"model_spec": {"name": MODEL_NAME, "version": str(version.number)}, "labels": list(version.labels),
                 "backbone": version.backbone, "accuracy": m.get("accuracy"),
                 "per_class_accuracy": m.get("per_class_accuracy"), "manifest_sha256": m.get("manifest_sha256"),
-                "images": m.get("images"), "created": m.get("created")}
+                "images": m.get("images"), "created": m.get("created"), "trust": m.get("trust")}
 
     def classify(self, body: bytes, content_type: str) -> dict[str, Any]:
         version = self._version()

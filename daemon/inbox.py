@@ -32,6 +32,7 @@ from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
 from daemon.store import JournalEntry, Store
+from daemon.trust import judge
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,10 @@ class InboxProcessor:
     def _classify_one(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> bool:
         """Journal, move and sink one file; False when it must be tried again (its folder cannot be made)."""
         started = time.perf_counter()
-        (top_k,) = self._serving.top_k(version, vector[None, :], self._config.classify.top_k)
+        (judged,) = judge(version, vector[None, :], self._config.classify)
         result = ClassificationResult(
-            id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=top_k, model_version=version.number,
-            backbone=version.backbone, time=_now(),
+            id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=judged.top_k, model_version=version.number,
+            backbone=version.backbone, time=_now(), review_reason=judged.review_reason, novelty=judged.novelty,
         )
         folder = self._hooks.route_result(result, self._config)
         if folder is None:
@@ -138,6 +139,8 @@ class InboxProcessor:
             self._schedule_recovery()
             raise
         outcome = "review" if folder == self._config.folder("review") else "classified"
+        if outcome == "review" and result.review_reason is not None:
+            self._metrics.reviews.labels(reason=result.review_reason).inc()
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)
@@ -244,6 +247,6 @@ class InboxProcessor:
             id=record["id"], source=source, sha256=record["sha256"],
             top_k=tuple((item["label"], item["score"]) for item in record["top_k"]),
             model_version=record["model_version"], backbone=record["backbone"], time=record["time"],
-            destination=destination,
+            destination=destination, review_reason=record.get("review_reason"), novelty=record.get("novelty"),
         )
         return self._finish(entry, result)

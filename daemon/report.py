@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from daemon.atomic import write_atomic
 from daemon.registry import ModelVersion
 from daemon.split import SPLITS
-from daemon.status import percent
+from daemon.status import percent, trust_lines
 from plugins.plots import CONFUSION_MATRIX, TRAINING_CURVE
 
 THUMBNAIL_PIXELS = 160
@@ -99,6 +99,8 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 {len(version.labels)} labels, dataset <code>{html.escape(str(m.get("manifest_sha256", "?"))[:12])}</code></p>
 <h2>Accuracy</h2>
 {_table(["split", "accuracy"], [[s, percent(accuracy.get(s))] for s in SPLITS])}
+<h2>Filing</h2>
+{_table(["", ""], [[name, text] for name, text in trust_lines(m.get("trust"))])}
 <h2>Labels</h2>
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>

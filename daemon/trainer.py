@@ -3,10 +3,12 @@ cached bottlenecks, gate it against the serving model on the same validation ima
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from daemon.retrain_policy import RetrainState
 from daemon.serving import ServingModel
 from daemon.split import SPLITS, TEST, VALIDATION
 from daemon.store import Store
+from daemon.trust import fit_trust
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +182,27 @@ class Trainer(threading.Thread):
         if not self._passes_gate(head, dataset, metrics):
             self._metrics.training_runs.labels(result="rejected").inc()
             return None
-        version = self._registry.publish(
-            head, dataset.labels, metrics,
-            lambda v, d: self._hooks.write_model_artifacts(v, d, dataset, self._config),
-        )
+        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify,
+                           {entry.path: entry.sha256 for entry in entries})
+        metrics["trust"] = fitted.summary
+
+        def artifacts(version: ModelVersion, directory: Path) -> None:
+            fitted.save(directory)
+            self._hooks.write_model_artifacts(version, directory, dataset, self._config)
+
+        version = dataclasses.replace(self._registry.publish(head, dataset.labels, metrics, artifacts),
+                                      trust=fitted.trust)
+        if fitted.summary["reason"]:
+            log.warning("model %d: %s", version.number, fitted.summary["reason"])
         self._serving.swap(version)
         self._metrics.training_runs.labels(result="promoted").inc()
-        log.info("model %d published: %d labels, accuracy %s", version.number, len(version.labels),
-                 metrics["accuracy"])
+        trust = fitted.summary
+        log.info("model %d published: %d labels, accuracy %s; review threshold %s for precision %.2f, expected "
+                 "coverage %s, calibration error %s -> %s (out-of-fold), novelty threshold %s", version.number,
+                 len(version.labels), metrics["accuracy"], trust["confidence_threshold"],
+                 trust["target_precision"], trust["expected_coverage"],
+                 trust["calibration"]["out_of_fold"]["before"], trust["calibration"]["out_of_fold"]["after"],
+                 trust["novelty"]["threshold"])
         self._hooks.on_model_published(version)
         self._on_published(version)
         return version
