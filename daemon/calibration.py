@@ -46,10 +46,13 @@ def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: i
     """ECE of the top-1 scores: the image-weighted mean |accuracy − mean score| over equal-width score bins.
 
     `probabilities` (n, classes), `y` (n,) true label indices. None for no rows (nothing was measured)."""
-    if not len(y):
+    return binned_calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == y, bins)
+
+
+def binned_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float | None:
+    """ECE from top-1 scores (n,) and whether each top-1 was right (n,) booleans; None for no rows."""
+    if not len(confidence):
         return None
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y
     which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
     total = 0.0
     for b in np.unique(which):

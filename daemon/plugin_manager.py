@@ -119,16 +119,23 @@ class Hooks:
         return self.pm.hook.retraind_train_head(dataset=dataset, config=config)  # type: ignore[no-any-return]
 
     def fit_calibrator(self, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
-        return self._required("retraind_fit_calibrator", "temperature_scaling", logits=logits, labels=labels)
+        found: Calibrator = self._required("retraind_fit_calibrator", "temperature_scaling", logits=logits,
+                                           labels=labels)
+        return found
 
     def load_calibrator(self, name: str, directory: Path) -> Calibrator:
-        return self._required("retraind_load_calibrator", f"calibrator {name!r}", name=name, directory=directory)
+        found: Calibrator = self._required("retraind_load_calibrator", f"calibrator {name!r}", name=name,
+                                           directory=directory)
+        return found
 
     def fit_novelty(self, x: np.ndarray, labels: np.ndarray) -> NoveltyScore:
-        return self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
+        found: NoveltyScore = self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
+        return found
 
     def load_novelty(self, name: str, directory: Path) -> NoveltyScore:
-        return self._required("retraind_load_novelty", f"novelty score {name!r}", name=name, directory=directory)
+        found: NoveltyScore = self._required("retraind_load_novelty", f"novelty score {name!r}", name=name,
+                                             directory=directory)
+        return found
 
     def _required(self, hook_name: str, provider: str, **kwargs: Any) -> Any:
         """A firstresult hook that some plugin must answer; RuntimeError naming `provider` when none did."""

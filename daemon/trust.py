@@ -175,7 +175,7 @@ def _rounded(value: float | None, digits: int = 6) -> float | None:
 
 
 def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
-              sha256_of: Mapping[str, str]) -> FittedTrust:
+              sha256_of: Mapping[str, str | None]) -> FittedTrust:
     """Calibrate `head`, derive its review and novelty thresholds, and describe them for `metrics.json`.
 
     Costs `FOLDS` extra head fits and FOLDS + (classes, at most MAX_LOCO_CLASSES) + 1 novelty fits.
@@ -215,7 +215,7 @@ def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConf
                     "stand_in_unknowns_kept": _rounded(float(np.mean(unknown <= novelty_threshold))
                                                        if len(unknown) else None),
                     "loco_auroc": _rounded(auroc(known, unknown))},
-        "out_of_fold": {"folds": int(len(np.unique(folds))), "images": len(pool.y),
+        "out_of_fold": {"folds": len(np.unique(folds)), "images": len(pool.y),
                         "accuracy": _rounded(float(np.mean(predicted == pool.y))), "file": OUT_OF_FOLD_FILE},
     }
     labels = dataset.labels
