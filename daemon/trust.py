@@ -1,7 +1,7 @@
 """Trustworthy filing, per model version: calibrated scores, a review threshold derived from the precision the
 user chose, and a novelty gate that sends images of untaught classes to review.
 
-All of it is fitted on data the head did not fit. The train and validation images are cut into `FOLDS` folds
+All of it is fitted on data the head did not fit. The train and validation images are dealt into `FOLDS` folds
 by a hash of their path; a head is trained (through `retraind_train_head`, at the served head's L2 strength)
 on all folds but one and predicts the one left out, so every image gets an out-of-fold prediction. On those:
 - the calibrator (`retraind_fit_calibrator`, built in: temperature scaling, daemon/calibration.py);
@@ -118,9 +118,13 @@ class FittedTrust:
         (directory / OUT_OF_FOLD_FILE).write_text(lines, encoding="utf-8")
 
 
-def fold_of(path: str, folds: int = FOLDS) -> int:
-    """A stable fold by a hash of the catalog path: adding images never moves old ones between folds."""
-    return int.from_bytes(hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()[:8], "big") % folds
+def folds_of(paths: tuple[str, ...]) -> np.ndarray:
+    """Fold numbers (n,): images ranked by a hash of their catalog path, dealt round-robin, so every fold is
+    non-empty and the folds are a shuffle that does not depend on the order of the files."""
+    keys = [hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest() for path in paths]
+    ranks = np.empty(len(paths), dtype=np.int64)
+    ranks[sorted(range(len(paths)), key=keys.__getitem__)] = np.arange(len(paths))
+    return ranks % min(FOLDS, len(paths))
 
 
 def _empty(part: Part) -> Part:
@@ -183,7 +187,7 @@ def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConf
     pool = _held_out_pool(dataset)
     if len(pool.y) < 2:
         raise ValueError("calibration needs at least 2 train or validation images")
-    folds = np.array([fold_of(path, min(FOLDS, len(pool.y))) for path in pool.paths])
+    folds = folds_of(pool.paths)
     oof_logits, known = _out_of_fold(head, dataset, pool, folds, hooks, training)
     calibrator = hooks.fit_calibrator(oof_logits, pool.y)
     calibrated = calibrator.probabilities(oof_logits)
