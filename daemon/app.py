@@ -7,21 +7,27 @@ import dataclasses
 import logging
 import queue
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from daemon import trust
+from daemon.augment import Augmenter, VariantCache
 from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
-from daemon.dataset import manifest_of
 from daemon.extractor import Extractor
+from daemon.hookspecs import hookimpl
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
+from daemon.journal import InboxJournal
+from daemon.logs import foreign_output_as_debug
 from daemon.metrics import Metrics
-from daemon.pipeline import MODEL_CHANGED, STOP, Pipeline
-from daemon.plugin_manager import Hooks, make_plugin_manager
+from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
+from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
+from daemon.scanner import walk_files
 from daemon.serving import ServingModel
 from daemon.split import SPLITS
 from daemon.store import Store
@@ -38,18 +44,41 @@ QUEUE_SIZE = 10_000
 def build_backbone(hooks: Hooks, config: Config) -> Backbone:
     cache = config.folder("state") / "weights"
     cache.mkdir(parents=True, exist_ok=True)
-    backbone = hooks.make_backbone(config.backbone, cache)
+    with foreign_output_as_debug():  # TensorFlow loads here: its own chatter becomes DEBUG lines
+        backbone = hooks.make_backbone(config.backbone, cache)
     if backbone is None:
         raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
                           "(built in: efficientnet_lite0, inception_v3)")
     return backbone
 
 
+def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
+    """The cached distorted variants of training images, with the distortions the plugins contribute."""
+    augmenter = Augmenter(hooks.register_distortions(config.augmentation), config.augmentation,
+                          hooks.decode_image, extractor.backbone.input_size, config.watch.max_image_pixels)
+    return VariantCache(augmenter, store, extractor, config.folder("classes"), config.watch.max_file_bytes,
+                        config.backbone.batch_size)
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """What the daemon is doing, for the systemd STATUS line: the serving model's number (None before the
+    first), the inbox files not classified yet, and the folder training images go to."""
+
+    model_version: int | None
+    inbox_waiting: int
+    classes: Path
+
+
 class App:
-    def __init__(self, config: Config, extra_plugins: Iterable[object] = ()) -> None:
+    """`progress` hears from the pipeline worker as it goes (the service's progress bar and watchdog)."""
+
+    def __init__(self, config: Config, extra_plugins: Iterable[object] = (),
+                 progress: Progress | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.hooks = Hooks(make_plugin_manager(config.plugins.disable, extra_plugins), self.metrics)
+        self.hooks = Hooks.of(config, extra_plugins, self.metrics)
+        self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         state = config.folder("state")
@@ -60,21 +89,31 @@ class App:
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
         self.extractor = Extractor(self.backbone, self.hooks.decode_image, self.store, self.metrics,
                                    config.watch.max_image_pixels, config.backbone.batch_size)
-        self.trainer = Trainer(config, self.store, self.extractor, self.registry, self.serving, self.hooks,
-                               self.metrics, self._published)
+        variants = _variant_cache(config, self.hooks, self.store, self.extractor)
+        self.trainer = Trainer(config, self.store, self.backbone, variants, self.registry, self.serving,
+                               self.hooks, self.metrics)
         self.indexer = TrainingIndexer(config.folder("classes"), self.store, self.extractor, self.metrics,
                                        config.watch.max_file_bytes, self.trainer.notify_change)
-        self.inbox = InboxProcessor(config, self.store, self.extractor, self.serving, self.hooks, self.metrics)
+        self.journal = InboxJournal(config, self.store, self.hooks, self.metrics)
+        self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
         self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.metrics, self.watcher.rescan_needed)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request, self.alive)
+                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress())
+        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
         self.http = HttpServer(api) if config.http.enabled else None
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
 
-    def _published(self, version: ModelVersion) -> None:
+    def status(self) -> DaemonStatus:
+        """What the daemon is doing now (any thread)."""
+        version = self.serving.version
+        return DaemonStatus(version.number if version else None, self.pipeline.inbox_waiting,
+                            self.config.folder("classes"))
+
+    @hookimpl(tryfirst=True)
+    def retraind_on_model_published(self, version: ModelVersion) -> None:
+        """Show the new model in the metrics and classify the inbox files that waited for a first model."""
         self._show(version)
         self.events.put(MODEL_CHANGED)
 
@@ -91,20 +130,23 @@ class App:
         trust.show(self.metrics, version)
 
     def _load_current(self) -> None:
-        """Serve the published model if it was trained on this backbone; retrain if the data moved on."""
+        """Serve the published model if it was trained on this backbone; retrain if the data or settings moved on."""
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
             log.error("the published model cannot be loaded (%s); a new one will be trained", exc)
+            self.metrics.internal_error("model_load")
             version = None
         if version is not None and version.backbone == self.backbone.id:
             version = dataclasses.replace(version, trust=self._trust_of(version))
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
-        entries = sorted((e for e in self.store.catalog().values() if e.ok), key=lambda e: e.path)
-        if entries and (version is None or version.metrics.get("manifest_sha256") != manifest_of(entries)
-                        or version.backbone != self.backbone.id or version.trust is None):
+        if version is not None and (version.trust is None or not self.trainer.trained_on_current(version)):
+            log.info("model %d was trained on other images, another backbone or other settings, or has no "
+                     "calibration; retraining", version.number)
+            self.trainer.notify_change()
+        elif version is None and any(e.ok for e in self.store.catalog().values()):
             self.trainer.notify_change()
 
     def _trust_of(self, version: ModelVersion) -> Trust | None:
@@ -122,11 +164,14 @@ class App:
 
     def start(self) -> None:
         self._load_current()
-        recovered = self.inbox.recover()
+        recovered = self.journal.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
         self.watcher.start()  # before the scan, so nothing falls between the two
         self.pipeline.rescan()
+        if next(walk_files(self.config.folder("classes")), None) is None:
+            log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
+                     self.config.folder("classes"))
         self.pipeline.start()
         self.trainer.start()
         if self.http is not None:

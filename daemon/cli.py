@@ -1,4 +1,5 @@
-"""`retraind` command line. User mistakes (config, missing weights) print one line and exit 78 (EX_CONFIG); no
+"""`retraind` command line: parses the arguments and dispatches; the running service is `daemon/service.py`.
+User mistakes (config, missing weights) print one line and exit 78 (EX_CONFIG); no
 model yet exits 1, no daemon answering (status excepted, which falls back to the state dir) exits 69."""
 
 from __future__ import annotations
@@ -6,38 +7,21 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from daemon.backbone import BackboneUnavailable
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.export import ExportError
-from daemon.logs import setup_logging
+from daemon.logs import foreign_output_as_debug, quiet_tensorflow
 from daemon.oneshot import NoModel
 from daemon.status import DaemonUnavailable
 
-if TYPE_CHECKING:
-    from daemon.app import App
-    from daemon.notify import SystemdNotifier
-
-log = logging.getLogger("retraind")
-
 EX_UNAVAILABLE = 69
-_BULK = 32  # files indexed in one go from which caching gets a progress bar and a STATUS line
-#: A pipeline loop silent this long is hung (one batch of 256 images takes ~30 s on the slowest backbone
-#: here): the watchdog goes unfed and systemd restarts the daemon.
-_STALL_SECONDS = 120.0
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -45,151 +29,24 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(_config_path(args))
-
-
-class _Signals:
-    """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload; the main loop acts on them."""
-
-    def __init__(self) -> None:
-        self.wake = threading.Event()
-        self.stop = False
-        self.reload = False
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop = True
-        self.wake.set()
-
-    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
-        self.reload = True
-        self.wake.set()
-
-
-class _Caching:
-    """Bulk caching of training images (the start-up scan, a folder dropped in): a progress bar on a terminal,
-    numbers for the STATUS line. Fed from the pipeline thread with (just indexed, still to index)."""
-
-    def __init__(self) -> None:
-        self.done = self.total = 0
-        self._bar: tqdm[None] | None = None
-
-    def __call__(self, indexed: int, waiting: int) -> None:
-        if self._bar is None and indexed + waiting < _BULK:
-            return
-        if self._bar is None:
-            self._bar = tqdm(total=indexed + waiting, desc="caching bottlenecks", unit="img", disable=None,
-                             leave=False)
-        self.done += indexed
-        self.total = max(self.total, self.done + waiting)  # files may arrive meanwhile
-        self._bar.total = self.total
-        self._bar.update(indexed)
-        if not waiting:
-            self._bar.close()
-            self._bar, self.done, self.total = None, 0, 0
-
-    def text(self) -> str | None:
-        return f"caching bottlenecks {self.done}/{self.total}" if self.total else None
-
-
-class _Heartbeat:
-    """When the pipeline loop last went round: the watchdog is fed only while it does, so a hung worker gets
-    the daemon restarted even though its thread is still alive."""
-
-    def __init__(self) -> None:
-        self.last = time.monotonic()
-
-    def beat(self) -> None:
-        self.last = time.monotonic()
-
-    def fresh(self, max_age: float) -> bool:
-        return time.monotonic() - self.last < max_age
-
-
-def _status_text(app: App, caching: _Caching) -> str:
-    version = app.serving.version
-    parts = [f"serving model {version.number}" if version else "no model yet"]
-    parts += [text for text in (caching.text(),) if text]
-    pending = int(app.metrics.registry.get_sample_value("retraind_inbox_pending_files") or 0)
-    if pending:
-        parts.append(f"{pending} inbox files waiting")
-    return "; ".join(parts)
-
-
-def _watch(app: App, notifier: SystemdNotifier, signals: _Signals, path: Path) -> Config | None:
-    """Run `app` with the main loop: watchdog pings, STATUS updates, signals. Returns None to stop, or the
-    config to reload with."""
-    caching, heartbeat = _Caching(), _Heartbeat()
-    app.pipeline.on_indexed, app.pipeline.on_loop = caching, heartbeat.beat  # before start: the scan is due
-    with app:
-        return _loop(app, caching, heartbeat, notifier, signals, path)
-
-
-def _loop(app: App, caching: _Caching, heartbeat: _Heartbeat, notifier: SystemdNotifier, signals: _Signals,
-          path: Path) -> Config | None:
-    interval = notifier.watchdog_interval() or 5.0
-    status = _status_text(app, caching)
-    notifier.ready(status)
-    while True:
-        signals.wake.wait(min(interval, 5.0))
-        signals.wake.clear()
-        if app.alive() and heartbeat.fresh(_STALL_SECONDS):
-            notifier.watchdog()
-        if signals.stop:
-            notifier.stopping()
-            return None
-        if signals.reload:
-            signals.reload = False
-            try:
-                new = load_config(path)
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running config: %s", exc)
-                notifier.status(f"reload refused: {exc}")
-                continue
-            notifier.reloading()
-            return new
-        if (now := _status_text(app, caching)) != status:
-            status = now
-            notifier.status(status)
+    config = load_config(_config_path(args))
+    quiet_tensorflow(debug=config.log_level == "DEBUG")  # before anything imports TensorFlow
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.app import App
-    from daemon.notify import SystemdNotifier
+    from daemon.service import Service
 
-    path = _config_path(args)
-    config = load_config(path)
-    setup_logging(config.log_level)
-    signals = _Signals()
-    notifier = SystemdNotifier()
-    current: Config | None = config
-    running: Config | None = None  # the config that served last: a reload that cannot start goes back to it
-    with logging_redirect_tqdm():
-        while current is not None:
-            try:
-                app = App(current, args.plugins)
-            except (ConfigError, BackboneUnavailable) as exc:
-                if running is None:
-                    raise
-                log.error("reload refused, going back to the running config: %s", exc)
-                notifier.status(f"reload refused: {exc}")
-                current = running
-                continue
-            running, current = current, _watch(app, notifier, signals, path)
-    notifier.close()
-    log.info("retraind stopped")
-    return 0
+    return Service(_config_path(args), args.plugins).run()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the file, then build its backbone: a misspelt `backbone.name` or missing weights fail here."""
     from daemon.app import build_backbone
-    from daemon.plugin_manager import Hooks, make_plugin_manager
+    from daemon.plugin_manager import Hooks
 
     config = _config(args)
-    backbone = build_backbone(Hooks(make_plugin_manager(config.plugins.disable, args.plugins)), config)
+    backbone = build_backbone(Hooks.of(config, args.plugins), config)
     print(f"config OK: data in {config.data_root}, backbone {backbone.id}")
     return 0
 
@@ -207,9 +64,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from daemon.status import request
 
     code, body = request(_config(args), f"/v1/models/{MODEL_NAME}:retrain", "POST")
-    print("retrain requested; the current model serves until a better one is published" if code == 202
-          else f"retraind: the daemon refused ({code}): {body.decode(errors='replace')}")
-    return 0 if code == 202 else 1
+    if code == 200:
+        answer = json.loads(body)
+        print(f"training set unchanged since model {answer['model_version']} was trained: nothing new to publish")
+    else:
+        print("retrain requested; the current model serves until a better one is published" if code == 202
+              else f"retraind: the daemon refused ({code}): {body.decode(errors='replace')}")
+    return 0 if code in (200, 202) else 1
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -241,8 +102,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not isinstance(model.backbone, KerasBackbone):
         raise ConfigError(f"backbone.name: export needs a Keras network; the plugin for {model.backbone.id} "
                           "built another kind")
-    with tqdm(total=len(STEPS), desc=f"exporting model {model.version.number}", unit="step", disable=None,
-              leave=False) as bar:
+    with foreign_output_as_debug() as stderr, tqdm(
+            total=len(STEPS), desc=f"exporting model {model.version.number}", unit="step", disable=None,
+            leave=False, file=stderr) as bar:
         done = export_model(model.version, model.backbone, Path(args.out), MODEL_NAME,
                             on_step=lambda step: (bar.set_postfix_str(step), bar.update()))
     print(f"exported model {model.version.number} ({len(model.version.labels)} labels, {model.backbone.id})\n"
@@ -259,8 +121,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     version = ModelRegistry.of(config).current()
     if version is None:
         raise NoModel("no model yet: nothing to report")
-    write_report(version, config.folder("classes"), Path(args.out))
-    print(f"wrote {args.out} (model {version.number})")
+    out = Path(args.out) if args.out else config.data_root / "report.html"
+    write_report(version, config.folder("classes"), out)
+    print(f"wrote {out.resolve()} (model {version.number})")
     return 0
 
 
@@ -286,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default="export", help="base folder (default: ./export)")
     export.set_defaults(func=cmd_export)
     report = add("report", help="write an HTML page about the current model")
-    report.add_argument("--out", default="report.html", help="HTML file to write (default: ./report.html)")
+    report.add_argument("--out", help="HTML file to write (default: report.html in the data root)")
     report.set_defaults(func=cmd_report)
     return parser
 

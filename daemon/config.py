@@ -11,11 +11,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 EX_CONFIG = 78
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -111,7 +112,12 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class PluginsConfig:
+    """`plugins.disable` names plugins not to load; every other key under `plugins:` is a plugin's name and
+    holds that plugin's own settings, kept raw here and checked against the settings class the plugin
+    declares (`retraind_register_settings`) when the plugins are loaded (`daemon/plugin_manager.py`)."""
+
     disable: list[str] = field(default_factory=list)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -169,8 +175,26 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _plugins(raw: Any) -> PluginsConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"plugins: expected a mapping, got {type(raw).__name__}")
+    settings: dict[str, dict[str, Any]] = {}
+    for name, section in raw.items():
+        if name == "disable":
+            continue
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"plugins.{name}: expected a mapping of that plugin's settings, got "
+                              f"{type(section).__name__} (`plugins.disable` lists plugins not to load)")
+        settings[str(name)] = dict(section or {})
+    return PluginsConfig(_convert("plugins.disable", list[str], raw.get("disable", [])), settings)
+
+
 def _convert(key: str, hint: Any, value: Any) -> Any:
     """Check `value` against the type hint `hint`, converting only where YAML is ambiguous (int → float)."""
+    if hint is PluginsConfig:
+        return _plugins(value)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     origin = typing.get_origin(hint)
@@ -227,6 +251,15 @@ def _build(cls: Any, raw: Any, prefix: str) -> Any:
         values[name] = _convert(key, hints[name], value)
         _check(key, values[name])
     return cls(**values)
+
+
+def parse_section(cls: type[T], raw: Any, key: str) -> T:
+    """Validate one section of the config (a plugin's settings) into the frozen dataclass `cls`: unknown
+    keys and wrong types are `ConfigError`s naming `key.<name>`; a missing section takes every default."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{key}: the settings class must be a dataclass, not {cls!r}")
+    built: T = _build(cls, raw, key)
+    return built
 
 
 def _resolve_root(config: Config, base: Path) -> Config:

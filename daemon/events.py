@@ -14,12 +14,11 @@ class EventKind(enum.Enum):
     DELETED = "deleted"
     MOVED = "moved"
     SCANNED = "scanned"
-    RESCAN = "rescan"
 
 
 @dataclass(frozen=True)
 class FileEvent:
-    """Something happened to `path` (for MOVED, `dest` is the new path). RESCAN asks for a full scan."""
+    """Something happened to `path` (for MOVED, `dest` is the new path)."""
 
     kind: EventKind
     path: Path

@@ -2,7 +2,8 @@
 
 Built-in behaviour (in the top-level `plugins` package) implements these same hooks and is registered through
 the same `retraind` entry-point group as a third-party plugin; built-in defaults are `trylast` so a user's
-plugin that returns a result first replaces them. Verbs tell the shape: `make_*`/`decode_*`/`train_*` build
+plugin that returns a result first replaces them. A plugin's own settings come from `plugins.<its name>` in
+the config, declared by `retraind_register_settings` and handed over by `retraind_configure`. Verbs tell the shape: `make_*`/`decode_*`/`train_*` build
 something (firstresult), `accept_*`/`should_*`/`route_*` decide (firstresult), `write_*` contributes to a
 folder being built (every plugin), `on_*` notifies (every plugin; a failure is logged and counted, never
 propagated). firstresult hooks stop at the first non-None result.
@@ -11,7 +12,7 @@ propagated). firstresult hooks stop at the first non-None result.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pluggy
@@ -32,6 +33,31 @@ if TYPE_CHECKING:
 PROJECT = "retraind"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def retraind_register_settings() -> type | None:
+    """Declare the settings this plugin takes in `config.yaml` under `plugins.<plugin name>`: return a frozen
+    dataclass whose fields, each with a default, are the allowed keys (typed like the rest of the config:
+    bool, int, float, str, lists, `pathlib.Path`, nested dataclasses), or None for no settings.
+
+    Called once per plugin on the main thread whenever the plugins are loaded (start-up, a config reload, the
+    one-shot commands), before any other hook. The plugin's section is checked against the class like the
+    rest of the config: an unknown key or a wrong type is a one-line config error naming
+    `plugins.<name>.<key>` (exit status 78). A plugin that declares settings must implement
+    `retraind_configure`, which receives them.
+    """
+
+
+@hookspec
+def retraind_configure(settings: Any) -> None:
+    """Receive this plugin's validated settings: an instance of the class its `retraind_register_settings`
+    returned, built from its `plugins.<plugin name>` section (every default when there is none).
+
+    Called on the main thread right after `retraind_register_settings`, again at every config reload, and
+    only for plugins that declare settings. Raise `ValueError` to refuse a value (a URL without a scheme,
+    a range): it becomes a config error `plugins.<name>: <your message>`, so name the key in it.
+    """
 
 
 @hookspec(firstresult=True)
@@ -163,7 +189,10 @@ def retraind_write_model_artifacts(version: ModelVersion, directory: Path, datas
 
 @hookspec
 def retraind_on_model_published(version: ModelVersion) -> None:
-    """Notification that `version` is now CURRENT and serving. Called on the trainer thread."""
+    """Notification that `version` is now CURRENT and serving. Called on the trainer thread.
+
+    This hook is the one path by which a published model is announced: the daemon itself listens on it
+    (`tryfirst`) to update its metrics and classify the inbox files that waited for a first model."""
 
 
 @hookspec(firstresult=True)

@@ -24,6 +24,7 @@ from daemon.config import Config, ConfigError
 from daemon.extractor import Extractor
 from daemon.images import ImageRejected
 from daemon.metrics import Metrics
+from daemon.registry import ModelVersion
 from daemon.serving import ServingModel
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Api:
 
     def __init__(
         self, config: Config, metrics: Metrics, serving: ServingModel, extractor: Extractor,
-        retrain: Callable[[], None], alive: Callable[[], bool],
+        retrain: Callable[[], ModelVersion | None], alive: Callable[[], bool],
     ) -> None:
         self.config, self.metrics, self.serving, self.extractor = config, metrics, serving, extractor
         self.retrain, self.alive = retrain, alive
@@ -196,8 +197,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _retrain(self) -> None:
         self._body(required=False)
-        self.api.retrain()
-        self._json(HTTPStatus.ACCEPTED, {"retrain": "requested"})
+        unchanged = self.api.retrain()  # the serving version when the training set has not changed since it
+        if unchanged is not None:
+            self._json(HTTPStatus.OK, {"retrain": "unchanged", "model_version": unchanged.number})
+        else:
+            self._json(HTTPStatus.ACCEPTED, {"retrain": "requested"})
 
     def _body(self, required: bool = True) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():

@@ -1,9 +1,6 @@
 """Classifying inbox files: each ends in exactly one place with exactly one record, even across crashes, full
-disks and read-only folders.
+disks and read-only folders (the journal in `daemon/journal.py` makes that so).
 
-The order is journal → move → sinks → journal done. From the moment its journal entry is written a file
-belongs to that entry: `recover()` finishes it (the move if it had not happened, then the idempotent sinks),
-at start-up after a crash, and later, with a growing delay, when a move or a sink failed with an I/O error.
 A file that cannot be read is rejected only once it has been left alone for `watch.settle_seconds`: empty or
 damaged content may be a file still being written.
 """
@@ -22,41 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.atomic import free_name, fsync_dir, move_atomic, write_atomic
+from daemon.atomic import free_name, move_atomic, write_atomic
+from daemon.burst_log import BurstLog
 from daemon.config import Config
 from daemon.extractor import Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
+from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
-from daemon.store import JournalEntry, Store
 from daemon.trust import judge
 
 log = logging.getLogger(__name__)
 
-_RECOVER_FIRST_SECONDS, _RECOVER_MAX_SECONDS = 1.0, 60.0
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _stored(path: Path) -> str:
-    """Journal paths as JSON strings: a name that is not valid UTF-8 (a surrogate escape) survives SQLite."""
-    return json.dumps(os.fspath(path))
-
-
-def _loaded(text: str) -> Path:
-    return Path(json.loads(text))
-
-
-def _sha256_of(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 @dataclass
@@ -69,17 +48,12 @@ class InboxOutcome:
 
 class InboxProcessor:
     def __init__(
-        self, config: Config, store: Store, extractor: Extractor, serving: ServingModel, hooks: Hooks,
+        self, config: Config, journal: InboxJournal, extractor: Extractor, serving: ServingModel, hooks: Hooks,
         metrics: Metrics,
     ) -> None:
-        self._config = config
-        self._store = store
-        self._extractor = extractor
-        self._serving = serving
-        self._hooks = hooks
-        self._metrics = metrics
-        self._recover_at: float | None = None
-        self._recover_delay = _RECOVER_FIRST_SECONDS
+        self._config, self._journal, self._extractor = config, journal, extractor
+        self._serving, self._hooks, self._metrics = serving, hooks, metrics
+        self._lines = BurstLog(log, "inbox files classified")
 
     def process(self, paths: list[Path]) -> InboxOutcome:
         """Classify `paths` (files already in the journal belong to `recover` and are left alone)."""
@@ -87,7 +61,7 @@ class InboxProcessor:
         if version is None:
             return InboxOutcome(waiting=list(paths))
         outcome = InboxOutcome()
-        journaled = {_loaded(entry.source) for entry in self._store.journal_open()}
+        journaled = self._journal.open_sources()
         files: list[ImageFile] = []
         for path in paths:
             if path in journaled or not os.path.lexists(path):
@@ -120,23 +94,23 @@ class InboxProcessor:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", f.path, folder, exc)
+            self._metrics.internal_error("inbox_folder")
             return False
         destination = free_name(folder, f.path.name, f.sha256[:12])
         result = ClassificationResult(**{**result.__dict__, "destination": destination})
-        entry = JournalEntry(result.id, _stored(f.path), _stored(destination), json.dumps(result.record()),
-                             "moving")
-        self._store.journal_begin(entry)
+        entry = self._journal.begin(result)
         try:
             move_atomic(f.path, destination)
         except OSError as exc:
             log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
                       f.path, folder, exc)
-            self._schedule_recovery()
+            self._metrics.internal_error("inbox_move")
+            self._journal.schedule_recovery()
             return True
         try:
-            self._finish(entry, result)
+            self._journal.complete(entry, result)
         except Exception:
-            self._schedule_recovery()
+            self._journal.schedule_recovery()
             raise
         outcome = "review" if folder == self._config.folder("review") else "classified"
         if outcome == "review" and result.review_reason is not None:
@@ -144,18 +118,19 @@ class InboxProcessor:
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)
+        self._announce(result, destination)
         return True
 
-    def _finish(self, entry: JournalEntry, result: ClassificationResult) -> bool:
-        """Run the sinks; the entry stays open (and is retried) if one failed with an I/O error."""
-        errors = self._hooks.on_result(result, self._config)
-        if any(isinstance(exc, OSError) for exc in errors):
-            log.error("%s: a result record could not be written (%s); retried later", result.destination,
-                      "; ".join(str(exc) for exc in errors))
-            self._schedule_recovery()
-            return False
-        self._store.journal_finish(entry.id)
-        return True
+    def _announce(self, result: ClassificationResult, destination: Path) -> None:
+        """`inbox/cat.jpg -> red (0.973) -> outbox/red/cat.jpg`, summed up per destination during a burst."""
+        root = self._config.data_root
+        shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
+        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f) -> %s", result.source.name, result.label,
+                         result.confidence, shown)
+
+    def flush_log(self) -> None:
+        """Log the summary of a burst whose window has ended (the pipeline calls this every loop)."""
+        self._lines.flush()
 
     def _reject(self, path: Path, problem: ImageRejected, outcome: InboxOutcome) -> None:
         if self._may_still_change(path) or not self.reject(path, problem):
@@ -183,6 +158,7 @@ class InboxProcessor:
             move_atomic(path, destination)
         except OSError as exc:
             log.error("%s: cannot move to %s (%s); it stays in the inbox and is retried", path, folder, exc)
+            self._metrics.internal_error("inbox_reject")
             if record_path is not None:
                 record_path.unlink(missing_ok=True)
             return False
@@ -190,63 +166,3 @@ class InboxProcessor:
         self._metrics.rejected.labels(reason=problem.reason).inc()
         self._hooks.on_rejected(destination, problem.reason, str(problem))
         return True
-
-    # -- recovery ----------------------------------------------------------------------------------------
-
-    def _schedule_recovery(self) -> None:
-        if self._recover_at is None:
-            self._recover_at = time.monotonic() + self._recover_delay
-            self._recover_delay = min(self._recover_delay * 2, _RECOVER_MAX_SECONDS)
-
-    def recovery_due(self) -> bool:
-        return self._recover_at is not None and time.monotonic() >= self._recover_at
-
-    def recover(self) -> int:
-        """Finish the open journal entries (a crash, a failed move or sink); returns how many were open."""
-        self._recover_at = None
-        entries = self._store.journal_open()
-        finished = 0
-        for entry in entries:
-            try:
-                finished += self._recover_one(entry)
-            except Exception:
-                log.exception("%s: recovery failed; retried later", _loaded(entry.source))
-        if finished == len(entries):
-            self._recover_delay = _RECOVER_FIRST_SECONDS
-        else:
-            self._schedule_recovery()
-        return len(entries)
-
-    def _recover_one(self, entry: JournalEntry) -> bool:
-        source, destination = _loaded(entry.source), _loaded(entry.destination)
-        record = json.loads(entry.record)
-        moved = os.path.lexists(destination) and _sha256_of(destination) == record["sha256"]
-        if not moved:
-            if not os.path.lexists(source) or os.path.lexists(destination):
-                # gone meanwhile, or its name was taken: no record was written; a file left in the inbox is
-                # classified afresh
-                log.warning("%s: journal entry dropped (source present: %s)", source, os.path.lexists(source))
-                self._store.journal_finish(entry.id)
-                return True
-            try:
-                move_atomic(source, destination)
-            except OSError as exc:
-                log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, exc)
-                return False
-        elif os.path.lexists(source) and _sha256_of(source) == record["sha256"]:
-            # a copy across file systems landed but its source was not removed: remove it now, or the next
-            # scan would classify the same file a second time
-            try:
-                source.unlink()
-                fsync_dir(source.parent)
-            except OSError as exc:
-                log.error("%s: already moved to %s but cannot be removed (%s); retried later", source,
-                          destination.parent, exc)
-                return False
-        result = ClassificationResult(
-            id=record["id"], source=source, sha256=record["sha256"],
-            top_k=tuple((item["label"], item["score"]) for item in record["top_k"]),
-            model_version=record["model_version"], backbone=record["backbone"], time=record["time"],
-            destination=destination, review_reason=record.get("review_reason"), novelty=record.get("novelty"),
-        )
-        return self._finish(entry, result)

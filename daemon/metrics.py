@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from daemon import __version__
 
+#: Where a failure can be logged and survived (the daemon goes on; the work is retried or mended later):
+#: a pipeline step (a rescan mends it), a batch of files (tried one by one), one file (retried with a growing
+#: delay), the destination folder or the move of a classified inbox file, the move of an unusable one to
+#: rejected/, finishing an open journal entry, a retrain-policy plugin (the quiet period decides instead),
+#: the published model at start-up (a new one is trained).
+InternalErrorPlace = Literal["pipeline_step", "pipeline_batch", "pipeline_file", "inbox_folder", "inbox_move",
+                             "inbox_reject", "journal_recovery", "retrain_policy", "model_load"]
+INTERNAL_ERROR_PLACES: tuple[str, ...] = typing.get_args(InternalErrorPlace)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -62,6 +73,15 @@ class Metrics:
             "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)
         self.plugin_errors = Counter(
             "retraind_plugin_errors", "Exceptions raised by plugins", ["hook", "plugin"], registry=r)
+        self.internal_errors = Counter(
+            "retraind_internal_errors", "Failures logged and survived, by where they happened", ["where"],
+            registry=r)
+        for place in INTERNAL_ERROR_PLACES:
+            self.internal_errors.labels(where=place)
         for result in ("promoted", "rejected", "failed"):
             self.training_runs.labels(result=result)
         self.model_version.set(0)
+
+    def internal_error(self, where: InternalErrorPlace) -> None:
+        """Count a failure that was logged and survived (each place is exported from the start, at 0)."""
+        self.internal_errors.labels(where=where).inc()

@@ -13,7 +13,7 @@ from daemon.app import build_backbone
 from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
 from daemon.images import ImageRejected, read_image_file
-from daemon.plugin_manager import Hooks, make_plugin_manager
+from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.serving import ServingModel
 from daemon.trust import load_trust
@@ -40,7 +40,7 @@ def load_published(config: Config, plugins: Iterable[object] = (), engine: str |
                       "daemon train")
     if engine is not None:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, engine=engine))
-    hooks = Hooks(make_plugin_manager(config.plugins.disable, plugins))
+    hooks = Hooks.of(config, plugins)
     backbone = build_backbone(hooks, config)
     if backbone.id != version.backbone:
         raise ConfigError(f"backbone.name: model {version.number} was trained on {version.backbone}, but the "

@@ -16,11 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
+from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pending import PendingFiles
 from daemon.plugin_manager import Hooks
@@ -36,24 +38,45 @@ _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
 
 
+class Progress(Protocol):
+    """What the pipeline worker reports as it goes, on its own thread (the service turns it into a progress
+    bar, the STATUS line and the systemd watchdog's pings)."""
+
+    def went_round(self) -> None:
+        """The worker is not hung: called every loop (at least every half second) and after every chunk."""
+
+    def indexed(self, indexed: int, waiting: int) -> None:
+        """Training files: `indexed` just now, `waiting` still to index (0 when a run of work is done)."""
+
+
+class NoProgress:
+    """The `Progress` of a daemon nobody watches (tests, benches, embedding)."""
+
+    def went_round(self) -> None:
+        pass
+
+    def indexed(self, indexed: int, waiting: int) -> None:
+        pass
+
+
 class Pipeline(threading.Thread):
     def __init__(
         self, config: Config, events: queue.Queue[object], hooks: Hooks, store: Store, indexer: TrainingIndexer,
-        inbox: InboxProcessor, metrics: Metrics, rescan_needed: threading.Event,
+        inbox: InboxProcessor, journal: InboxJournal, metrics: Metrics, rescan_needed: threading.Event,
+        progress: Progress,
     ) -> None:
         super().__init__(name="retraind-pipeline", daemon=False)
         self._config, self._events, self._hooks, self._store = config, events, hooks, store
-        self._indexer, self._inbox, self._metrics = indexer, inbox, metrics
+        self._indexer, self._inbox, self._journal, self._metrics = indexer, inbox, journal, metrics
         self._rescan_needed = rescan_needed
         self._classes, self._inbox_root = config.folder("classes"), config.folder("inbox")
         self._pending = PendingFiles(config.watch.settle_seconds)
         self._waiting: set[Path] = set()
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
         self._next_rescan = math.inf
+        self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
-        self.on_loop: Callable[[], None] = lambda: None  # the main loop's watchdog ping hangs here
-        #: progress of training files: (just indexed, still to index); the start-up caching bar hangs here
-        self.on_indexed: Callable[[int, int], None] = lambda indexed, waiting: None
+        self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
 
     def rescan(self) -> None:
         """Queue every file a reconcile scan finds; also run at start-up."""
@@ -74,13 +97,14 @@ class Pipeline(threading.Thread):
             if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
                 self._safely(self.rescan)
             self._safely(self._process_due)
-            self.on_loop()
+            self._progress.went_round()
 
     def _safely(self, work: Callable[..., None], *args: object) -> None:
         try:
             work(*args)
         except Exception:
             log.exception("pipeline step failed; a rescan in %.0f s mends what it left", _RESCAN_AFTER_FAILURE_SECONDS)
+            self._metrics.internal_error("pipeline_step")
             self._next_rescan = min(self._next_rescan, time.monotonic() + _RESCAN_AFTER_FAILURE_SECONDS)
 
     def _dispatch(self, item: object) -> None:
@@ -141,22 +165,24 @@ class Pipeline(threading.Thread):
         inbox = [p for p in due if self._area(p) == "inbox"]
         later = sum(1 for p in self._pending.paths() if self._area(p) == "classes") if classes else 0
         if classes:
-            self.on_indexed(0, len(classes) + later)
+            self._progress.indexed(0, len(classes) + later)
         for start in range(0, len(classes), _CHUNK):
             chunk = classes[start : start + _CHUNK]
             self._guarded(self._index, chunk)
-            self.on_indexed(len(chunk), len(classes) - start - len(chunk) + later)
-            self.on_loop()  # a long start-up caching run is progress, not a hang: keep the watchdog fed
+            self._progress.indexed(len(chunk), len(classes) - start - len(chunk) + later)
+            self._progress.went_round()  # a long start-up caching run is progress, not a hang: keep the watchdog fed
         # inbox files in backbone-sized batches: each batch's files are finished before the next is read, so
         # in a burst the first results land after one forward batch, not after a 256-file chunk
         size = self._config.backbone.batch_size
         for start in range(0, len(inbox), size):
             self._guarded(self._classify, inbox[start : start + size])
-            self.on_loop()
-        if self._inbox.recovery_due():
-            self._inbox.recover()  # finishes moves and records that failed before (full disk, read-only)
+            self._progress.went_round()
+        self._inbox.flush_log()
+        if self._journal.recovery_due():
+            self._journal.recover()  # finishes moves and records that failed before (full disk, read-only)
         pending_inbox = sum(1 for p in self._pending.paths() if self._area(p) == "inbox")
-        self._metrics.inbox_pending.set(pending_inbox + len(self._waiting))
+        self.inbox_waiting = pending_inbox + len(self._waiting)
+        self._metrics.inbox_pending.set(self.inbox_waiting)
         if not len(self._pending):
             self.idle.set()
         else:
@@ -177,6 +203,7 @@ class Pipeline(threading.Thread):
             retry = work(paths)
         except Exception:
             log.exception("a batch of %d files failed; trying them one by one", len(paths))
+            self._metrics.internal_error("pipeline_batch")
             retry = list(paths) if len(paths) == 1 else self._one_by_one(work, paths)
         for path in set(paths) - set(retry):
             self._attempts.pop(path, None)
@@ -184,13 +211,13 @@ class Pipeline(threading.Thread):
             attempts = self._attempts[path] = self._attempts.get(path, 0) + 1
             self._pending.retry(path, min(_MAX_RETRY_SECONDS, _FIRST_RETRY_SECONDS * 2 ** (attempts - 1)))
 
-    @staticmethod
-    def _one_by_one(work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
+    def _one_by_one(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
         retry: list[Path] = []
         for path in paths:
             try:
                 retry += work([path])
             except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
                 log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
+                self._metrics.internal_error("pipeline_file")
                 retry.append(path)
         return retry

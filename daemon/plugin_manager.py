@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ import numpy as np
 import pluggy
 
 from daemon import hookspecs
+from daemon.config import ConfigError, parse_section
 from daemon.hookspecs import PROJECT
 
 if TYPE_CHECKING:
@@ -48,8 +49,12 @@ DEFAULT_PLUGINS = (
 )
 
 
-def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> pluggy.PluginManager:
-    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked."""
+def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = (),
+                        settings: Mapping[str, Mapping[str, Any]] | None = None) -> pluggy.PluginManager:
+    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked.
+    Then each plugin that declares settings gets its section of `settings` (`config.plugins.settings`);
+    a section for no such plugin, or a bad value, raises `ConfigError` naming `plugins.<name>...`."""
+    disabled = list(disabled)
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in disabled:
@@ -63,7 +68,32 @@ def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = 
         pm.register(plugin)
     pm.check_pending()
     _refuse_wrappers_of_isolated_hooks(pm)
+    _configure(pm, settings or {}, disabled)
     return pm
+
+
+def _configure(pm: pluggy.PluginManager, settings: Mapping[str, Mapping[str, Any]], disabled: list[str]) -> None:
+    """Validate each plugin's settings against the class it registers, and hand them to it."""
+    offered = {impl.plugin_name: impl.function() for impl in pm.hook.retraind_register_settings.get_hookimpls()}
+    declared: dict[str, type] = {name: cls for name, cls in offered.items() if isinstance(cls, type)}
+    receivers = {impl.plugin_name: impl for impl in pm.hook.retraind_configure.get_hookimpls()}
+    for name in sorted(set(declared) ^ set(receivers)):
+        plugin = pm.get_plugin(name)
+        raise pluggy.PluginValidationError(plugin, f"plugin {name}: retraind_register_settings and "
+                                           "retraind_configure go together (declare settings, receive them)")
+    for name in settings:
+        if name not in declared and name not in disabled:
+            raise ConfigError(f"plugins.{name}: no loaded plugin of that name takes settings (plugins with "
+                              f"settings: {', '.join(sorted(declared)) or 'none'}; `plugins.disable` lists "
+                              "plugins not to load)")
+    for name, cls in declared.items():
+        values: object = parse_section(cls, settings.get(name), f"plugins.{name}")
+        try:
+            receivers[name].function(values)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"plugins.{name}: {exc}") from exc
 
 
 #: Hooks the facade calls one implementation at a time (so one failure stops none of the others)
@@ -87,6 +117,11 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager, metrics: Metrics | None = None) -> None:
         self.pm = pm
         self._metrics = metrics
+
+    @classmethod
+    def of(cls, config: Config, extra: Iterable[object] = (), metrics: Metrics | None = None) -> Hooks:
+        """The plugins `config` asks for (`plugins.disable`, each plugin's settings) plus `extra` objects."""
+        return cls(make_plugin_manager(config.plugins.disable, extra, config.plugins.settings), metrics)
 
     def _notify(self, hook_name: str, **kwargs: Any) -> list[Exception]:
         """Call every implementation separately: pluggy would stop at the first exception. Returns what the

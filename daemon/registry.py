@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEAD_FILE, LABELS_FILE, METRICS_FILE, CURRENT_FILE = "head.npz", "labels.txt", "metrics.json", "CURRENT"
+#: Pictures a plugin may add to a version folder (the built-in `plots` draws them; `retraind report` shows them)
+TRAINING_CURVE_FILE, CONFUSION_MATRIX_FILE = "training_curve.png", "confusion_matrix.png"
 
 
 @dataclass(frozen=True)

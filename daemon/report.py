@@ -15,10 +15,9 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from daemon.atomic import write_atomic
-from daemon.registry import ModelVersion
+from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelVersion
 from daemon.split import SPLITS
 from daemon.status import percent, trust_lines
-from plugins.plots import CONFUSION_MATRIX, TRAINING_CURVE
 
 THUMBNAIL_PIXELS = 160
 
@@ -104,10 +103,10 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 <h2>Labels</h2>
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>
-{_plot(version.directory, TRAINING_CURVE, "training curve")}
+{_plot(version.directory, TRAINING_CURVE_FILE, "training curve")}
 <p class="muted">chosen fit (the last segment of the curve): {html.escape(hyper)}</p>
 <h2>Confusion matrix</h2>
-{_plot(version.directory, CONFUSION_MATRIX, "confusion matrix")}
+{_plot(version.directory, CONFUSION_MATRIX_FILE, "confusion matrix")}
 <h2>Most confident mistakes ({html.escape(split)} split)</h2>
 {_mistakes(m.get("mistakes", []), classes_root)}
 </body></html>

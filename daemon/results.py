@@ -50,3 +50,15 @@ class ClassificationResult:
             "time": self.time,
             **self.extra,
         }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], source: Path, destination: Path) -> ClassificationResult:
+        """The inverse of `record()` (the inbox journal keeps records, and finishes them after a crash);
+        `source` and `destination` come from the journal, which keeps them exactly (odd bytes included)."""
+        top_k = tuple((item["label"], float(item["score"])) for item in record["top_k"])
+        known = {"id", "file", "destination", "label", "confidence", "top_k", "model_version", "backbone",
+                 "sha256", "time", "review_reason", "novelty"}
+        return cls(id=record["id"], source=source, sha256=record["sha256"], top_k=top_k,
+                   model_version=record["model_version"], backbone=record["backbone"], time=record["time"],
+                   destination=destination, review_reason=record.get("review_reason"),
+                   novelty=record.get("novelty"), extra={k: v for k, v in record.items() if k not in known})

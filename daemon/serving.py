@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from daemon import trust
@@ -13,7 +11,6 @@ from daemon.registry import ModelVersion
 class ServingModel:
     def __init__(self) -> None:
         self._version: ModelVersion | None = None
-        self._ready = threading.Event()
 
     @property
     def version(self) -> ModelVersion | None:
@@ -21,10 +18,6 @@ class ServingModel:
 
     def swap(self, version: ModelVersion) -> None:
         self._version = version
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
 
     @staticmethod
     def top_k(version: ModelVersion, vectors: np.ndarray, k: int) -> list[tuple[tuple[str, float], ...]]:

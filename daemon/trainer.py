@@ -7,84 +7,42 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from daemon.augment import Augmenter, VariantCache
+from daemon.augment import VariantCache
+from daemon.backbone import Backbone
 from daemon.config import Config
-from daemon.dataset import Dataset, Part, build_dataset
-from daemon.extractor import Extractor
-from daemon.head import Head, accuracy
+from daemon.dataset import Dataset, build_dataset, manifest_of
+from daemon.evaluation import evaluate, gate, log_misclassified
+from daemon.head import Head
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.retrain_policy import RetrainState
 from daemon.serving import ServingModel
-from daemon.split import SPLITS, TEST, VALIDATION
+from daemon.split import SPLITS, VALIDATION
 from daemon.store import Store
 from daemon.trust import fit_trust
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(head: Head, dataset: Dataset) -> dict[str, Any]:
-    """Accuracy per split and per class, and the confusion matrix (rows: true label) on test, else validation."""
-    per_split = {name: accuracy(head, part.x, part.y) for name, part in dataset.parts.items()}
-    part = dataset.parts[TEST] if len(dataset.parts[TEST].y) else dataset.parts[VALIDATION]
-    n = len(dataset.labels)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    probabilities = head.probabilities(part.x) if len(part.y) else np.empty((0, n), dtype=np.float32)
-    np.add.at(confusion, (part.y, probabilities.argmax(axis=1)), 1)
-    per_class = {
-        label: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
-        for i, label in enumerate(dataset.labels)
-    }
-    return {"accuracy": per_split, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist(),
-            "confusion_split": TEST if part is dataset.parts[TEST] else VALIDATION,
-            "mistakes": _mistakes(probabilities, part, dataset.labels)}
-
-
-def _mistakes(probabilities: np.ndarray, part: Part, labels: tuple[str, ...], keep: int = 20) -> list[dict[str, Any]]:
-    """The most confident wrong predictions on `part`, surest first (`retraind report` shows them)."""
-    predicted = probabilities.argmax(axis=1)
-    score = probabilities[np.arange(len(predicted)), predicted]
-    wrong = np.flatnonzero(predicted != part.y)
-    return [{"path": part.paths[i], "true": labels[part.y[i]], "predicted": labels[predicted[i]],
-             "score": round(float(score[i]), 6)} for i in wrong[np.argsort(-score[wrong], kind="stable")][:keep]]
-
-
-def _log_misclassified(head: Head, dataset: Dataset) -> None:
-    """retrain.py's --print_misclassified_test_images, as log lines."""
-    test = dataset.parts[TEST]
-    predicted = head.probabilities(test.x).argmax(axis=1) if len(test.y) else np.empty(0, np.int64)
-    wrong = np.flatnonzero(predicted != test.y)
-    log.info("=== MISCLASSIFIED TEST IMAGES: %d of %d ===", len(wrong), len(test.y))
-    for i in wrong:
-        log.info("%s: is %s, predicted %s", test.paths[i], dataset.labels[test.y[i]],
-                 dataset.labels[predicted[i]])
-
-
+#: `training` settings that do not change the head a run fits: a change of these needs no retraining
+_NOT_HEAD_SETTINGS = frozenset({"quiet_period_seconds", "keep_versions", "gate_tolerance",
+                                "print_misclassified_test_images", "tensorboard"})
 #: A failed run (disk full while publishing, a plugin's bug) is tried again after a growing delay.
 _RETRY_FIRST_SECONDS, _RETRY_MAX_SECONDS = 10.0, 600.0
 
 
 class Trainer(threading.Thread):
     def __init__(
-        self, config: Config, store: Store, extractor: Extractor, registry: ModelRegistry,
-        serving: ServingModel, hooks: Hooks, metrics: Metrics, on_published: Callable[[ModelVersion], None],
+        self, config: Config, store: Store, backbone: Backbone, variants: VariantCache, registry: ModelRegistry,
+        serving: ServingModel, hooks: Hooks, metrics: Metrics,
     ) -> None:
         super().__init__(name="retraind-trainer", daemon=False)
-        self._config, self._store, self._backbone = config, store, extractor.backbone
-        distortions = hooks.register_distortions(config.augmentation)
-        augmenter = Augmenter(distortions, config.augmentation, hooks.decode_image,
-                              extractor.backbone.input_size, config.watch.max_image_pixels)
-        self._variants = VariantCache(augmenter, store, extractor, config.folder("classes"),
-                                      config.watch.max_file_bytes, config.backbone.batch_size)
+        self._config, self._store, self._backbone, self._variants = config, store, backbone, variants
         self._registry, self._serving, self._hooks, self._metrics = registry, serving, hooks, metrics
-        self._on_published = on_published
         self._cond = threading.Condition()
         self._stopping = False
         self._changes = 0
@@ -105,10 +63,37 @@ class Trainer(threading.Thread):
             self._cond.notify()
 
     def request(self) -> None:
-        """Train as soon as possible, whatever the policy says (API, CLI)."""
+        """Train as soon as possible, whatever the policy says."""
         with self._cond:
             self._forced = True
             self.notify_change()
+
+    def request_if_changed(self) -> ModelVersion | None:
+        """`retraind retrain` (the API): `request()`, unless the serving model was trained on exactly the
+        current training set and settings: then nothing is queued (a run could only publish the same head
+        again) and that model is returned."""
+        current = self._serving.version
+        if current is not None and self.trained_on_current(current):
+            log.info("retrain asked for, but the training set is unchanged since model %d: nothing new to "
+                     "publish", current.number)
+            return current
+        self.request()
+        return None
+
+    def trained_on_current(self, version: ModelVersion) -> bool:
+        """`version` was trained on this backbone, on exactly the training images in the catalog now, with the
+        augmentation, head settings and target precision in force now."""
+        entries = sorted((e for e in self._store.catalog().values() if e.ok), key=lambda e: e.path)
+        m = version.metrics
+        return (version.backbone == self._backbone.id and m.get("manifest_sha256") == manifest_of(entries)
+                and m.get("augmentation") == self._variants.augmenter.summary
+                and m.get("training_settings") == self._head_settings()
+                and (m.get("trust") or {}).get("target_precision") == self._config.classify.target_precision)
+
+    def _head_settings(self) -> dict[str, Any]:
+        """The `training` settings that shape the head (not when, how often, or what is kept and shown)."""
+        settings = dataclasses.asdict(self._config.training)
+        return {key: value for key, value in settings.items() if key not in _NOT_HEAD_SETTINGS}
 
     def stop(self) -> None:
         with self._cond:
@@ -116,10 +101,6 @@ class Trainer(threading.Thread):
             self._cond.notify()
 
     def run(self) -> None:
-        current = self._serving.version
-        if current is not None and current.metrics.get("augmentation") != self._variants.augmenter.summary:
-            log.info("augmentation settings differ from model %d's; retraining", current.number)
-            self.notify_change()
         while True:
             with self._cond:
                 self._cond.wait(timeout=0.25)
@@ -136,6 +117,7 @@ class Trainer(threading.Thread):
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
                 log.exception("a retrain-policy plugin failed; falling back to the quiet period")
+                self._metrics.internal_error("retrain_policy")
                 retrain = state.quiet()
             if retrain:
                 with self._cond:
@@ -166,7 +148,8 @@ class Trainer(threading.Thread):
         dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
         self._update_image_gauges(dataset)
         if len(dataset.labels) < 2:
-            log.info("training waits for at least two labels with images (have %d)", len(dataset.labels))
+            log.info("training waits for images of two labels or more (have: %s): put them in %s/<label>/",
+                     ", ".join(dataset.labels) or "none", self._config.folder("classes"))
             return None
         augmented = self._variants.attach(dataset, entries, lambda: self._stopping)
         if augmented is None:
@@ -178,8 +161,12 @@ class Trainer(threading.Thread):
         metrics = self._metrics_for(head, dataset, time.perf_counter() - started)
         self._metrics.last_training.set(time.time())  # a head was trained (promoted or not)
         if self._config.training.print_misclassified_test_images:
-            _log_misclassified(head, dataset)
-        if not self._passes_gate(head, dataset, metrics):
+            log_misclassified(head, dataset)
+        verdict = gate(self._serving.version, dataset, metrics["accuracy"][VALIDATION], self._backbone.id,
+                       self._config.training.gate_tolerance)
+        if verdict.record is not None:
+            metrics["gate"] = verdict.record
+        if not verdict.promote:
             self._metrics.training_runs.labels(result="rejected").inc()
             return None
         fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify,
@@ -204,7 +191,6 @@ class Trainer(threading.Thread):
                  trust["calibration"]["out_of_fold"]["before"], trust["calibration"]["out_of_fold"]["after"],
                  trust["novelty"]["threshold"])
         self._hooks.on_model_published(version)
-        self._on_published(version)
         return version
 
     def _metrics_for(self, head: Head, dataset: Dataset, seconds: float) -> dict[str, Any]:
@@ -213,27 +199,10 @@ class Trainer(threading.Thread):
             "images": dataset.counts(), "manifest_sha256": dataset.manifest_sha256,
             "labels_without_training_split": list(dataset.borrowed), "hyperparameters": head.hyperparameters,
             "augmentation": self._variants.augmenter.summary,
+            "training_settings": self._head_settings(),
             "variant_rows": 0 if dataset.variants is None else len(dataset.variants.y),
             "history": head.history, "training_seconds": round(seconds, 4), "created": time.time(),
         }
-
-    def _passes_gate(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> bool:
-        """A new head must not be worse than the serving one on the same validation images; a serving model
-        with another label set or backbone is another task, and is never compared."""
-        current = self._serving.version
-        validation = dataset.parts[VALIDATION]
-        if current is None or current.labels != dataset.labels or current.backbone != self._backbone.id:
-            return True
-        if not len(validation.y):
-            return True
-        old = accuracy(current.head, validation.x, validation.y) or 0.0
-        new = metrics["accuracy"][VALIDATION] or 0.0
-        metrics["gate"] = {"previous_version": current.number, "previous_accuracy": old, "accuracy": new}
-        if new + self._config.training.gate_tolerance < old:
-            log.warning("new head not promoted: validation accuracy %.4f < %.4f of model %d",
-                        new, old, current.number)
-            return False
-        return True
 
     def _update_image_gauges(self, dataset: Dataset) -> None:
         self._metrics.images.clear()

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 
 from daemon.hookspecs import hookimpl
-from daemon.registry import ModelVersion
+from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelVersion
 
-TRAINING_CURVE, CONFUSION_MATRIX = "training_curve.png", "confusion_matrix.png"
 _DPI = 110
 _MAX_ANNOTATED_LABELS = 30  # above this, numbers in the cells would be unreadable; the colours still tell
 
@@ -93,8 +92,8 @@ def write_confusion_matrix(matrix: np.ndarray, labels: tuple[str, ...], split: s
 @hookimpl
 def retraind_write_model_artifacts(version: ModelVersion, directory: Path) -> None:
     if version.head.history:
-        write_training_curve(version.head.history, version.number, directory / TRAINING_CURVE)
+        write_training_curve(version.head.history, version.number, directory / TRAINING_CURVE_FILE)
     matrix = np.asarray(version.metrics.get("confusion_matrix") or [], dtype=np.int64)
     if matrix.size:
         split = str(version.metrics.get("confusion_split", "test"))
-        write_confusion_matrix(matrix, version.labels, split, version.number, directory / CONFUSION_MATRIX)
+        write_confusion_matrix(matrix, version.labels, split, version.number, directory / CONFUSION_MATRIX_FILE)

@@ -29,6 +29,7 @@ def write_config(root: Path, **sections: Any) -> Path:
     """`make_config`'s test config as a YAML file, for the command line."""
     raw = dataclasses.asdict(make_config(root, **sections))
     raw["data_root"] = str(raw["data_root"])
+    raw["plugins"] = {"disable": raw["plugins"]["disable"], **raw["plugins"]["settings"]}  # as a user writes it
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -73,9 +74,10 @@ def test_status_from_the_running_daemon(tmp_path: Path, run_app: Any, capsys: py
         assert status["images"]["blue"]["train"] + status["images"]["blue"]["validation"] == 12
         assert status["inbox_pending"] == 0 and status["last_training"] > 0
 
-        assert run(config, "retrain") == 0
-        assert "retrain requested" in capsys.readouterr().out
-        wait_for(lambda: app.trainer.runs == 2, what="the requested run")
+        assert run(config, "retrain") == 0  # nothing changed since model 1: nothing to do
+        assert capsys.readouterr().out == ("training set unchanged since model 1 was trained: nothing new to "
+                                           "publish\n")
+        assert app.trainer.runs == 1 and app.registry.versions() == [1]
 
 
 def test_without_a_model_or_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,6 +142,18 @@ def test_report(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert run(trained, "report", "--out", str(out)) == 0
     assert capsys.readouterr().out == f"wrote {out} (model 1)\n"
     assert "<h1>retraind model 1</h1>" in out.read_text(encoding="utf-8")
+
+
+def test_report_goes_beside_the_data_by_default(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # wherever the command is typed, the report lands beside the data
+    assert run(trained, "report") == 0
+    out = tmp_path / "data" / "report.html"
+    assert capsys.readouterr().out == f"wrote {out} (model 1)\n"
+    assert "<h1>retraind model 1</h1>" in out.read_text(encoding="utf-8")
+    assert not list(elsewhere.iterdir())
 
 
 def test_config_flag_before_or_after_the_command() -> None:

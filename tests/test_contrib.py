@@ -37,6 +37,7 @@ OTHER_METRICS = {
     "retraind_inbox_pending_files",
     "retraind_rejected_files_total",
     "retraind_watch_overflows_total",
+    "retraind_internal_errors_total",
     "up",
 }
 KNOWN_METRICS = OTHER_METRICS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_count", "_sum")}
@@ -122,6 +123,7 @@ def test_alert_rules_expected_set() -> None:
         "RetraindInboxBacklogGrowing",
         "RetraindRejectsRising",
         "RetraindAccuracyDropped",
+        "RetraindInternalErrors",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
@@ -138,7 +140,7 @@ def test_alert_rule_uses_known_metrics(rule: dict[str, Any]) -> None:
 def test_promtool_check_rules() -> None:
     proc = run_promtool("check", "rules", str(ALERTS), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 5 rules found" in proc.stdout
+    assert "SUCCESS: 6 rules found" in proc.stdout
 
 
 # Alert behaviour, run by `promtool test rules` on a copy without annotations (promtool would
@@ -219,6 +221,17 @@ RULE_TESTS: list[dict[str, Any]] = [
                 "severity": "warning", "split": "validation", "job": "retraind", "instance": "b"}}]},
         ],
     },
+    {  # three failures in one place within 30 minutes fire; two do not; places are told apart
+        "input_series": [
+            {"series": f'retraind_internal_errors_total{{where="pipeline_file",{A}}}', "values": "0 0 1 2 3 3 3"},
+            {"series": f'retraind_internal_errors_total{{where="inbox_move",{A}}}', "values": "0 0 1 1 2 2 2"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "3m", "alertname": "RetraindInternalErrors", "exp_alerts": []},
+            {"eval_time": "6m", "alertname": "RetraindInternalErrors", "exp_alerts": [{"exp_labels": {
+                "severity": "warning", "where": "pipeline_file", "job": "retraind", "instance": "a"}}]},
+        ],
+    },
 ]  # fmt: skip
 
 
@@ -265,6 +278,7 @@ def test_dashboard_structure() -> None:
         "Training runs by result",
         "Bottleneck cache hit ratio",
         "Images per label/split",
+        "Internal errors by place",
     } <= titles
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from daemon.app import App
+from daemon.hookspecs import hookimpl
 from daemon.http_api import MAX_INSTANCES
+from daemon.retrain_policy import RetrainState
 from tests.conftest import image_bytes, make_config, seed_classes, wait_for
 from tests.tiny_backbone import TinyBackbonePlugin
 
@@ -161,11 +163,27 @@ def test_routes_methods_and_framing(served: App) -> None:
     assert (status, "Bad request syntax" in body["error"]) == (400, True)
 
 
-def test_retrain_request_runs_the_trainer(tmp_path: Path, run_app: Any) -> None:
+class OnlyWhenAsked:
+    """A retrain policy that trains only on request, so each run here is the API's doing."""
+
+    @hookimpl(tryfirst=True)
+    def retraind_should_retrain(self, state: RetrainState) -> bool:
+        return state.forced
+
+
+def test_retrain_request_runs_the_trainer_unless_nothing_changed(tmp_path: Path, run_app: Any) -> None:
     seed_classes(tmp_path, per_label=4)
-    with run_app() as app:
-        wait_for(lambda: app.serving.version, what="first model")
+    with run_app(extra=(OnlyWhenAsked(),)) as app:
+        wait_for(lambda: len(app.store.catalog()) == 8 and app.pipeline.idle.is_set(), what="the images indexed")
+        code, _, body = call(app, "POST", f"{MODEL}:retrain")
+        assert (code, body) == (202, {"retrain": "requested"})
+        wait_for(lambda: app.serving.version, what="the first model")
         wait_for(lambda: app.trainer.runs == 1, what="the first run to finish")
+        code, _, body = call(app, "POST", f"{MODEL}:retrain")
+        assert (code, body) == (200, {"retrain": "unchanged", "model_version": 1})  # the same set, the same head
+        app.config.folder("classes").joinpath("blue", "extra.jpg").write_bytes(image_bytes("blue", seed=77))
+        wait_for(lambda: "blue/extra.jpg" in app.store.catalog(), what="the new image in the catalog")
+        assert app.trainer.runs == 1
         code, _, body = call(app, "POST", f"{MODEL}:retrain")
         assert (code, body) == (202, {"retrain": "requested"})
         wait_for(lambda: app.trainer.runs == 2, what="a forced training run")

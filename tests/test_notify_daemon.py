@@ -91,7 +91,8 @@ def until(sock: socket.socket, prefix: str, timeout: float = 60.0) -> tuple[str,
 def test_notify_protocol_from_start_to_stop(tmp_path: Path, notify_socket: socket.socket) -> None:
     seed_classes(tmp_path, per_label=20)
     config = write_config(tmp_path)
-    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "1000000"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TF_", "GRPC_"))},
+           "NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "1000000"}
     env.pop("WATCHDOG_PID", None)
     terminal = Terminal()
     child = subprocess.Popen([sys.executable, "-c", RUNNER, "--config", str(config), "run"], cwd=REPO, env=env,
@@ -125,6 +126,9 @@ def test_notify_protocol_from_start_to_stop(tmp_path: Path, notify_socket: socke
             child.wait()
         terminal.close()
     assert b"caching bottlenecks" in terminal.output
+    shown = terminal.output.decode(errors="replace")
+    assert "retraind started" in shown
+    assert not [noise for noise in TENSORFLOW_NOISE if noise in shown], shown[:2000]
 
 
 def test_config_error_exits_78_with_one_line(tmp_path: Path) -> None:
@@ -135,3 +139,17 @@ def test_config_error_exits_78_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG
     assert result.stderr == "retraind: http.port: 99999 is out of range [0, 65535]\n"
     assert result.stdout == ""
+
+
+#: What TensorFlow, absl, XLA and TFLite print on their own on a machine without a GPU.
+TENSORFLOW_NOISE = ("absl::", "cuda", "cuInit", "oneDNN", "cpu_feature_guard", "XNNPACK", "TF_ENABLE_ONEDNN_OPTS")
+
+
+def test_no_tensorflow_noise_on_a_cpu_machine(tmp_path: Path) -> None:
+    """A fresh process (TensorFlow not yet loaded) with none of TensorFlow's variables set: our output only."""
+    config = write_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "GRPC_"))}
+    done = subprocess.run([sys.executable, "-c", RUNNER, "--config", str(config), "check-config"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("config OK:") and done.stdout.count("\n") == 1

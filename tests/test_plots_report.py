@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from daemon.registry import ModelRegistry
+from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelRegistry
 from daemon.report import write_report
-from plugins.plots import CONFUSION_MATRIX, TRAINING_CURVE
 from tests.conftest import seed_classes, wait_for, write_image
 
 
@@ -59,7 +58,7 @@ def trained(tmp_path: Path, run_app: Any) -> Any:
 def test_pictures_and_recorded_mistakes(tmp_path: Path, run_app: Any) -> None:
     version = trained(tmp_path, run_app)
     directory = tmp_path / "data" / "state" / "models" / "1"
-    curve, matrix = Image.open(directory / TRAINING_CURVE), Image.open(directory / CONFUSION_MATRIX)
+    curve, matrix = Image.open(directory / TRAINING_CURVE_FILE), Image.open(directory / CONFUSION_MATRIX_FILE)
     assert curve.format == matrix.format == "PNG"
     assert_drawn(curve, (800, 300))
     assert_drawn(matrix, (400, 400))

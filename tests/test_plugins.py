@@ -1,16 +1,18 @@
 """Plugins: a third-party plugin is called through the real hooks; built-ins can be switched off by name;
-one failing plugin stops neither the others nor the daemon."""
+one failing plugin stops neither the others nor the daemon; a plugin's own settings reach it validated."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import pytest
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError, parse_config
 from daemon.hookspecs import hookimpl
-from daemon.plugin_manager import DEFAULT_PLUGINS, make_plugin_manager
+from daemon.plugin_manager import DEFAULT_PLUGINS, Hooks, make_plugin_manager
 from daemon.results import ClassificationResult
 from tests.conftest import seed_classes, wait_for, write_image
 
@@ -88,3 +90,66 @@ def test_unknown_hook_in_plugin_is_refused() -> None:
 
     with pytest.raises(Exception, match="unknown hook"):
         make_plugin_manager(extra=[Typo()])
+
+
+@dataclass(frozen=True)
+class GreeterSettings:
+    greeting: str = "hello"
+    times: int = 1
+    targets: list[str] = field(default_factory=list)
+
+
+class Greeter:
+    """A plugin with settings of its own, registered under the name `greeter`."""
+
+    __name__ = "greeter"
+
+    def __init__(self) -> None:
+        self.received: list[GreeterSettings] = []
+
+    @hookimpl
+    def retraind_register_settings(self) -> type[GreeterSettings]:
+        return GreeterSettings
+
+    @hookimpl
+    def retraind_configure(self, settings: GreeterSettings) -> None:
+        if settings.times < 1:
+            raise ValueError(f"times: {settings.times} is below 1")
+        self.received.append(settings)
+
+
+def test_plugin_settings_reach_the_plugin_validated(tmp_path: Path) -> None:
+    greeter = Greeter()
+    make_plugin_manager(extra=[greeter])  # no section: every default
+    raw = {"plugins": {"disable": ["plots"], "greeter": {"greeting": "hi", "times": 2, "targets": ["a"]}}}
+    config = parse_config(raw, tmp_path)
+    Hooks.of(config, [greeter])  # what the daemon, a reload and the one-shot commands do
+    assert greeter.received == [GreeterSettings(), GreeterSettings("hi", 2, ["a"])]
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"greeting": "hi", "time": 2}, "plugins.greeter.time: unknown key (allowed: greeting, targets, times)"),
+    ({"times": "2"}, "plugins.greeter.times: expected int, got str '2'"),
+    ({"targets": ["a", 1]}, "plugins.greeter.targets[1]: expected str, got int 1"),
+    ({"times": 0}, "plugins.greeter: times: 0 is below 1"),
+])
+def test_bad_plugin_settings_name_the_key(tmp_path: Path, section: dict[str, Any], message: str) -> None:
+    config = parse_config({"plugins": {"greeter": section}}, tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        Hooks.of(config, [Greeter()])
+    assert str(raised.value) == message
+
+
+def test_settings_for_a_plugin_without_settings_are_refused(tmp_path: Path) -> None:
+    config = parse_config({"plugins": {"plots": {"dpi": 300}}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^plugins\.plots: no loaded plugin of that name takes settings"):
+        Hooks.of(config)
+
+
+def test_configure_without_declared_settings_is_a_plugin_error() -> None:
+    class Half:
+        @hookimpl
+        def retraind_configure(self, settings: Any) -> None: ...
+
+    with pytest.raises(pluggy.PluginValidationError, match="go together"):
+        make_plugin_manager(extra=[Half()])

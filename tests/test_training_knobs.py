@@ -94,7 +94,7 @@ def test_misclassified_test_images_are_logged_and_tensorboard_logs_written(
 ) -> None:
     seed_classes(tmp_path)
     write_image(tmp_path / "data" / "classes" / "red" / "odd-0.jpg", "blue", seed=4242)  # a test image
-    caplog.set_level(logging.INFO, logger="daemon.trainer")
+    caplog.set_level(logging.INFO, logger="daemon.evaluation")
     with run_app(split={"testing_percentage": 30}, training={
             "tensorboard": True, "print_misclassified_test_images": True}) as app:
         version = wait_for(lambda: app.serving.version, what="first model")

@@ -1,9 +1,11 @@
 """The example third-party plugin in examples/retraind-webhook: installed with pip, found through the `retraind`
-entry-point group, it POSTs each result to a real HTTP server on loopback; a failing receiver stops nothing."""
+entry-point group, configured by its own section of the config, it POSTs each result to a real HTTP server on
+loopback; a failing receiver stops nothing; a bad setting is a config error naming its key."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +17,11 @@ from typing import Any, Self
 
 import pytest
 
+from daemon.cli import main
+from daemon.config import EX_CONFIG, ConfigError
 from daemon.plugin_manager import make_plugin_manager
 from tests.conftest import seed_classes, wait_for, write_image
+from tests.test_cli import write_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "retraind-webhook"
 
@@ -84,12 +89,10 @@ def test_installed_plugin_is_found_by_its_entry_point(webhook_plugin: None) -> N
     assert make_plugin_manager(disabled=["webhook"]).get_plugin("webhook") is None
 
 
-def test_posts_every_result(webhook_plugin: None, tmp_path: Path, run_app: Any,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_posts_every_result(webhook_plugin: None, tmp_path: Path, run_app: Any) -> None:
     data = tmp_path / "data"
     seed_classes(tmp_path)
-    with Receiver(204) as receiver, run_app() as app:
-        monkeypatch.setenv("RETRAIND_WEBHOOK_URL", receiver.url)
+    with Receiver(204) as receiver, run_app(plugins={"webhook": {"url": receiver.url}}) as app:
         wait_for(lambda: app.serving.version, what="first model")
         for i, colour in enumerate(("red", "blue", "red")):
             write_image(data / "inbox" / f"in{i}.jpg", colour, seed=6000 + i)
@@ -102,12 +105,10 @@ def test_posts_every_result(webhook_plugin: None, tmp_path: Path, run_app: Any,
     assert sorted(body["file"] for _, body in receiver.posts) == ["in0.jpg", "in1.jpg", "in2.jpg"]
 
 
-def test_a_failing_receiver_stops_nothing(webhook_plugin: None, tmp_path: Path, run_app: Any,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_receiver_stops_nothing(webhook_plugin: None, tmp_path: Path, run_app: Any) -> None:
     data = tmp_path / "data"
     seed_classes(tmp_path, per_label=4)
-    with Receiver(500) as receiver, run_app() as app:
-        monkeypatch.setenv("RETRAIND_WEBHOOK_URL", receiver.url)
+    with Receiver(500) as receiver, run_app(plugins={"webhook": {"url": receiver.url}}) as app:
         wait_for(lambda: app.serving.version, what="first model")
         write_image(data / "inbox" / "in.jpg", "blue", seed=6100)
         wait_for(lambda: len(results(data)) == 1, what="the result record")
@@ -115,3 +116,28 @@ def test_a_failing_receiver_stops_nothing(webhook_plugin: None, tmp_path: Path, 
             "retraind_plugin_errors_total", {"hook": "retraind_on_result", "plugin": "webhook"})
     assert len(receiver.posts) == 1 and errors == 1
     assert (data / "outbox" / "blue" / "in.jpg").exists()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"webhook": {"urll": "http://127.0.0.1:1/"}}, "plugins.webhook.urll: unknown key (allowed: timeout_seconds, url)"),
+    ({"webhook": {"url": 8080}}, "plugins.webhook.url: expected str, got int 8080"),
+    ({"webhook": {"url": "ftp://example.org/x"}}, "plugins.webhook: url: 'ftp://example.org/x' is not an http"),
+    ({"webhook": {"timeout_seconds": 0}}, "plugins.webhook: timeout_seconds: 0.0 is out of range (0, 600]"),
+    ({"webhok": {"url": "http://127.0.0.1:1/"}}, "plugins.webhok: no loaded plugin of that name takes settings"),
+])
+def test_bad_settings_name_the_key(webhook_plugin: None, section: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        make_plugin_manager(settings=section)
+
+
+def test_settings_of_a_disabled_plugin_are_kept_quietly(webhook_plugin: None) -> None:
+    pm = make_plugin_manager(disabled=["webhook"], settings={"webhook": {"urll": "kept for later"}})
+    assert pm.get_plugin("webhook") is None
+
+
+def test_check_config_finds_a_bad_setting(webhook_plugin: None, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, plugins={"webhook": {"url": "127.0.0.1:8080"}})
+    assert main(["--config", str(config), "check-config"]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert err == "retraind: plugins.webhook: url: '127.0.0.1:8080' is not an http:// or https:// URL\n"

@@ -1,0 +1,141 @@
+"""The inbox journal: an inbox file belongs to its journal entry from the moment the entry is written until its
+records are; `recover()` finishes what a crash, a failed move or a failed sink left open.
+
+The order is journal → move → sinks → journal done. Recovery redoes the move if it had not happened (or the
+removal of a source a cross-file-system copy left behind), then the idempotent sinks. It runs at start-up and,
+with a growing delay, whenever a move or a sink failed with an I/O error (a full disk, a read-only folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from daemon.atomic import fsync_dir, move_atomic
+from daemon.config import Config
+from daemon.metrics import Metrics
+from daemon.plugin_manager import Hooks
+from daemon.results import ClassificationResult
+from daemon.store import JournalEntry, Store
+
+log = logging.getLogger(__name__)
+
+_RECOVER_FIRST_SECONDS, _RECOVER_MAX_SECONDS = 1.0, 60.0
+
+
+def _stored(path: Path) -> str:
+    """Journal paths as JSON strings: a name that is not valid UTF-8 (a surrogate escape) survives SQLite."""
+    return json.dumps(os.fspath(path))
+
+
+def _loaded(text: str) -> Path:
+    return Path(json.loads(text))
+
+
+def _sha256_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class InboxJournal:
+    """Writes, recovers and closes journal entries; used only from the pipeline worker thread (and from the
+    main thread at start-up, before the worker runs)."""
+
+    def __init__(self, config: Config, store: Store, hooks: Hooks, metrics: Metrics) -> None:
+        self._config, self._store, self._hooks, self._metrics = config, store, hooks, metrics
+        self._recover_at: float | None = None
+        self._recover_delay = _RECOVER_FIRST_SECONDS
+
+    def open_sources(self) -> set[Path]:
+        """Inbox files whose journal entry is open: they belong to recovery, not to a new classification."""
+        return {_loaded(entry.source) for entry in self._store.journal_open()}
+
+    def begin(self, result: ClassificationResult) -> JournalEntry:
+        """Journal `result` (its `destination` set) before its file is moved."""
+        assert result.destination is not None, "a journal entry needs the destination"
+        entry = JournalEntry(result.id, _stored(result.source), _stored(result.destination),
+                             json.dumps(result.record()), "moving")
+        self._store.journal_begin(entry)
+        return entry
+
+    def complete(self, entry: JournalEntry, result: ClassificationResult) -> bool:
+        """Run the sinks, then close the entry; it stays open (and is retried) if a sink failed with an I/O
+        error. Returns whether it was closed."""
+        errors = self._hooks.on_result(result, self._config)
+        if any(isinstance(exc, OSError) for exc in errors):
+            log.error("%s: a result record could not be written (%s); retried later", result.destination,
+                      "; ".join(str(exc) for exc in errors))
+            self.schedule_recovery()
+            return False
+        self._store.journal_finish(entry.id)
+        return True
+
+    def schedule_recovery(self) -> None:
+        """Try the open entries again after the current delay (1 s, doubling up to 60 s)."""
+        if self._recover_at is None:
+            self._recover_at = time.monotonic() + self._recover_delay
+            self._recover_delay = min(self._recover_delay * 2, _RECOVER_MAX_SECONDS)
+
+    def recovery_due(self) -> bool:
+        return self._recover_at is not None and time.monotonic() >= self._recover_at
+
+    def recover(self) -> int:
+        """Finish the open journal entries (a crash, a failed move or sink); returns how many were open."""
+        self._recover_at = None
+        entries = self._store.journal_open()
+        finished = 0
+        for entry in entries:
+            try:
+                finished += self._recover_one(entry)
+            except Exception:
+                log.exception("%s: recovery failed; retried later", _loaded(entry.source))
+                self._metrics.internal_error("journal_recovery")
+        if finished == len(entries):
+            self._recover_delay = _RECOVER_FIRST_SECONDS
+        else:
+            self.schedule_recovery()
+        return len(entries)
+
+    def _recover_one(self, entry: JournalEntry) -> bool:
+        source, destination = _loaded(entry.source), _loaded(entry.destination)
+        record = json.loads(entry.record)
+        moved = os.path.lexists(destination) and _sha256_of(destination) == record["sha256"]
+        if not moved and (not os.path.lexists(source) or os.path.lexists(destination)):
+            # gone meanwhile, or its name was taken: no record was written; a file left in the inbox is
+            # classified afresh
+            log.warning("%s: journal entry dropped (source present: %s)", source, os.path.lexists(source))
+            self._store.journal_finish(entry.id)
+            return True
+        # a copy across file systems may have landed without its source being removed: remove it now, or the
+        # next scan would classify the same file a second time
+        left_behind = moved and os.path.lexists(source) and _sha256_of(source) == record["sha256"]
+        if (not moved and not self._redo_move(source, destination)) or (
+                left_behind and not self._remove_copied_source(source, destination)):
+            return False
+        return self.complete(entry, ClassificationResult.from_record(record, source, destination))
+
+    def _redo_move(self, source: Path, destination: Path) -> bool:
+        try:
+            move_atomic(source, destination)
+        except OSError as exc:
+            log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, exc)
+            self._metrics.internal_error("journal_recovery")
+            return False
+        return True
+
+    def _remove_copied_source(self, source: Path, destination: Path) -> bool:
+        try:
+            source.unlink()
+            fsync_dir(source.parent)
+        except OSError as exc:
+            log.error("%s: already moved to %s but cannot be removed (%s); retried later", source,
+                      destination.parent, exc)
+            self._metrics.internal_error("journal_recovery")
+            return False
+        return True
