@@ -48,6 +48,14 @@ def table(f: dict[str, tuple[float, str, str]], engine: str, sizes: list[int]) -
     best_bare = max(value("extract.bare_keras_b32"), value("extract.bare_tflite_b32"))
     fill, train = f"extract.fill_{engine}", f"extract.train_publish_{engine}"
     rows: list[tuple[str, str, str, str]] = [
+        ("shipped path: fill of small images (`retraind run`, files copied in)", cell("shipped.fill"),
+         "≥ 0.85× bare engine", ratio(value("shipped.fill"), value("shipped.bare_engine")) + " bare"),
+        ("shipped path: inbox burst (files renamed in)", cell("shipped.inbox_burst"), "≥ 0.85× bare engine",
+         ratio(value("shipped.inbox_burst"), value("shipped.bare_engine_before_burst")) + " bare"),
+        ("shipped path: phone photos into classes/", cell("shipped.photos"), "≥ 0.8× decode + forward limit",
+         ratio(value("shipped.photos"), value("shipped.photo_limit")) + " limit"),
+        ("shipped path: inbox latency during a backfill (max)", cell("shipped.inbox_latency_during_backfill_max"),
+         "≤ 1 s", ""),
         ("bare forward, Keras batch 32", cell("extract.bare_keras_b32"), "", ""),
         ("bare forward, TFLite (XNNPACK)", cell("extract.bare_tflite_b32"), "",
          ratio(value("extract.bare_tflite_b32"), value("extract.bare_keras_b32")) + " Keras"),
@@ -93,6 +101,8 @@ def main() -> None:
     figures: dict[str, tuple[float, str, str]] = {}
     n = str(100 if quick else args.n)
     for script, extra in (
+        ("shipped.py", ["--fill", "200", "--burst", "100", "--backfill", "1000", "--drops", "2", "--photos", "12"]
+         if quick else []),
         ("extract.py", ["--n", n]),
         ("seed_style.py", ["--n", n, "--inference-calls", "2" if quick else "3"]),
         ("retrain.py", ["--sizes", ",".join(map(str, sizes))]),

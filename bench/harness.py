@@ -26,7 +26,9 @@ from daemon.keras_engine import silence_tensorflow
 from daemon.tflite_engine import default_threads, sees_gpu
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "tuxpaint6"
+#: the project's shared folder: beside the checkout, or beside a folder of worktrees
+SHARED = next((p / "shared" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared")
+DEFAULT_DATA = SHARED / "data" / "tuxpaint6"
 DEFAULT_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "retraind-bench-cache"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 

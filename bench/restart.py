@@ -39,7 +39,7 @@ def write_images(classes: Path, n: int) -> list[tuple[str, str, str, int, int]]:
         label = LABELS[i % len(LABELS)]
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        path = classes / label / f"img{i:06d}.png"
+        path = classes / label / f"img{i:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(buffer.getvalue())
         st = os.stat(path)
@@ -52,13 +52,19 @@ def setup(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     from daemon.app import App
     from daemon.store import ORIGINAL
 
-    config = harness.daemon_config(root, args.cache, args.backbone, backbone={"engine": args.engine})
+    # few L-BFGS iterations: the setup's model only has to exist (hyper-parameters never trigger a retrain)
+    config = harness.daemon_config(root, args.cache, args.backbone, backbone={"engine": args.engine},
+                                   training={"max_iterations": 20})
     rows = write_images(config.folder("classes"), n)
     app = App(config)
     backbone = app.backbone
     centres = np.random.default_rng(1).gamma(2.0, 0.5, (len(LABELS), backbone.dim)).astype(np.float32)
-    vectors = np.abs(centres[np.arange(n) % len(LABELS)] + np.random.default_rng(2).normal(0, 0.8, (n, backbone.dim)))
-    app.store.put_bottlenecks(backbone.id, ((row[2], ORIGINAL, v) for row, v in zip(rows, vectors)))
+    rng = np.random.default_rng(2)
+    for start in range(0, n, 50_000):  # 50k at a time: a million vectors at once would not fit in memory
+        part = rows[start : start + 50_000]
+        noise = rng.standard_normal((len(part), backbone.dim), dtype=np.float32) * 0.8
+        vectors = np.abs(centres[np.arange(start, start + len(part)) % len(LABELS)] + noise)
+        app.store.put_bottlenecks(backbone.id, ((row[2], ORIGINAL, v) for row, v in zip(part, vectors)))
     with sqlite3.connect(config.folder("state") / "store.sqlite") as db:  # setup only: one transaction
         db.executemany("INSERT INTO files VALUES (?,?,?,?,?,1)", rows)
     version = app.trainer.train_once()

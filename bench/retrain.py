@@ -4,8 +4,9 @@ For each N, one subprocess fills a scratch store with N synthetic bottlenecks (a
 cluster per label, non-negative like pooled ReLU features) and their catalog rows, and times
 `Store.training_matrix` alone; a second, fresh subprocess builds a real App on that store (a stand-in
 backbone that is never run) and times one `Trainer.train_once()`: load, split, fit, evaluate, gate, publish.
-Peak memory is the growth of the process's maximum resident size during that call, set beside the raw
-float32 matrix (N × dim × 4 bytes).
+`train_publish` runs until the new version serves; `train_publish_pictures` also includes the plots drawn
+after it. Peak memory is the growth of the process's maximum resident size during that call, set beside the
+raw float32 matrix (N × dim × 4 bytes).
 
 Usage: python bench/retrain.py [--sizes 1000,10000,50000] [--dim 1280] [--labels 10]"""
 
@@ -45,6 +46,11 @@ class SyntheticBackbone:
 class SyntheticPlugin:
     def __init__(self, dim: int) -> None:
         self.dim = dim
+        self.published = 0.0
+
+    @hookimpl(tryfirst=True)
+    def retraind_on_model_published(self, version: object) -> None:
+        self.published = time.perf_counter()  # serving from here on; pictures are drawn after
 
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> SyntheticBackbone | None:
@@ -52,16 +58,20 @@ class SyntheticPlugin:
 
 
 def fill_store(root: Path, n: int, dim: int, labels: int) -> None:
-    """N catalog rows and vectors; the rows go in with plain SQL in one transaction (setup, not measured)."""
+    """N catalog rows and vectors, made and stored 50k at a time (1M rows would not fit in memory at once);
+    the rows go in with plain SQL in one transaction (setup, not measured)."""
     rng = np.random.default_rng(n)
     centres = rng.gamma(2.0, 0.5, (labels, dim)).astype(np.float32)
     y = np.arange(n) % labels
-    vectors = np.abs(centres[y] + rng.normal(0, 0.8, (n, dim)).astype(np.float32))
-    store = Store(root / "state" / "store.sqlite")
     shas = [f"{i:064x}" for i in range(n)]
-    store.put_bottlenecks(BACKBONE, ((sha, ORIGINAL, v) for sha, v in zip(shas, vectors)))
+    store = Store(root / "state" / "store.sqlite")
+    for start in range(0, n, 50_000):
+        part = slice(start, min(n, start + 50_000))
+        noise = rng.standard_normal((part.stop - part.start, dim), dtype=np.float32) * 0.8
+        vectors = np.abs(centres[y[part]] + noise)
+        store.put_bottlenecks(BACKBONE, ((sha, ORIGINAL, v) for sha, v in zip(shas[part], vectors)))
     store.close()
-    rows = [(f"label{y[i]:02d}/img{i:06d}.jpg", f"label{y[i]:02d}", sha, 1000, 0, 1) for i, sha in enumerate(shas)]
+    rows = [(f"label{y[i]:02d}/img{i:07d}.jpg", f"label{y[i]:02d}", sha, 1000, 0, 1) for i, sha in enumerate(shas)]
     with sqlite3.connect(root / "state" / "store.sqlite") as db:
         db.executemany("INSERT INTO files VALUES (?,?,?,?,?,?)", rows)
 
@@ -94,7 +104,8 @@ def train(root: Path, dim: int, cache: Path) -> dict[str, Any]:
     from daemon.app import App
 
     config = harness.daemon_config(root, cache, "synthetic")
-    app = App(config, extra_plugins=(SyntheticPlugin(dim),))
+    plugin = SyntheticPlugin(dim)
+    app = App(config, extra_plugins=(plugin,))
     before = reset_peak()
     started = time.perf_counter()
     version = app.trainer.train_once()
@@ -104,7 +115,7 @@ def train(root: Path, dim: int, cache: Path) -> dict[str, Any]:
     if version is None:
         sys.exit("the training run published nothing (see the log)")
     m = version.metrics
-    return {"seconds": seconds, "peak_growth_bytes": growth, "fit_seconds": m["hyperparameters"].get("fit_seconds"),
+    return {"seconds": plugin.published - started, "with_pictures_seconds": seconds, "peak_growth_bytes": growth, "fit_seconds": m["hyperparameters"].get("fit_seconds"),
             "until_metrics_seconds": m["training_seconds"],
             "head_bytes": (version.directory / "head.npz").stat().st_size, "version": version.number,
             "validation_accuracy": m["accuracy"].get("validation")}
@@ -136,6 +147,7 @@ def main() -> None:
             result = run_child(*common, "--child", "train", str(root))
         raw = n * args.dim * 4
         harness.emit(f"retrain.train_publish_{n}", result["seconds"], "s")
+        harness.emit(f"retrain.train_publish_pictures_{n}", result["with_pictures_seconds"], "s")
         harness.emit(f"retrain.fit_{n}", result["fit_seconds"] or float("nan"), "s")
         harness.emit(f"retrain.gate_publish_{n}", result["seconds"] - result["until_metrics_seconds"], "s")
         harness.emit(f"retrain.load_matrix_{n}", loaded["load_seconds"], "s", ratio=loaded["load_seconds"] /

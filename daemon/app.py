@@ -98,7 +98,8 @@ class App:
         self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
         self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress())
+                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
+                                 self.trainer.set_backlog)
         api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
         self.http = HttpServer(api) if config.http.enabled else None
 
@@ -130,7 +131,9 @@ class App:
         trust.show(self.metrics, version)
 
     def _load_current(self) -> None:
-        """Serve the published model if it was trained on this backbone; retrain if the data or settings moved on."""
+        """Serve the published model if it was trained on this backbone. Whether the data or settings moved
+        on is the trainer's first question, on its own thread: reading the whole catalog must not delay
+        serving."""
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
@@ -142,12 +145,6 @@ class App:
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
-        if version is not None and (version.trust is None or not self.trainer.trained_on_current(version)):
-            log.info("model %d was trained on other images, another backbone or other settings, or has no "
-                     "calibration; retraining", version.number)
-            self.trainer.notify_change()
-        elif version is None and any(e.ok for e in self.store.catalog().values()):
-            self.trainer.notify_change()
 
     def _trust_of(self, version: ModelVersion) -> Trust | None:
         """The version's calibrator and novelty score; None (everything goes to review until a retrain, which
@@ -167,8 +164,7 @@ class App:
         recovered = self.journal.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
-        self.watcher.start()  # before the scan, so nothing falls between the two
-        self.pipeline.rescan()
+        self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
         if next(walk_files(self.config.folder("classes")), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))

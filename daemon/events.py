@@ -18,7 +18,8 @@ class EventKind(enum.Enum):
 
 @dataclass(frozen=True)
 class FileEvent:
-    """Something happened to `path` (for MOVED, `dest` is the new path)."""
+    """Something happened to `path` (for MOVED, `dest` is the new path, and `path == dest` for a folder
+    renamed in from outside the watched folders)."""
 
     kind: EventKind
     path: Path

@@ -1,20 +1,27 @@
 """Bottlenecks for image files: found in the store by content hash, or decoded and run through the backbone in
-batches, the next batch decoding on a small thread pool while the current one is embedded.
+batches, the next batches decoding image by image on a thread pool while the current one is embedded.
 
-Measured on 2 cores (EfficientNet-Lite0, TFLite engine, 806 tuxpaint6 images through the daemon): the forward
-pass takes 92% of the fill time, everything else in the indexer and here 8% (decoding the first batch of each
-call 4%, catalog writes 2%, store writes 1%). Decoding costs about 1 ms of one core per image against about
-10 core-ms for the forward pass with 2 engine threads: what it takes from the engine is the limit on 2 cores,
-not waiting for it. Decoding inline was no faster (within the noise of a shared machine); the engine on one
-thread with decoding on the other core was 20-30% slower."""
+Two kinds of callers share the one engine: urgent ones (inbox files, HTTP requests) and background ones
+(caching training images, distorted variants). `EngineTurns` gives the engine to them in turn, batch by batch,
+so an inbox file waits for at most one background batch, and a stream of inbox files never starves caching.
+Each kind decodes on its own pool, so an inbox file's decoding never queues behind a backlog's.
+
+Reading, hashing, the store lookup and decoding run image by image on as many threads as there are cores, all
+of a chunk submitted at once (`submit`), while the caller embeds what is decoded (`gather`); the caching thread
+submits its next chunk before collecting the current one, so the engine never waits at a chunk's edge. A phone
+photo takes longer to decode (DCT-scaled, ~15-30 ms of one core) than to embed (~6 ms on two cores): one
+decoding thread per batch left the engine waiting. The threads compete with the engine's for the cores, which
+is the point: no core stays idle while there is work.
+"""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,16 +30,30 @@ from daemon.backbone import Backbone
 from daemon.images import ImageFile, ImageRejected
 from daemon.metrics import Metrics
 from daemon.store import ORIGINAL, Store
+from daemon.tflite_engine import default_threads
 
 Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 
 
 @dataclass
 class Extraction:
-    """Vectors by sha256, and the files that could not be decoded, by path."""
+    """Vectors by sha256, the files that could not be read or decoded by path, and each file's sha256."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     rejected: dict[str, ImageRejected] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """One file on its way to a bottleneck: found in the store (`vector`), decoded and waiting for the engine
+    (`image`), or unusable (`problem`)."""
+
+    key: str
+    sha256: str = ""
+    vector: np.ndarray | None = None
+    image: np.ndarray | None = None
+    problem: ImageRejected | None = None
 
 
 class Extractor:
@@ -46,13 +67,14 @@ class Extractor:
         self._metrics = metrics
         self._max_pixels = max_pixels
         self._batch_size = batch_size
-        self._forward_lock = threading.Lock()  # the pipeline and HTTP threads share one backbone
-        # Two: the first two batches decode at once while the engine has nothing to do; after that one batch
-        # ahead is all the engine can use, and more threads would only take cores from it.
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retraind-decode")
+        self.turns = EngineTurns()
+        threads = max(2, default_threads())
+        self._pools = {urgent: ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"retraind-decode-{kind}")
+                       for urgent, kind in ((True, "inbox"), (False, "cache"))}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode one image to the backbone's input size; raises ImageRejected."""
@@ -61,51 +83,97 @@ class Extractor:
             raise ImageRejected("unsupported", "no decoder plugin could read this content")
         return image
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        with self._forward_lock, self._metrics.compute_seconds.time():
+    def embed(self, images: np.ndarray, urgent: bool = False) -> np.ndarray:
+        """Bottlenecks (N, dim) for uint8 images (N, height, width, 3), in the engine's next turn for `urgent`
+        (inbox, HTTP) or background (caching, variants) work."""
+        with self.turns.turn(urgent), self._metrics.compute_seconds.time():
             return self.backbone.embed(images)
 
-    def extract(self, files: Sequence[ImageFile]) -> Extraction:
-        """Vectors for `files`, computing (and storing) only content not already in the store."""
+    def extract(self, files: Sequence[ImageFile], urgent: bool = False) -> Extraction:
+        """Vectors for `files` (already read), computing (and storing) only content not already in the store."""
+        return self.gather(self.submit([(str(f.path), functools.partial(_given, f)) for f in files], urgent),
+                            urgent)
+
+    def submit(self, loads: Sequence[tuple[str, Callable[[], ImageFile]]], urgent: bool = False) -> list[Future[Job]]:
+        """Start each (key, load) on the decoding pool, in order: read (load raises ImageRejected), hash, look
+        up the store, decode what is not there. Returns at once; `gather` finishes them. Jobs submitted
+        before others decode first, so a caller can submit its next chunk before collecting this one."""
+        pool = self._pools[urgent]
+        return [pool.submit(self._job, key, load) for key, load in loads]
+
+    def gather(self, jobs: Sequence[Future[Job]], urgent: bool = False) -> Extraction:
+        """Wait for `jobs` in order and embed their decoded images a batch at a time, while the pool goes on
+        decoding the rest; the new bottlenecks are stored in one commit."""
         result = Extraction()
-        unique = {f.sha256: f for f in files}
-        result.vectors.update(self._store.get_bottlenecks(self.backbone.id, unique))
-        self._metrics.cache_hits.inc(len(result.vectors))
-        todo = [f for sha, f in unique.items() if sha not in result.vectors]
-        for batch, images in self._decoded_batches(todo, result):
-            vectors = self.embed(images)
-            self._store.put_bottlenecks(self.backbone.id, ((f.sha256, ORIGINAL, v) for f, v in zip(batch, vectors)))
-            result.vectors.update((f.sha256, v) for f, v in zip(batch, vectors))
-            self._metrics.cache_misses.inc(len(batch))
-        for f in files:  # files sharing bad content were decoded once: each of them is rejected
-            if f.sha256 not in result.vectors and str(f.path) not in result.rejected:
-                result.rejected[str(f.path)] = result.rejected[str(unique[f.sha256].path)]
+        batch: list[Job] = []
+        computed: list[tuple[str, str, np.ndarray]] = []
+        for future in jobs:
+            job = future.result()
+            if job.problem is not None:
+                result.rejected[job.key] = job.problem
+                continue
+            result.hashes[job.key] = job.sha256
+            if job.vector is not None:
+                result.vectors[job.sha256] = job.vector
+                self._metrics.cache_hits.inc()
+            elif job.sha256 not in result.vectors and all(j.sha256 != job.sha256 for j in batch):
+                batch.append(job)  # a second file with the same content shares the first one's vector
+            if len(batch) == self._batch_size:
+                computed += self._embed_batch(batch, result, urgent)
+        if batch:
+            computed += self._embed_batch(batch, result, urgent)
+        self._store.put_bottlenecks(self.backbone.id, computed)
+        self._metrics.cache_misses.inc(len(computed))
         return result
 
-    def _decoded_batches(
-        self, files: list[ImageFile], result: Extraction
-    ) -> Iterator[tuple[list[ImageFile], np.ndarray]]:
-        """Yield (files, uint8 images) batches; decoding of batch k+1 runs while batch k is embedded."""
-        chunks = [files[i : i + self._batch_size] for i in range(0, len(files), self._batch_size)]
-        ahead = deque(self._pool.submit(self._decode_chunk, chunk) for chunk in chunks[:1])
-        for index, chunk in enumerate(chunks):
-            if index + 1 < len(chunks):
-                ahead.append(self._pool.submit(self._decode_chunk, chunks[index + 1]))
-            decoded = ahead.popleft().result()  # popped: a used batch's pixels are freed, not kept to the end
-            good = [(f, image) for f, image in zip(chunk, decoded) if not isinstance(image, ImageRejected)]
-            for f, image in zip(chunk, decoded):
-                if isinstance(image, ImageRejected):
-                    result.rejected[str(f.path)] = image
-            if good:
-                yield [f for f, _ in good], np.stack([image for _, image in good])
+    def _embed_batch(self, batch: list[Job], result: Extraction, urgent: bool) -> list[tuple[str, str, np.ndarray]]:
+        vectors = self.embed(np.stack([job.image for job in batch if job.image is not None]), urgent)
+        result.vectors.update((job.sha256, v) for job, v in zip(batch, vectors))
+        done = [(job.sha256, ORIGINAL, v) for job, v in zip(batch, vectors)]
+        batch.clear()  # the decoded pixels are freed with the jobs
+        return done
 
-    def _decode_chunk(self, chunk: list[ImageFile]) -> list[np.ndarray | ImageRejected]:
-        out: list[np.ndarray | ImageRejected] = []
-        for f in chunk:
-            started = time.perf_counter()
-            try:
-                out.append(self.decode(f.data))
-            except ImageRejected as exc:
-                out.append(exc)
+    def _job(self, key: str, load: Callable[[], ImageFile]) -> Job:
+        try:
+            f = load()
+        except ImageRejected as exc:
+            return Job(key, problem=exc)
+        found = self._store.get_bottlenecks(self.backbone.id, [f.sha256])
+        if found:
+            return Job(key, f.sha256, vector=found[f.sha256])
+        started = time.perf_counter()
+        try:
+            return Job(key, f.sha256, image=self.decode(f.data))
+        except ImageRejected as exc:
+            return Job(key, f.sha256, problem=exc)
+        finally:
             self._metrics.classification_seconds.labels(stage="decode").observe(time.perf_counter() - started)
-        return out
+
+
+def _given(f: ImageFile) -> ImageFile:
+    return f
+
+
+class EngineTurns:
+    """The engine for urgent and background callers in turn: when both wait, the kind that did not have the
+    last turn goes next; when one waits, it goes at once. Several threads of one kind queue among themselves."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._waiting = {True: 0, False: 0}
+        self._last: bool | None = None
+
+    @contextmanager
+    def turn(self, urgent: bool) -> Iterator[None]:
+        with self._cond:
+            self._waiting[urgent] += 1
+            self._cond.wait_for(lambda: not self._busy and (self._last is not urgent or not self._waiting[not urgent]))
+            self._waiting[urgent] -= 1
+            self._busy, self._last = True, urgent
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()

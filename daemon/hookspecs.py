@@ -77,8 +77,8 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
     """Decode encoded image bytes into a uint8 RGB array of shape (size[1], size[0], 3), or return None to
     let the next decoder try.
 
-    Called from the two `retraind-decode` pool threads at once for cached images (so it must be
-    thread-safe), on HTTP threads for classify requests, and on the trainer thread (at a larger `size`) for
+    Called from the `retraind-decode-cache` and `retraind-decode-inbox` pool threads (one per core each)
+    at once for training and inbox images (so it must be thread-safe), on HTTP threads for classify requests, and on the trainer thread (at a larger `size`) for
     the distorted variants of training images. Raise
     `daemon.images.ImageRejected(reason, message)` for content that is not a usable image; the file then goes
     to `rejected/` (inbox) or is skipped with a warning (classes). `max_pixels` bounds decompression bombs.
@@ -90,8 +90,8 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
 def retraind_accept_path(path: Path, area: str) -> bool | None:
     """Decide whether a file under a watched area (`"classes"` or `"inbox"`) is ours to process.
 
-    Called on the pipeline worker thread for every file event and scan hit (on the main thread for the
-    start-up scan, before the worker starts). Return False to ignore the file
+    Called on the pipeline worker thread for every file event and scan hit (the start-up scan is the
+    worker's first turn). Return False to ignore the file
     (it is left where it is), True to take it, None to defer to the next plugin. Stops at the first non-None
     result; the built-in filter (`trylast`) ignores sidecar records and the daemon's own temporary files.
     """
@@ -103,7 +103,8 @@ def retraind_should_retrain(state: RetrainState) -> bool | None:
 
     Called on the trainer thread about every quarter second while the training set has changed since the
     last run. Return True to train now, False to wait, None to defer. Stops at the first non-None result;
-    the built-in policy (`trylast`) waits for `training.quiet_period_seconds` without a change.
+    the built-in policy (`trylast`) waits until no training file waits to be cached (`state.waiting`) and
+    `training.quiet_period_seconds` have passed without a change (counted from the last cached bottleneck).
     """
 
 
@@ -178,7 +179,8 @@ def retraind_load_novelty(name: str, directory: Path) -> NoveltyScore | None:
 @hookspec
 def retraind_write_model_artifacts(version: ModelVersion, directory: Path, dataset: Dataset,
                                    config: Config) -> None:
-    """Add files (plots, logs, exports) to a model version folder while it is being built.
+    """Add files (logs, exports) to a model version folder while it is being built: this delays the
+    version's publication, so what can come later (pictures) belongs in `retraind_on_model_published`.
 
     Called on the trainer thread for every plugin, after the head, `labels.txt` and `metrics.json` are
     written and before the folder is atomically published; `directory` is the temporary folder, `config`
@@ -192,7 +194,9 @@ def retraind_on_model_published(version: ModelVersion) -> None:
     """Notification that `version` is now CURRENT and serving. Called on the trainer thread.
 
     This hook is the one path by which a published model is announced: the daemon itself listens on it
-    (`tryfirst`) to update its metrics and classify the inbox files that waited for a first model."""
+    (`tryfirst`) to update its metrics and classify the inbox files that waited for a first model. The
+    built-in `plots` plugin draws its pictures here, into `version.directory`, each file written atomically:
+    pictures never delay a model."""
 
 
 @hookspec(firstresult=True)
@@ -221,7 +225,7 @@ def retraind_on_result(result: ClassificationResult, config: Config) -> None:
 def retraind_on_file_event(event: FileEvent) -> None:
     """Observe every file event the watcher or a rescan produced, before it is processed.
 
-    Called on the pipeline worker thread (on the main thread for the start-up scan). Must return quickly;
+    Called on the pipeline worker thread (the start-up scan included). Must return quickly;
     failures are logged and counted.
     """
 

@@ -76,7 +76,7 @@ class Api:
     def classify(self, body: bytes, content_type: str) -> dict[str, Any]:
         version = self._version()
         images = [self._decode(data) for data in _payloads(body, content_type)]
-        vectors = self.extractor.embed(np.stack(images))
+        vectors = self.extractor.embed(np.stack(images), urgent=True)
         k = self.config.classify.top_k
         return {"model_version": version.number,
                 "predictions": [{"top_k": [{"label": label, "score": score} for label, score in top]}
@@ -151,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(exc.status, {"error": str(exc)}, exc.headers)
         except Exception:
             log.exception("HTTP %s %s failed", self.command, self.path)
+            self.api.metrics.internal_error("http_request")
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the daemon's log"})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch

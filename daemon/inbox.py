@@ -7,6 +7,7 @@ damaged content may be a file still being written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import numpy as np
 from daemon.atomic import free_name, move_atomic, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
-from daemon.extractor import Extractor
+from daemon.extractor import Extraction, Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
@@ -46,6 +47,17 @@ class InboxOutcome:
     retry: list[Path] = field(default_factory=list)
 
 
+@dataclass
+class PreparedBatch:
+    """Inbox files read and embedded by `InboxProcessor.prepare`, not yet moved; `version` None: no model yet."""
+
+    paths: list[Path]
+    version: ModelVersion | None
+    files: list[ImageFile] = field(default_factory=list)
+    unreadable: dict[Path, ImageRejected] = field(default_factory=dict)
+    extraction: Extraction = field(default_factory=Extraction)
+
+
 class InboxProcessor:
     def __init__(
         self, config: Config, journal: InboxJournal, extractor: Extractor, serving: ServingModel, hooks: Hooks,
@@ -57,31 +69,68 @@ class InboxProcessor:
 
     def process(self, paths: list[Path]) -> InboxOutcome:
         """Classify `paths` (files already in the journal belong to `recover` and are left alone)."""
+        return self.finish(self.prepare(paths))
+
+    def prepare(self, paths: list[Path]) -> PreparedBatch:
+        """Read and embed a batch (any thread: no journal entry, no move). The pipeline prepares the next batch
+        while it finishes this one, so the forward pass overlaps the durable writes."""
         version = self._serving.version
         if version is None:
-            return InboxOutcome(waiting=list(paths))
-        outcome = InboxOutcome()
+            return PreparedBatch(list(paths), None)
         journaled = self._journal.open_sources()
-        files: list[ImageFile] = []
+        batch = PreparedBatch(list(paths), version)
         for path in paths:
             if path in journaled or not os.path.lexists(path):
                 continue
             try:
-                files.append(read_image_file(path, self._config.watch.max_file_bytes))
+                batch.files.append(read_image_file(path, self._config.watch.max_file_bytes))
             except ImageRejected as exc:
-                self._reject(path, exc, outcome)
-        extraction = self._extractor.extract(files)
-        for f in files:
-            problem = extraction.rejected.get(str(f.path))
+                batch.unreadable[path] = exc
+        batch.extraction = self._extractor.extract(batch.files, urgent=True)
+        return batch
+
+    def finish(self, batch: PreparedBatch) -> InboxOutcome:
+        """Journal, move and record each file of a prepared batch (the pipeline thread)."""
+        if batch.version is None:
+            return InboxOutcome(waiting=batch.paths)
+        outcome = InboxOutcome()
+        for path, unreadable in batch.unreadable.items():
+            self._reject(path, unreadable, outcome)
+        for f in batch.files:
+            problem = batch.extraction.rejected.get(str(f.path))
             if problem is not None:
                 self._reject(f.path, problem, outcome)
-            elif not self._classify_one(f, version, extraction.vectors[f.sha256]):
+            elif not self._classify_one(f, batch.version, batch.extraction.vectors[f.sha256]):
                 outcome.retry.append(f.path)
         return outcome
 
     def _classify_one(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> bool:
         """Journal, move and sink one file; False when it must be tried again (its folder cannot be made)."""
         started = time.perf_counter()
+        result = self._routed(f, version, vector)
+        if result is None:
+            return False
+        assert result.destination is not None
+        entry = self._journal.begin(result)
+        try:
+            move_atomic(f.path, result.destination)
+        except OSError as exc:
+            log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
+                      f.path, result.destination.parent, exc)
+            self._metrics.internal_error("inbox_move")
+            self._journal.schedule_recovery()
+            return True
+        try:
+            self._journal.complete(entry, result)
+        except Exception:
+            self._journal.schedule_recovery()
+            raise
+        self._count(result, result.destination.parent, started)
+        return True
+
+    def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> ClassificationResult | None:
+        """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
+        and counted) when that folder cannot be made."""
         (judged,) = judge(version, vector[None, :], self._config.classify)
         result = ClassificationResult(
             id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=judged.top_k, model_version=version.number,
@@ -95,38 +144,26 @@ class InboxProcessor:
         except OSError as exc:
             log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", f.path, folder, exc)
             self._metrics.internal_error("inbox_folder")
-            return False
-        destination = free_name(folder, f.path.name, f.sha256[:12])
-        result = ClassificationResult(**{**result.__dict__, "destination": destination})
-        entry = self._journal.begin(result)
-        try:
-            move_atomic(f.path, destination)
-        except OSError as exc:
-            log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
-                      f.path, folder, exc)
-            self._metrics.internal_error("inbox_move")
-            self._journal.schedule_recovery()
-            return True
-        try:
-            self._journal.complete(entry, result)
-        except Exception:
-            self._journal.schedule_recovery()
-            raise
+            return None
+        return dataclasses.replace(result, destination=free_name(folder, f.path.name, f.sha256[:12]))
+
+    def _count(self, result: ClassificationResult, folder: Path, started: float) -> None:
         outcome = "review" if folder == self._config.folder("review") else "classified"
         if outcome == "review" and result.review_reason is not None:
             self._metrics.reviews.labels(reason=result.review_reason).inc()
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)
-        self._announce(result, destination)
-        return True
+        self._announce(result)
 
-    def _announce(self, result: ClassificationResult, destination: Path) -> None:
-        """`inbox/cat.jpg -> red (0.973) -> outbox/red/cat.jpg`, summed up per destination during a burst."""
-        root = self._config.data_root
+    def _announce(self, result: ClassificationResult) -> None:
+        """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg` (`(0.412, low_confidence)` for a review), summed up
+        per destination during a burst."""
+        root, destination = self._config.data_root, result.destination or result.source
         shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
-        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f) -> %s", result.source.name, result.label,
-                         result.confidence, shown)
+        why = f", {result.review_reason}" if result.review_reason else ""
+        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f%s) -> %s", result.source.name, result.label,
+                         result.confidence, why, shown)
 
     def flush_log(self) -> None:
         """Log the summary of a burst whose window has ended (the pipeline calls this every loop)."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.extractor import Extractor
-from daemon.images import ImageFile, ImageRejected, read_image_file
+from daemon.extractor import Extractor, Job
+from daemon.images import ImageRejected, read_image_file
 from daemon.metrics import Metrics
 from daemon.store import CatalogEntry, Store
 
@@ -22,6 +25,29 @@ def _storable(rel: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A training file to read, with what the catalog knew of it."""
+
+    path: Path
+    rel: str
+    label: str
+    size: int
+    mtime_ns: int
+    known: CatalogEntry | None
+    has_vector: bool
+
+
+@dataclass
+class Indexing:
+    """A chunk of training files being read and decoded (`TrainingIndexer.begin`), and its catalog rows."""
+
+    planned: list[_Planned] = field(default_factory=list)
+    jobs: list[Future[Job]] = field(default_factory=list)
+    writes: list[CatalogEntry] = field(default_factory=list)
+    lost: bool = False  # a file that was usable no longer is
 
 
 class TrainingIndexer:
@@ -53,23 +79,41 @@ class TrainingIndexer:
 
     def index(self, paths: list[Path]) -> None:
         """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone."""
-        fresh: list[tuple[CatalogEntry, ImageFile]] = []
-        for path in paths:
-            read = self._read(path)
-            if read is not None:
-                fresh.append(read)
-        if not fresh:
-            return
-        extraction = self._extractor.extract([f for _, f in fresh])
-        for entry, f in fresh:
-            problem = extraction.rejected.get(str(f.path))
-            if problem is not None:
-                self._skip(path=f.path, entry=entry, problem=problem)
-            else:
-                self._store.upsert_file(entry)
-        self._on_change()
+        self.end(self.begin(paths))
 
-    def _read(self, path: Path) -> tuple[CatalogEntry, ImageFile] | None:
+    def begin(self, paths: list[Path]) -> Indexing:
+        """Decide which files must be read (new or changed since their catalog entry) and start reading,
+        hashing and decoding them on the extractor's pool; `end` finishes. The caching thread begins its next
+        chunk before it ends this one."""
+        chunk = Indexing()
+        for path in paths:
+            planned = self._plan(path, chunk)
+            if planned is not None:
+                chunk.planned.append(planned)
+        loads = [(str(p.path), functools.partial(read_image_file, p.path, self._max_bytes)) for p in chunk.planned]
+        chunk.jobs = self._extractor.submit(loads)
+        return chunk
+
+    def end(self, chunk: Indexing) -> None:
+        """Embed what `begin` started and write the chunk's catalog rows in one transaction."""
+        extraction = self._extractor.gather(chunk.jobs)
+        changed = False
+        for p in chunk.planned:
+            key = str(p.path)
+            sha = extraction.hashes.get(key)
+            problem = extraction.rejected.get(key)
+            entry = CatalogEntry(p.rel, p.label, sha, p.size, p.mtime_ns, problem is None)
+            chunk.writes.append(entry)
+            if problem is not None:
+                chunk.lost |= self._skipped(entry, problem)
+            elif not (p.known and p.known.ok and p.known.sha256 == sha and p.has_vector):
+                changed = True  # else touched, not changed: no retrain needed
+        self._store.upsert_files(chunk.writes)
+        if changed or chunk.lost:
+            self._on_change()
+
+    def _plan(self, path: Path, chunk: Indexing) -> _Planned | None:
+        """The file to read, or None when there is nothing to do (or only a catalog row, added to `chunk`)."""
         rel = self.relative(path)
         if rel is None:
             log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
@@ -83,27 +127,18 @@ class TrainingIndexer:
         try:
             st = os.stat(path)
         except OSError as exc:
-            self._skip(path, CatalogEntry(rel, label, None, 0, 0, False), ImageRejected("unreadable", str(exc)))
+            chunk.writes.append(CatalogEntry(rel, label, None, 0, 0, False))
+            chunk.lost |= self._skipped(chunk.writes[-1], ImageRejected("unreadable", str(exc)))
             return None
         has_vector = bool(known and known.ok and known.sha256 and not self._store.missing_bottlenecks(
             self._extractor.backbone.id, [known.sha256]))
         if known and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) and (has_vector or not known.ok):
             return None
-        try:
-            f = read_image_file(path, self._max_bytes)
-        except ImageRejected as exc:
-            self._skip(path, CatalogEntry(rel, label, None, st.st_size, st.st_mtime_ns, False), exc)
-            return None
-        entry = CatalogEntry(rel, label, f.sha256, st.st_size, st.st_mtime_ns, True)
-        if known and known.ok and known.sha256 == f.sha256 and has_vector:
-            self._store.upsert_file(entry)  # touched, not changed: no retrain needed
-            return None
-        return entry, f
+        return _Planned(path, rel, label, st.st_size, st.st_mtime_ns, known, has_vector)
 
-    def _skip(self, path: Path, entry: CatalogEntry, problem: ImageRejected) -> None:
-        log.warning("%s: skipped for training: %s", path, problem)
+    def _skipped(self, entry: CatalogEntry, problem: ImageRejected) -> bool:
+        """Log and count an unusable file; True if its catalog entry was usable until now."""
+        log.warning("%s: skipped for training: %s", self.root / entry.path, problem)
         self._metrics.rejected.labels(reason=problem.reason).inc()
         was = self._store.catalog_entry(entry.path)
-        self._store.upsert_file(CatalogEntry(entry.path, entry.label, entry.sha256, entry.size, entry.mtime_ns, False))
-        if was is not None and was.ok:
-            self._on_change()
+        return was is not None and was.ok

@@ -13,9 +13,9 @@ from daemon import __version__
 #: a pipeline step (a rescan mends it), a batch of files (tried one by one), one file (retried with a growing
 #: delay), the destination folder or the move of a classified inbox file, the move of an unusable one to
 #: rejected/, finishing an open journal entry, a retrain-policy plugin (the quiet period decides instead),
-#: the published model at start-up (a new one is trained).
+#: the published model at start-up (a new one is trained), an HTTP request (answered 500).
 InternalErrorPlace = Literal["pipeline_step", "pipeline_batch", "pipeline_file", "inbox_folder", "inbox_move",
-                             "inbox_reject", "journal_recovery", "retrain_policy", "model_load"]
+                             "inbox_reject", "journal_recovery", "retrain_policy", "model_load", "http_request"]
 INTERNAL_ERROR_PLACES: tuple[str, ...] = typing.get_args(InternalErrorPlace)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -14,6 +14,7 @@ retry time.
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import time
@@ -50,14 +51,18 @@ class _Seen:
     since: float  # when the signature last changed (or the file was first seen)
     closed: bool  # closed by its writer since its content last changed
     writing: bool  # seen growing, and no close since
+    temporary: bool  # a writer's working name
     not_before: float = 0.0
+    turn: int = 0  # which heap entry is this file's current one (older entries are skipped)
 
-    def wait(self, settle: float, temporary: bool) -> float:
-        if temporary:
-            return settle * TEMPORARY_FACTOR
-        if self.closed:
-            return 0.0
-        return settle * WRITING_FACTOR if self.writing else settle
+    def deadline(self, settle: float) -> float:
+        if self.temporary:
+            wait = settle * TEMPORARY_FACTOR
+        elif self.closed:
+            wait = 0.0
+        else:
+            wait = settle * WRITING_FACTOR if self.writing else settle
+        return max(self.not_before, self.since + wait)
 
 
 def _size_changed(old: Signature, new: Signature) -> bool:
@@ -65,9 +70,14 @@ def _size_changed(old: Signature, new: Signature) -> bool:
 
 
 class PendingFiles:
+    """The files and a heap of their deadlines: a turn looks only at the files that are due (O(due), not
+    O(pending)); each is stat'ed once more when due, and waits again if it changed meanwhile."""
+
     def __init__(self, settle_seconds: float) -> None:
         self.settle_seconds = settle_seconds
         self._seen: dict[Path, _Seen] = {}
+        self._heap: list[tuple[float, int, Path]] = []
+        self._turns = 0
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -75,25 +85,39 @@ class PendingFiles:
     def __contains__(self, path: Path) -> bool:
         return path in self._seen
 
+    def _schedule(self, path: Path, seen: _Seen) -> None:
+        self._turns += 1
+        seen.turn = self._turns
+        heapq.heappush(self._heap, (seen.deadline(self.settle_seconds), self._turns, path))
+        if len(self._heap) > 2 * len(self._seen) + 64:  # drop the entries of files taken or changed since
+            self._heap = [item for item in self._heap if self._current(item)]
+            heapq.heapify(self._heap)
+
+    def _current(self, item: tuple[float, int, Path]) -> bool:
+        seen = self._seen.get(item[2])
+        return seen is not None and seen.turn == item[1]
+
     def add(self, path: Path, kind: EventKind) -> None:
-        """Note what happened to `path`: CLOSED or MOVED (into place), MODIFIED, CREATED or SCANNED."""
+        """Note what happened to `path`: CLOSED or MOVED (into place), MODIFIED, CREATED or SCANNED. A CREATED
+        for a file already known (watchdog reports the files of a folder moved in as created after the move)
+        does not undo a close."""
         now, signature = time.monotonic(), _signature(path)
         seen = self._seen.get(path)
-        if seen is None or kind is EventKind.CREATED:
-            seen = self._seen[path] = _Seen(signature, now, False, kind is EventKind.MODIFIED)
+        if seen is None:
+            seen = self._seen[path] = _Seen(signature, now, False, kind is EventKind.MODIFIED, looks_temporary(path))
         if kind in (EventKind.CLOSED, EventKind.MOVED):
             seen.closed, seen.writing = True, False
         elif kind is EventKind.MODIFIED and (not seen.closed or _size_changed(seen.signature, signature)):
             seen.closed, seen.writing = False, True  # being written; after a close, only a new size says so
         if signature != seen.signature:
             seen.signature, seen.since = signature, now
+        self._schedule(path, seen)
 
     def retry(self, path: Path, delay: float) -> None:
         """Take `path` again (as complete) after `delay` seconds, unless it changes or goes meanwhile."""
-        self._seen[path] = _Seen(_signature(path), time.monotonic(), True, False, time.monotonic() + delay)
-
-    def paths(self) -> list[Path]:
-        return list(self._seen)
+        now = time.monotonic()
+        seen = self._seen[path] = _Seen(_signature(path), now, True, False, looks_temporary(path), now + delay)
+        self._schedule(path, seen)
 
     def discard(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -102,24 +126,28 @@ class PendingFiles:
         """Pop the files ready to process; files that vanished are dropped, changed ones wait again."""
         now = time.monotonic()
         ready: list[Path] = []
-        for path, seen in list(self._seen.items()):
+        changed: list[Path] = []
+        while self._heap and self._heap[0][0] <= now:
+            item = heapq.heappop(self._heap)
+            if not self._current(item):
+                continue
+            path = item[2]
+            seen = self._seen[path]
             signature = _signature(path)
             if signature is None and not os.path.islink(path):
                 del self._seen[path]
-                continue
-            if signature != seen.signature:  # changed with no event telling us: wait for it to settle
+            elif signature != seen.signature:  # changed with no event telling us: wait for it to settle
                 seen.signature, seen.since, seen.closed = signature, now, False
-            if now >= seen.not_before and now - seen.since >= seen.wait(self.settle_seconds, looks_temporary(path)):
+                changed.append(path)
+            else:
                 ready.append(path)
                 del self._seen[path]
+        for path in changed:
+            self._schedule(path, self._seen[path])
         return ready
 
     def next_deadline(self) -> float | None:
         """Seconds until the next file could be due, for the worker's wait."""
-        if not self._seen:
-            return None
-        now = time.monotonic()
-        return max(0.0, min(
-            max(s.not_before, s.since + s.wait(self.settle_seconds, looks_temporary(p))) - now
-            for p, s in self._seen.items()
-        ))
+        while self._heap and not self._current(self._heap[0]):
+            heapq.heappop(self._heap)
+        return max(0.0, self._heap[0][0] - time.monotonic()) if self._heap else None

@@ -1,7 +1,11 @@
 """The pipeline worker thread: turns file events into catalog updates (classes) and classifications (inbox).
 
-It owns the pending set and the files waiting for a first model; it alone calls the indexer and the inbox
-processor, so neither needs locks. A `STOP` sentinel on the queue ends it after the work in hand.
+It owns the pending sets and the files waiting for a first model, and alone calls the inbox processor. Training
+files that are due go to the caching thread (`Backfill`), which indexes them in the background: an inbox
+file is never queued behind a backlog of training images (the two share the engine in turns). Its first
+turn is the reconcile scan, so a start-up is ready (the last model serving) before the scan has run. Each
+turn costs what changed: due files come off a deadline heap, counts are kept, not recounted. A `STOP`
+sentinel on the queue ends it (and the caching thread) after the work in hand.
 
 A batch that fails (a bug, a full disk, a decoder that raises) is tried again file by file, so one bad file
 never holds back the others; files that fail alone are taken again later, with a growing delay. Any other
@@ -9,18 +13,21 @@ failure is logged and mended by a rescan soon after: nothing ends the thread but
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from daemon.backfill import Backfill, guarded
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
-from daemon.inbox import InboxProcessor
+from daemon.inbox import InboxProcessor, PreparedBatch
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
@@ -33,17 +40,27 @@ log = logging.getLogger(__name__)
 
 STOP = object()
 MODEL_CHANGED = object()
-_CHUNK = 256
+_CACHED = object()  # the caching thread ran out of work: update `idle` now
+
+
+class _Retry:
+    """Training files the caching thread could not index, handed back to be taken again later."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+
 _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
 
 
 class Progress(Protocol):
-    """What the pipeline worker reports as it goes, on its own thread (the service turns it into a progress
-    bar, the STATUS line and the systemd watchdog's pings)."""
+    """What the pipeline and caching threads report as they go (the service turns it into a progress bar,
+    the STATUS line and the systemd watchdog's pings)."""
 
     def went_round(self) -> None:
-        """The worker is not hung: called every loop (at least every half second) and after every chunk."""
+        """The daemon is not hung: called every pipeline loop (at least every half second) while the caching
+        thread has nothing outstanding, else after every chunk it caches."""
 
     def indexed(self, indexed: int, waiting: int) -> None:
         """Training files: `indexed` just now, `waiting` still to index (0 when a run of work is done)."""
@@ -63,20 +80,38 @@ class Pipeline(threading.Thread):
     def __init__(
         self, config: Config, events: queue.Queue[object], hooks: Hooks, store: Store, indexer: TrainingIndexer,
         inbox: InboxProcessor, journal: InboxJournal, metrics: Metrics, rescan_needed: threading.Event,
-        progress: Progress,
+        progress: Progress, on_backlog: Callable[[int], None],
     ) -> None:
         super().__init__(name="retraind-pipeline", daemon=False)
         self._config, self._events, self._hooks, self._store = config, events, hooks, store
         self._indexer, self._inbox, self._journal, self._metrics = indexer, inbox, journal, metrics
         self._rescan_needed = rescan_needed
         self._classes, self._inbox_root = config.folder("classes"), config.folder("inbox")
-        self._pending = PendingFiles(config.watch.settle_seconds)
+        self._pending = {area: PendingFiles(config.watch.settle_seconds) for area in ("classes", "inbox")}
         self._waiting: set[Path] = set()
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
         self._next_rescan = math.inf
         self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
+        self._on_backlog = on_backlog  # training files seen and not yet cached: the trainer waits for 0
+        self.backfill = Backfill(indexer, progress, metrics, self._hand_back, lambda: self._notify(_CACHED))
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retraind-inbox-ahead")
+
+    def start(self) -> None:
+        self._on_backlog(1)  # unknown until the first scan has run: no training before it
+        self.backfill.start()
+        super().start()
+
+    def _notify(self, item: object) -> None:
+        """From the caching thread: never block on a full queue (the pipeline may be stopping)."""
+        try:
+            self._events.put_nowait(item)
+        except queue.Full:
+            self._rescan_needed.set()  # a file that could not be indexed is found again by the scan
+
+    def _hand_back(self, paths: list[Path]) -> None:
+        self._notify(_Retry(paths))
 
     def rescan(self) -> None:
         """Queue every file a reconcile scan finds; also run at start-up."""
@@ -87,6 +122,15 @@ class Pipeline(threading.Thread):
             self._handle(event)
 
     def run(self) -> None:
+        try:
+            self._safely(self.rescan)
+            self._loop()
+        finally:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
+            self.backfill.stop()
+            self.backfill.join()
+
+    def _loop(self) -> None:
         stopping = False
         while not stopping:
             for item in self._drain():
@@ -97,7 +141,8 @@ class Pipeline(threading.Thread):
             if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
                 self._safely(self.rescan)
             self._safely(self._process_due)
-            self._progress.went_round()
+            if not self.backfill.outstanding():  # else the caching thread reports, once per chunk done
+                self._progress.went_round()
 
     def _safely(self, work: Callable[..., None], *args: object) -> None:
         try:
@@ -110,14 +155,16 @@ class Pipeline(threading.Thread):
     def _dispatch(self, item: object) -> None:
         if item is MODEL_CHANGED:
             for path in self._waiting:
-                self._pending.add(path, EventKind.CLOSED)
+                self._pending["inbox"].add(path, EventKind.CLOSED)
             self._waiting.clear()
+        elif isinstance(item, _Retry):
+            self._retry(item.paths, self._pending["classes"])
         elif isinstance(item, FileEvent):
             self._handle(item)
 
     def _drain(self) -> list[object]:
-        deadline = self._pending.next_deadline()
-        timeout = 0.5 if deadline is None else min(0.5, max(deadline, 0.01))
+        deadlines = [d for d in (p.next_deadline() for p in self._pending.values()) if d is not None]
+        timeout = min([0.5, *(max(d, 0.01) for d in deadlines)])
         try:
             items = [self._events.get(timeout=timeout)]
         except queue.Empty:
@@ -148,76 +195,65 @@ class Pipeline(threading.Thread):
             self._take(event.path, event.kind)
 
     def _forget(self, path: Path) -> None:
-        self._pending.discard(path)
+        for pending in self._pending.values():
+            pending.discard(path)
         self._waiting.discard(path)
         self._attempts.pop(path, None)
         if self._area(path) == "classes":
-            self._indexer.forget(path)
+            self.backfill.forget(path)
 
     def _take(self, path: Path, kind: EventKind) -> None:
         area = self._area(path)
         if area is not None and path not in self._waiting and self._hooks.accept_path(path, area):
-            self._pending.add(path, kind)
+            self._pending[area].add(path, kind)
 
     def _process_due(self) -> None:
-        due = self._pending.due()
-        classes = [p for p in due if self._area(p) == "classes"]
-        inbox = [p for p in due if self._area(p) == "inbox"]
-        later = sum(1 for p in self._pending.paths() if self._area(p) == "classes") if classes else 0
+        classes = self._pending["classes"].due()
         if classes:
-            self._progress.indexed(0, len(classes) + later)
-        for start in range(0, len(classes), _CHUNK):
-            chunk = classes[start : start + _CHUNK]
-            self._guarded(self._index, chunk)
-            self._progress.indexed(len(chunk), len(classes) - start - len(chunk) + later)
-            self._progress.went_round()  # a long start-up caching run is progress, not a hang: keep the watchdog fed
-        # inbox files in backbone-sized batches: each batch's files are finished before the next is read, so
-        # in a burst the first results land after one forward batch, not after a 256-file chunk
-        size = self._config.backbone.batch_size
-        for start in range(0, len(inbox), size):
-            self._guarded(self._classify, inbox[start : start + size])
-            self._progress.went_round()
+            self.backfill.index(classes)
+        self._classify_due(self._pending["inbox"].due())
         self._inbox.flush_log()
         if self._journal.recovery_due():
             self._journal.recover()  # finishes moves and records that failed before (full disk, read-only)
-        pending_inbox = sum(1 for p in self._pending.paths() if self._area(p) == "inbox")
-        self.inbox_waiting = pending_inbox + len(self._waiting)
+        self.inbox_waiting = len(self._pending["inbox"]) + len(self._waiting)
         self._metrics.inbox_pending.set(self.inbox_waiting)
-        if not len(self._pending):
-            self.idle.set()
-        else:
+        backlog = len(self._pending["classes"]) + self.backfill.outstanding()
+        self._on_backlog(backlog)
+        if backlog or len(self._pending["inbox"]):
             self.idle.clear()
+        else:
+            self.idle.set()
 
-    def _index(self, paths: list[Path]) -> list[Path]:
-        self._indexer.index(paths)
-        return []
+    def _classify_due(self, paths: list[Path]) -> None:
+        """Inbox files in backbone-sized batches, the next batch read and embedded (`_ahead`) while this one's
+        files are moved and recorded: in a burst the first results land after one forward batch, and the
+        durable writes cost no engine time."""
+        size = self._config.backbone.batch_size
+        batches = [paths[start : start + size] for start in range(0, len(paths), size)]
+        ahead = self._ahead.submit(self._inbox.prepare, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            assert ahead is not None
+            prepared = ahead
+            if index + 1 < len(batches):
+                ahead = self._ahead.submit(self._inbox.prepare, batches[index + 1])
+            self._guarded(functools.partial(self._finish, prepared, batch), batch)
+            self._progress.went_round()
 
-    def _classify(self, paths: list[Path]) -> list[Path]:
-        outcome = self._inbox.process(paths)
+    def _finish(self, prepared: Future[PreparedBatch], batch: list[Path], paths: list[Path]) -> list[Path]:
+        """The prepared `batch` when `paths` is it; a file tried alone after its batch failed, afresh."""
+        outcome = self._inbox.finish(prepared.result()) if paths == batch else self._inbox.process(paths)
         self._waiting.update(outcome.waiting)
         return outcome.retry
 
     def _guarded(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> None:
-        """Run `work` on a batch, then alone on each file of a batch that failed; retry what is left."""
-        try:
-            retry = work(paths)
-        except Exception:
-            log.exception("a batch of %d files failed; trying them one by one", len(paths))
-            self._metrics.internal_error("pipeline_batch")
-            retry = list(paths) if len(paths) == 1 else self._one_by_one(work, paths)
+        """Run `work` on a batch (file by file if it fails); retry what is left."""
+        retry = guarded(work, paths, self._metrics)
         for path in set(paths) - set(retry):
             self._attempts.pop(path, None)
-        for path in retry:
-            attempts = self._attempts[path] = self._attempts.get(path, 0) + 1
-            self._pending.retry(path, min(_MAX_RETRY_SECONDS, _FIRST_RETRY_SECONDS * 2 ** (attempts - 1)))
+        self._retry(retry, self._pending["inbox"])
 
-    def _one_by_one(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> list[Path]:
-        retry: list[Path] = []
+    def _retry(self, paths: list[Path], pending: PendingFiles) -> None:
+        """Take `paths` again later, the delay doubling with each failure in a row."""
         for path in paths:
-            try:
-                retry += work([path])
-            except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
-                log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
-                self._metrics.internal_error("pipeline_file")
-                retry.append(path)
-        return retry
+            attempts = self._attempts[path] = self._attempts.get(path, 0) + 1
+            pending.retry(path, min(_MAX_RETRY_SECONDS, _FIRST_RETRY_SECONDS * 2 ** (attempts - 1)))

@@ -55,7 +55,7 @@ class Signals:
 class ServiceProgress:
     """The pipeline's `Progress` as the service shows it: bulk caching of training images (the start-up scan,
     a folder dropped in) as a progress bar on a terminal and numbers for the STATUS line, and when the
-    worker last went round, for the watchdog. Fed from the pipeline thread."""
+    worker last went round, for the watchdog. Fed from the pipeline and caching threads."""
 
     def __init__(self) -> None:
         self.done = self.total = 0

@@ -105,6 +105,8 @@ class Store:
         for sha, variant, vector in items:
             blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
             rows.append((sha, backbone, variant, blob, zlib.crc32(blob), now))
+        if not rows:
+            return
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO bottlenecks VALUES (?,?,?,?,?,?)", rows)
 
@@ -163,11 +165,14 @@ class Store:
     # -- training-file catalog ---------------------------------------------------------------------------
 
     def upsert_file(self, entry: CatalogEntry) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-                (entry.path, entry.label, entry.sha256, entry.size, entry.mtime_ns, int(entry.ok)),
-            )
+        self.upsert_files([entry])
+
+    def upsert_files(self, entries: Iterable[CatalogEntry]) -> None:
+        """Add or replace catalog entries in one transaction (one commit per chunk of files, not per file)."""
+        rows = [(e.path, e.label, e.sha256, e.size, e.mtime_ns, int(e.ok)) for e in entries]
+        if rows:
+            with self._tx() as db:
+                db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", rows)
 
     def remove_files(self, path: str) -> int:
         """Forget `path` and everything below it (a deleted folder); returns how many entries went."""

@@ -48,6 +48,7 @@ class Trainer(threading.Thread):
         self._changes = 0
         self._first_change = self._last_change = 0.0
         self._forced = False
+        self._backlog = 0
         self._failures = 0
         self._retry_at: float | None = None
         self.runs = 0  # finished runs, whatever their result
@@ -61,6 +62,10 @@ class Trainer(threading.Thread):
             self._changes += 1
             self._last_change = now
             self._cond.notify()
+
+    def set_backlog(self, waiting: int) -> None:
+        """How many training files are seen and not yet cached (the pipeline, after every turn)."""
+        self._backlog = waiting
 
     def request(self) -> None:
         """Train as soon as possible, whatever the policy says."""
@@ -82,10 +87,10 @@ class Trainer(threading.Thread):
 
     def trained_on_current(self, version: ModelVersion) -> bool:
         """`version` was trained on this backbone, on exactly the training images in the catalog now, with the
-        augmentation, head settings and target precision in force now."""
+        augmentation, head settings and target precision in force now, and its calibration is loaded."""
         entries = sorted((e for e in self._store.catalog().values() if e.ok), key=lambda e: e.path)
         m = version.metrics
-        return (version.backbone == self._backbone.id and m.get("manifest_sha256") == manifest_of(entries)
+        return (version.trust is not None and version.backbone == self._backbone.id and m.get("manifest_sha256") == manifest_of(entries)
                 and m.get("augmentation") == self._variants.augmenter.summary
                 and m.get("training_settings") == self._head_settings()
                 and (m.get("trust") or {}).get("target_precision") == self._config.classify.target_precision)
@@ -101,6 +106,12 @@ class Trainer(threading.Thread):
             self._cond.notify()
 
     def run(self) -> None:
+        try:
+            self._check_current()
+        except Exception:  # an unreadable catalog must not end the trainer thread: a run will tell more
+            log.exception("cannot tell whether the serving model is current; retraining")
+            self._metrics.internal_error("model_load")
+            self.notify_change()
         while True:
             with self._cond:
                 self._cond.wait(timeout=0.25)
@@ -112,7 +123,7 @@ class Trainer(threading.Thread):
                 if not self._changes:
                     continue
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
-                                     self._config.training.quiet_period_seconds, self._forced)
+                                     self._config.training.quiet_period_seconds, self._forced, self._backlog)
             try:
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
@@ -124,8 +135,28 @@ class Trainer(threading.Thread):
                     self._changes, self._forced = 0, False
                 self.train_once()
 
+    def _check_current(self) -> None:
+        """Retrain if the serving model is not what the stored training set and settings would give (or there
+        is none and there are images). Here, on the trainer thread, not at start-up: reading the whole catalog
+        must not delay serving the last model."""
+        version = self._serving.version
+        if version is not None and not self.trained_on_current(version):
+            log.info("model %d was trained on other images, another backbone or other settings, or has no "
+                     "calibration; retraining", version.number)
+            self.notify_change()
+        elif version is None and any(e.ok for e in self._store.catalog().values()):
+            self.notify_change()
+
     def train_once(self) -> ModelVersion | None:
-        """One training run; a failure is logged and counted, and the current model keeps serving."""
+        """One training run; a failure is logged and counted, and the current model keeps serving. A new
+        version is announced (`retraind_on_model_published`) once the run is over and counted: what plugins
+        do then (the pictures) neither delays the model nor counts as training."""
+        version = self._run_once()
+        if version is not None:
+            self._hooks.on_model_published(version)
+        return version
+
+    def _run_once(self) -> ModelVersion | None:
         started = time.perf_counter()
         try:
             version = self._train(started)
@@ -144,17 +175,9 @@ class Trainer(threading.Thread):
             self._metrics.training_seconds.observe(time.perf_counter() - started)
 
     def _train(self, started: float) -> ModelVersion | None:
-        entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
-        dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
-        self._update_image_gauges(dataset)
-        if len(dataset.labels) < 2:
-            log.info("training waits for images of two labels or more (have: %s): put them in %s/<label>/",
-                     ", ".join(dataset.labels) or "none", self._config.folder("classes"))
+        dataset = self._dataset()
+        if dataset is None:
             return None
-        augmented = self._variants.attach(dataset, entries, lambda: self._stopping)
-        if augmented is None:
-            return None  # stopping: the variants made so far are kept for the next start
-        dataset = augmented
         head = self._hooks.train_head(dataset, self._config.training)
         if head is None:
             raise RuntimeError("no plugin trained a head (is the built-in softmax_head plugin disabled?)")
@@ -169,8 +192,24 @@ class Trainer(threading.Thread):
         if not verdict.promote:
             self._metrics.training_runs.labels(result="rejected").inc()
             return None
-        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify,
-                           {entry.path: entry.sha256 for entry in entries})
+        return self._publish(head, dataset, metrics)
+
+    def _dataset(self) -> Dataset | None:
+        """The training set with its augmented rows; None when there is nothing to train on, or on a stop."""
+        entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
+        dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
+        self._update_image_gauges(dataset)
+        if len(dataset.labels) < 2:
+            log.info("training waits for images of two labels or more (have: %s): put them in %s/<label>/",
+                     ", ".join(dataset.labels) or "none", self._config.folder("classes"))
+            return None
+        # None when stopping: the variants made so far are kept for the next start
+        return self._variants.attach(dataset, entries, lambda: self._stopping)
+
+    def _publish(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> ModelVersion:
+        """Calibrate the head and derive its thresholds (daemon/trust.py), then publish and serve it."""
+        sha256_of = {entry.path: entry.sha256 for entry in self._store.catalog().values()}
+        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify, sha256_of)
         metrics["trust"] = fitted.summary
 
         def artifacts(version: ModelVersion, directory: Path) -> None:
@@ -190,7 +229,6 @@ class Trainer(threading.Thread):
                  trust["target_precision"], trust["expected_coverage"],
                  trust["calibration"]["out_of_fold"]["before"], trust["calibration"]["out_of_fold"]["after"],
                  trust["novelty"]["threshold"])
-        self._hooks.on_model_published(version)
         return version
 
     def _metrics_for(self, head: Head, dataset: Dataset, seconds: float) -> dict[str, Any]:

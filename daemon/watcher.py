@@ -1,5 +1,10 @@
 """watchdog → bounded queue. Handlers only enqueue immutable events; a full queue or a kernel-side inotify
-overflow sets `rescan_needed`, and the pipeline then rescans, so no lost event loses a file."""
+overflow sets `rescan_needed`, and the pipeline then rescans, so no lost event loses a file.
+
+A rename is the writer's signal that a file is complete. On Linux the observer reports the halves of a rename
+that crosses the watched folders' edge too (watchdog's "full events"), so a file renamed in from outside
+arrives as CLOSED (taken at once, like a file its writer closed) instead of as CREATED (which waits
+`settle_seconds`), and a folder renamed in arrives as MOVED; a file renamed out is DELETED."""
 
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 try:  # Linux: inotify reports a rename as a MOVED_FROM/MOVED_TO pair, one right after the other
+    from watchdog.observers.inotify import InotifyObserver
     from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper as _MoveGrouper
 except ImportError:  # pragma: no cover - other platforms have no grouper
     _MoveGrouper = None  # type: ignore[assignment, misc]
+    InotifyObserver = None  # type: ignore[assignment, misc]
 
 from daemon.events import EventKind, FileEvent
 from daemon.metrics import Metrics
@@ -52,9 +59,16 @@ class _Enqueue(FileSystemEventHandler):
         kind = _KINDS.get(type(event))
         if kind is None:
             return  # opened, closed-without-write, directory created/modified: the files inside tell us
-        dest = Path(_text(event.dest_path)) if kind is EventKind.MOVED else None
+        src, dest = _text(event.src_path), _text(event.dest_path) if kind is EventKind.MOVED else ""
+        if kind is EventKind.MOVED and not src:  # renamed in from outside the watched folders: complete
+            item = FileEvent(EventKind.MOVED, Path(dest), Path(dest)) if event.is_directory else \
+                FileEvent(EventKind.CLOSED, Path(dest))
+        elif kind is EventKind.MOVED and not dest:  # renamed out of them
+            item = FileEvent(EventKind.DELETED, Path(src))
+        else:
+            item = FileEvent(kind, Path(src), Path(dest) if dest else None)
         try:
-            self._events.put_nowait(FileEvent(kind, Path(_text(event.src_path)), dest))
+            self._events.put_nowait(item)
         except queue.Full:
             if not self._overflowed.is_set():
                 self._metrics.overflows.inc()
@@ -86,7 +100,7 @@ class Watcher:
         if _MoveGrouper is not None:
             _MoveGrouper.delay = MOVE_PAIRING_SECONDS
         self.rescan_needed = threading.Event()
-        self._observer = Observer()
+        self._observer = Observer() if InotifyObserver is None else InotifyObserver(generate_full_events=True)
         self._observer.name = "retraind-watchdog"
         handler = _Enqueue(events, self.rescan_needed, metrics)
         for root in roots:

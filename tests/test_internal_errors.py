@@ -3,11 +3,13 @@ through a real scrape: an operator sees them on the dashboard and in an alert, n
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.hookspecs import hookimpl
@@ -57,6 +59,13 @@ def test_survived_failures_are_counted_by_place(tmp_path: Path, run_app: Any) ->
         wait_for(lambda: (data / "outbox" / "blue" / "good.jpg").exists(), what="the good file classified")
         port = app.http.port
         wait_for(lambda: internal_errors(port)["pipeline_batch"] >= 1, what="the bad file's failure counted")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/retraind:classify", method="POST",
+                                         data=image_bytes("blue", seed=7) + POISON)
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(request, timeout=10)
+        answered.value.close()
+        assert answered.value.code == 500
         counted = internal_errors(port)
     assert counted["retrain_policy"] >= 1 and buggy.policy_calls >= 1
+    assert counted["http_request"] == 1
     assert (data / "inbox" / "bad.jpg").exists()  # kept for a retry, not lost

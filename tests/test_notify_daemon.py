@@ -1,6 +1,7 @@
 """`retraind run` as a real process speaking the sd_notify protocol to a datagram socket bound here, as systemd
-would: READY with a STATUS, watchdog pings, RELOADING then READY on SIGHUP, a refused reload, STOPPING and exit 0
-on SIGTERM; a config error exits 78 with one line. Its stderr is a terminal, so the start-up caching bar shows."""
+would: READY with a STATUS, watchdog pings, RELOADING then READY on SIGHUP, a reload that cannot start (back to the
+running config) and one refused, STOPPING and exit 0 on SIGTERM; a config error exits 78 with one line.
+Its stderr is a terminal, so the start-up caching bar shows."""
 
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def until(sock: socket.socket, prefix: str, timeout: float = 60.0) -> tuple[str,
 def test_notify_protocol_from_start_to_stop(tmp_path: Path, notify_socket: socket.socket) -> None:
     seed_classes(tmp_path, per_label=20)
     config = write_config(tmp_path)
+    original = config.read_text()
+    assert "name: tiny" in original
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TF_", "GRPC_"))},
            "NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "1000000"}
     env.pop("WATCHDOG_PID", None)
@@ -108,6 +111,13 @@ def test_notify_protocol_from_start_to_stop(tmp_path: Path, notify_socket: socke
         child.send_signal(signal.SIGHUP)
         reloading, _ = until(notify_socket, "RELOADING=1", timeout=10)
         assert reloading.splitlines()[1].startswith("MONOTONIC_USEC=")
+        ready, _ = until(notify_socket, "READY=1")
+        assert ready.splitlines()[1] == "STATUS=serving model 1"
+
+        config.write_text(original.replace("name: tiny", "name: nosuch"))  # valid, but cannot start
+        child.send_signal(signal.SIGHUP)
+        refused, _ = until(notify_socket, "STATUS=reload refused", timeout=30)
+        assert "going back to the running config: backbone.name: no plugin provides 'nosuch'" in refused
         ready, _ = until(notify_socket, "READY=1")
         assert ready.splitlines()[1] == "STATUS=serving model 1"
 

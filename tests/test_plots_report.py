@@ -57,7 +57,9 @@ def trained(tmp_path: Path, run_app: Any) -> Any:
 
 def test_pictures_and_recorded_mistakes(tmp_path: Path, run_app: Any) -> None:
     version = trained(tmp_path, run_app)
-    directory = tmp_path / "data" / "state" / "models" / "1"
+    directory = tmp_path / "data" / "state" / "models" / "1"  # drawn once the model serves, not before
+    wait_for(lambda: (directory / TRAINING_CURVE_FILE).is_file() and (directory / CONFUSION_MATRIX_FILE).is_file(),
+             what="the plots")
     curve, matrix = Image.open(directory / TRAINING_CURVE_FILE), Image.open(directory / CONFUSION_MATRIX_FILE)
     assert curve.format == matrix.format == "PNG"
     assert_drawn(curve, (800, 300))

@@ -1,0 +1,140 @@
+"""The caching thread: brings the catalog of training files and their bottlenecks up to date in the background,
+so that the pipeline thread stays free for inbox files (the engine is shared with it in turns).
+
+The pipeline hands it the training files that are due and the paths that left `classes/`, in event order,
+on one queue: a file deleted and created again is forgotten and indexed in that order. It alone calls the
+indexer. A chunk that fails is tried again file by file; files that fail alone are handed back to the
+pipeline (`on_retry`), which takes them again later with a growing delay. `STOP` ends it after the work in
+hand."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.indexer import Indexing, TrainingIndexer
+from daemon.metrics import Metrics
+
+if TYPE_CHECKING:
+    from daemon.pipeline import Progress
+
+log = logging.getLogger(__name__)
+
+STOP = object()
+_CHUNK = 128  # files indexed together: one catalog transaction; a chunk of phone photos holds ~170 MB
+
+
+class Backfill(threading.Thread):
+    def __init__(self, indexer: TrainingIndexer, progress: Progress, metrics: Metrics,
+                 on_retry: Callable[[list[Path]], None], on_idle: Callable[[], None]) -> None:
+        super().__init__(name="retraind-cache", daemon=False)
+        self._indexer, self._progress, self._metrics = indexer, progress, metrics
+        self._on_retry, self._on_idle = on_retry, on_idle
+        self._work: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0  # files handed over and not yet indexed
+
+    def outstanding(self) -> int:
+        """Training files handed over and not yet indexed (any thread)."""
+        with self._lock:
+            return self._outstanding
+
+    def index(self, paths: list[Path]) -> None:
+        with self._lock:
+            self._outstanding += len(paths)
+        for start in range(0, len(paths), _CHUNK):
+            self._work.put(paths[start : start + _CHUNK])
+
+    def forget(self, path: Path) -> None:
+        self._work.put(path)
+
+    def stop(self) -> None:
+        self._work.put(STOP)
+
+    def run(self) -> None:
+        """Chunks in queue order; while a chunk is embedded, the next one already queued is begun (read and
+        decoded on the pool), so the engine does not wait at a chunk's edge."""
+        begun: tuple[list[Path], Indexing | None] | None = None
+        while True:
+            try:
+                item = self._work.get(block=begun is None)
+            except queue.Empty:
+                item = None
+            if isinstance(item, list):
+                following = (item, self._begin(item))
+                if begun is not None:
+                    self._end(*begun)
+                begun = following
+                continue
+            if begun is not None:
+                self._end(*begun)
+                begun = None
+            if isinstance(item, Path):
+                self._forget(item)
+            if item is STOP:
+                return
+            if self._work.empty():
+                self._on_idle()
+
+    def _begin(self, paths: list[Path]) -> Indexing | None:
+        try:
+            return self._indexer.begin(paths)
+        except Exception:
+            log.exception("starting to cache %d training files failed; tried again file by file", len(paths))
+            self._metrics.internal_error("pipeline_step")
+            return None
+
+    def _forget(self, path: Path) -> None:
+        try:
+            self._indexer.forget(path)
+        except Exception:
+            log.exception("%s: forgetting failed; the next rescan mends it", path)
+            self._metrics.internal_error("pipeline_step")
+
+    def _end(self, paths: list[Path], chunk: Indexing | None) -> None:
+        retry: list[Path] = []
+        try:
+            if chunk is None:
+                raise RuntimeError("its start failed")
+            self._indexer.end(chunk)
+        except Exception:
+            log.exception("caching %d training files failed; trying again", len(paths))
+            self._metrics.internal_error("pipeline_step")
+            retry = guarded(self._indexed, paths, self._metrics)
+        with self._lock:
+            self._outstanding -= len(paths)
+            waiting = self._outstanding
+        if retry:
+            self._on_retry(retry)
+        self._progress.indexed(len(paths), waiting)
+        self._progress.went_round()  # a long caching run is progress, not a hang: the watchdog is fed
+
+    def _indexed(self, paths: list[Path]) -> list[Path]:
+        self._indexer.index(paths)
+        return []
+
+
+def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path], metrics: Metrics) -> list[Path]:
+    """Run `work` on a batch, then alone on each file of a batch that failed; returns the files to retry:
+    those `work` returned and those that failed alone. Failures are counted in `metrics`."""
+    try:
+        return work(paths)
+    except Exception:
+        log.exception("a batch of %d files failed; %s", len(paths),
+                      "trying them one by one" if len(paths) > 1 else "retried later")
+        metrics.internal_error("pipeline_batch")
+        if len(paths) == 1:
+            return list(paths)
+    retry: list[Path] = []
+    for path in paths:
+        try:
+            retry += work([path])
+        except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
+            log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
+            metrics.internal_error("pipeline_file")
+            retry.append(path)
+    return retry

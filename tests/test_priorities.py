@@ -1,0 +1,129 @@
+"""Performance as behaviour (no timings asserted beyond generous bounds): the inbox goes before a backlog of
+training images, no head is trained while images still wait to be cached, a renamed-in file is taken without
+the settle wait, and a start-up is ready before its reconcile scan has run."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.app import App
+from daemon.backbone import Backbone
+from daemon.config import BackboneConfig
+from daemon.events import EventKind, FileEvent
+from daemon.hookspecs import hookimpl
+from tests.conftest import make_config, seed_classes, wait_for, write_image
+from tests.tiny_backbone import TinyBackbonePlugin
+
+SECONDS_PER_IMAGE = 0.015  # the slowed engine: 300 training images keep it busy for ~4.5 s
+
+
+class SlowBackbone(TinyBackbonePlugin):
+    """The tiny backbone, made as slow per image as a real one, so that a backfill takes a while."""
+
+    @hookimpl
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        inner = super().retraind_make_backbone(config, cache_dir)
+        if inner is None:
+            return None
+
+        class Slow:
+            id, input_size, dim = inner.id, inner.input_size, inner.dim
+
+            def embed(self, images: np.ndarray) -> np.ndarray:
+                time.sleep(SECONDS_PER_IMAGE * len(images))
+                return inner.embed(images)
+
+        return Slow()
+
+
+def cached(app: App) -> float:
+    return app.metrics.registry.get_sample_value("retraind_bottleneck_cache_misses_total") or 0.0
+
+
+def result_of(data: Path, name: str) -> bool:
+    return any(data.glob(f"outbox/*/{name}.json")) or (data / "review" / f"{name}.json").is_file()
+
+
+def test_inbox_is_served_during_a_backfill_and_no_head_is_trained_before_it_ends(tmp_path: Path) -> None:
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    with App(make_config(tmp_path), extra_plugins=(SlowBackbone(),)) as app:
+        wait_for(lambda: app.trainer.runs and app.pipeline.idle.is_set(), what="first model")
+        runs, before = app.trainer.runs, cached(app)
+        backlog = 300
+        for i in range(backlog):
+            label = ("red", "blue")[i % 2]
+            write_image(data / "classes" / label / f"more-{i}.jpg", label, seed=5000 + i)
+        wait_for(lambda: cached(app) >= before + 40, what="the backfill under way")
+        write_image(tmp_path / "outside" / "query.jpg", "blue", seed=9999)
+        os.rename(tmp_path / "outside" / "query.jpg", data / "inbox" / "query.jpg")
+        wait_for(lambda: result_of(data, "query.jpg"), what="the inbox file's result")
+        assert cached(app) < before + backlog, "the inbox file waited for the whole backlog"
+
+        wait_for(lambda: cached(app) >= before + backlog + 1, what="the backfill's end")
+        assert app.trainer.runs == runs, "a head was trained while training images were still being cached"
+        wait_for(lambda: app.trainer.runs > runs, what="the retrain after the backfill")
+
+
+def test_a_renamed_in_file_is_taken_without_the_settle_wait(tmp_path: Path) -> None:
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+    outside = tmp_path / "outside"
+    config = make_config(tmp_path, watch={"settle_seconds": 60})
+    with App(config, extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(app.pipeline.idle.is_set, what="an idle pipeline")
+        writing = open(data / "inbox" / "open.jpg", "wb")  # noqa: SIM115 - written in place, not closed yet
+        writing.write(write_image(outside / "open.jpg", "red", seed=7001).read_bytes())
+        writing.flush()
+        write_image(outside / "query.jpg", "red", seed=7000)
+        write_image(outside / "train.jpg", "blue", seed=7002)
+        os.rename(outside / "query.jpg", data / "inbox" / "query.jpg")
+        os.rename(outside / "train.jpg", data / "classes" / "blue" / "train.jpg")
+        wait_for(lambda: result_of(data, "query.jpg"), timeout=10, what="the renamed inbox file's result")
+        wait_for(lambda: "blue/train.jpg" in app.store.catalog(), timeout=10, what="the renamed training file")
+        assert not result_of(data, "open.jpg"), "a file still open for writing was taken"
+        writing.close()
+        wait_for(lambda: result_of(data, "open.jpg"), timeout=10, what="the in-place file after its close")
+
+
+class BlockingScan:
+    """Holds the reconcile scan on its first file until released (or 20 s)."""
+
+    def __init__(self) -> None:
+        self.scanning, self.release = threading.Event(), threading.Event()
+
+    @hookimpl
+    def retraind_on_file_event(self, event: FileEvent) -> None:
+        if event.kind is EventKind.SCANNED:
+            self.scanning.set()
+            self.release.wait(20)
+
+
+def test_ready_and_serving_before_the_scan(tmp_path: Path) -> None:
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        version = app.serving.version.number
+    write_image(data / "classes" / "red" / "new-while-down.jpg", "red", seed=8000)  # the scan has work
+    blocking = BlockingScan()
+    started = time.monotonic()
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(), blocking)) as app:
+        entered = time.monotonic() - started
+        assert blocking.scanning.wait(10), "the scan never started"
+        assert app.http is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.http.port}/readyz", timeout=10) as reply:
+            ready: Any = reply.status
+        assert ready == 200 and app.serving.version and app.serving.version.number == version
+        assert not blocking.release.is_set() and entered < 10, "start-up waited for the scan"
+        blocking.release.set()
+        wait_for(lambda: "red/new-while-down.jpg" in app.store.catalog(), what="the scan's file cached")
