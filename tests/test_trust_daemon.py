@@ -59,8 +59,8 @@ def test_untaught_images_go_to_review_and_teach_a_new_label(tmp_path: Path, run_
             assert isinstance(record["novelty"], float) and 0 < record["confidence"] <= 1
             assert Path(record["destination"]).parent == (
                 data / "review" if record["review_reason"] else data / "outbox" / record["label"])
-        metrics = scrape(app)
-        assert metrics[f"retraind_reviews_total{{reason={UNFAMILIAR}}}"] == len(unfamiliar)
+        reviews = f"retraind_reviews_total{{reason={UNFAMILIAR}}}"  # counted just after the record is written
+        metrics = wait_for(lambda: (m := scrape(app)).get(reviews) == len(unfamiliar) and m, what="review count")
         assert metrics["retraind_model_expected_coverage_ratio"] == trust["expected_coverage"]
         assert metrics["retraind_model_filing_suspended"] == 0
         status = daemon_status(app)
