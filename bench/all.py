@@ -14,7 +14,7 @@ from pathlib import Path
 
 import harness
 
-from daemon.tflite_engine import sees_gpu
+from daemon.engines import sees_gpu
 
 BENCH = Path(__file__).resolve().parent
 

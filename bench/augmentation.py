@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.app import build_backbone
 from daemon.augment import Augmenter, variant_bottlenecks
 from daemon.config import AugmentationConfig, TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
+from daemon.engines import build_backbone
 from daemon.extractor import Extractor
 from daemon.images import ImageFile, read_image_file
 from daemon.metrics import Metrics

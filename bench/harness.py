@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from daemon.engines import default_threads, sees_gpu
 from daemon.keras_engine import silence_tensorflow
-from daemon.tflite_engine import default_threads, sees_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 #: the project's shared folder: beside the checkout, or beside a folder of worktrees
@@ -143,7 +143,7 @@ def scratch(prefix: str) -> Iterator[Path]:
 
 def engines(backbone: str, cache: Path, kinds: tuple[str, ...] = ("keras", "tflite")) -> dict[str, Any]:
     """The Keras and the TFLite engine of one backbone, built through the real plugin hook."""
-    from daemon.app import build_backbone
+    from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks, make_plugin_manager
 
     hooks = Hooks(make_plugin_manager())
@@ -154,6 +154,15 @@ def engines(backbone: str, cache: Path, kinds: tuple[str, ...] = ("keras", "tfli
             out[engine] = build_backbone(hooks, daemon_config(root, cache, backbone, backbone={"engine": engine}))
             emit(f"build.{engine}", time.perf_counter() - started, "s", "cpu")
     return out
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def rate(work: Callable[[], object], items: int, repeats: int) -> float:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.app import build_backbone
 from daemon.config import TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
+from daemon.engines import build_backbone
 from daemon.extractor import Extractor
 from daemon.head import accuracy
 from daemon.images import read_image_file

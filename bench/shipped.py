@@ -35,7 +35,7 @@ from pathlib import Path
 import harness
 import numpy as np
 
-from daemon.tflite_engine import default_threads
+from daemon.engines import default_threads
 
 PHOTOS_TOOL = harness.SHARED / "tools" / "photos.py"
 _SAMPLE = re.compile(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$")

@@ -14,15 +14,14 @@ from typing import Self
 
 from daemon import trust
 from daemon.augment import Augmenter, VariantCache
-from daemon.backbone import Backbone
-from daemon.config import Config, ConfigError
+from daemon.config import Config
+from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
 from daemon.http_api import Api, HttpServer
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
-from daemon.logs import foreign_output_as_debug
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
@@ -39,17 +38,6 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
-
-
-def build_backbone(hooks: Hooks, config: Config) -> Backbone:
-    cache = config.folder("state") / "weights"
-    cache.mkdir(parents=True, exist_ok=True)
-    with foreign_output_as_debug():  # TensorFlow loads here: its own chatter becomes DEBUG lines
-        backbone = hooks.make_backbone(config.backbone, cache)
-    if backbone is None:
-        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
-                          "(built in: efficientnet_lite0, inception_v3)")
-    return backbone
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -160,6 +148,7 @@ class App:
         return found
 
     def start(self) -> None:
+        warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
         self._load_current()
         recovered = self.journal.recover()
         if recovered:

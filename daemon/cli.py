@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the file, then build its backbone: a misspelt `backbone.name` or missing weights fail here."""
-    from daemon.app import build_backbone
+    from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks
 
     config = _config(args)
@@ -95,13 +95,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from daemon.export import STEPS, export_model
     from daemon.http_api import MODEL_NAME
-    from daemon.keras_engine import KerasBackbone
     from daemon.oneshot import load_published
 
     model = load_published(_config(args), args.plugins, engine="keras")
-    if not isinstance(model.backbone, KerasBackbone):
-        raise ConfigError(f"backbone.name: export needs a Keras network; the plugin for {model.backbone.id} "
-                          "built another kind")
     with foreign_output_as_debug() as stderr, tqdm(
             total=len(STEPS), desc=f"exporting model {model.version.number}", unit="step", disable=None,
             leave=False, file=stderr) as bar:

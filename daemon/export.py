@@ -16,7 +16,6 @@ never loads half a model.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import shutil
 import time
@@ -29,10 +28,12 @@ import numpy as np
 from PIL import Image
 
 from daemon.atomic import TMP_PREFIX, write_atomic
+from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.calibration import TemperatureScaling
 from daemon.head import Head
 from daemon.keras_engine import KerasBackbone
 from daemon.registry import LABELS_FILE, ModelVersion
+from daemon.tflite_engine import convert
 
 #: What `export_model` reports to its progress callback as each is done, in order.
 STEPS = ("build graph", "write SavedModel", "check SavedModel", "convert TFLite")
@@ -145,27 +146,37 @@ def _publish_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def keras_network(backbone: Backbone) -> KerasBackbone:
+    """The Keras engine `backbone` must be: the export writes its whole network. Raises BackboneUnavailable
+    (naming `backbone.name`) when the backbone's plugin built another kind."""
+    if not isinstance(backbone, KerasBackbone):
+        raise BackboneUnavailable(f"backbone.name: export needs a Keras network; the plugin for {backbone.id} "
+                                  "built another kind")
+    return backbone
+
+
 def export_model(
-    version: ModelVersion, backbone: KerasBackbone, out: Path, name: str,
+    version: ModelVersion, backbone: Backbone, out: Path, name: str,
     on_step: Callable[[str], object] = lambda step: None,
 ) -> Exported:
-    """Write `version` (with `backbone`, the one it was trained on) below `out`; returns the paths written."""
+    """Write `version` (with `backbone`, the one it was trained on, as its Keras engine) below `out`; returns
+    the paths written."""
     import tensorflow as tf
 
+    keras_backbone = keras_network(backbone)
     base = out / name
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f"{TMP_PREFIX}{version.number}-{time.time_ns()}"
     try:
-        classifier = _classifier(version, backbone)
-        module = _module(version, classifier, backbone.input_size)
+        classifier = _classifier(version, keras_backbone)
+        module = _module(version, classifier, keras_backbone.input_size)
         on_step(STEPS[0])
         signatures = {"serving_default": module.serving_default, "classify": module.classify}
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         on_step(STEPS[1])
-        _check(tmp, version, backbone)
+        _check(tmp, version, keras_backbone)
         on_step(STEPS[2])
-        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every variable it captures
-            tflite_bytes = bytes(tf.lite.TFLiteConverter.from_keras_model(classifier).convert())
+        tflite_bytes = convert(classifier)
         on_step(STEPS[3])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

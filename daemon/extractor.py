@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from daemon.backbone import Backbone
+from daemon.engines import default_threads
 from daemon.images import ImageFile, ImageRejected
 from daemon.metrics import Metrics
 from daemon.store import ORIGINAL, Store
-from daemon.tflite_engine import default_threads
 
 Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 

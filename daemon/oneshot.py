@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.app import build_backbone
 from daemon.backbone import Backbone
 from daemon.config import Config, ConfigError
+from daemon.engines import build_backbone
 from daemon.images import ImageRejected, read_image_file
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion

@@ -1,43 +1,46 @@
-"""The TFLite engine: a Keras backbone converted once by TensorFlow's own converter, cached under the state
-dir, and run by the TFLite interpreter with XNNPACK; and the `backbone.engine` choice between the two.
+"""The TFLite engine: a Keras backbone converted once by TensorFlow's converter, cached under the state dir,
+and run by the LiteRT interpreter (`ai-edge-litert`, XNNPACK), so that serving never imports TensorFlow.
 
-`auto` runs, on a CPU, the engine the backbone's plugin measured faster (`cpu_engine`); where TensorFlow sees
-a GPU it runs Keras, which uses it while the interpreter would stay on the CPU; and where the conversion
-fails or does not match, Keras. Measured on 2 cores, random uint8 input: EfficientNet-Lite0 Keras batch 32
-about 60-105 img/s against the interpreter with 2 threads, one image per `invoke`, 160-205 img/s (batch 32
-about 180); Inception v3 9.2 against 11.9 img/s on an idle machine (equal within the noise on a busy one).
+A cached conversion is two files: `<name>.tflite` and its manifest `<name>.json` (backbone id, cache format,
+the flatbuffer's sha256 and size, the difference measured against Keras). The model is written first and the
+manifest last, each atomically, so the manifest is the commit: a missing or stale manifest (another format or
+backbone) means "convert again", and a flatbuffer whose sha256 differs from its manifest is damaged and is never
+handed to the interpreter. The bytes that were hashed are the bytes the interpreter loads.
 
-Both engines run the same graph (`KerasBackbone.network`), and a converted model is used only after its
-bottlenecks matched the Keras ones within `TOLERANCE` on probe images; so both engines share one backbone id,
-and switching engines recomputes no cached bottleneck and keeps the published model valid.
+Measured on 2 cores, EfficientNet-Lite0, random uint8 input: the interpreter with 2 threads, one image per
+`invoke`, 160-205 img/s against Keras batch 32 at 60-105 img/s. Both engines run the same graph
+(`KerasBackbone.network`), and a conversion is kept only after its bottlenecks matched the Keras ones within
+`TOLERANCE` on probe images; so both engines share one backbone id, and switching engines recomputes no cached
+bottleneck and keeps the published model valid.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
+import json
 import logging
-import os
 import re
 import threading
-import warnings
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from daemon.atomic import write_atomic
 from daemon.backbone import Backbone, BackboneUnavailable
-from daemon.config import BackboneConfig
-from daemon.keras_engine import KerasBackbone, silence_tensorflow
+from daemon.keras_engine import KerasBackbone
 
 log = logging.getLogger(__name__)
 
 #: The largest difference in any bottleneck value allowed between the engines. Measured: 1.5e-5 for Lite0 over
 #: the 403 tuxpaint6 images (values up to 5.8), 4e-9 for Inception v3 with random weights.
 TOLERANCE = 1e-4
+#: Bumped when the conversion recipe changes: a cache written under another format is stale.
+CACHE_FORMAT = 2
 _PROBE_IMAGES = 4
 
 
@@ -46,18 +49,16 @@ class EngineMismatch(BackboneUnavailable):
 
 
 class TfliteBackbone:
-    """A converted backbone run one image per `invoke` (measured faster than batches of 32 on 2 cores for
-    Lite0, the same for Inception v3), behind a lock: an interpreter must not be entered by two threads."""
+    """A converted backbone run by LiteRT one image per `invoke` (measured faster than batches of 32 on 2 cores
+    for Lite0, the same for Inception v3), behind a lock: an interpreter must not be entered by two threads.
 
-    def __init__(self, path: Path, backbone_id: str, threads: int) -> None:
-        silence_tensorflow()
-        import tensorflow as tf
+    `model` is the flatbuffer's bytes; raises ValueError or RuntimeError (LiteRT's errors) for a model it
+    cannot load."""
 
-        with warnings.catch_warnings():
-            # TF 2.21 still ships the interpreter but points to the separate ai-edge-litert package, which
-            # measured no faster here; only this one deprecation warning is hidden.
-            warnings.filterwarnings("ignore", r"\s*Warning: tf\.lite\.Interpreter is deprecated", UserWarning)
-            self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
+    def __init__(self, model: bytes, backbone_id: str, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_content=model, num_threads=threads)
         self._interpreter.allocate_tensors()
         (pixels,) = self._interpreter.get_input_details()
         (features,) = self._interpreter.get_output_details()
@@ -69,6 +70,7 @@ class TfliteBackbone:
         self._lock = threading.Lock()
 
     def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, height, width, 3) → float32 (N, dim); one `invoke` per image."""
         out = np.empty((len(images), self.dim), dtype=np.float32)
         with self._lock:
             for row, image in enumerate(images):
@@ -84,12 +86,58 @@ def cache_path(cache_dir: Path, backbone_id: str) -> Path:
     return cache_dir / f"{readable}-{hashlib.sha256(backbone_id.encode()).hexdigest()[:12]}.tflite"
 
 
-def convert(keras_backbone: KerasBackbone) -> bytes:
-    """The uint8 network as a TFLite flatbuffer (float32 weights, no quantisation: features must not move)."""
+def manifest_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".json")
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads(manifest_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def read_cached(path: Path, backbone_id: str) -> bytes | None:
+    """The cached flatbuffer at `path` if its manifest says it is `backbone_id`'s in this format and its bytes
+    have the recorded sha256; None (with a log line saying why) when it is missing, stale or damaged."""
+    manifest = _manifest(path)
+    if manifest is None:
+        if path.exists():
+            log.warning("cached TFLite model %s has no readable manifest; converting again", path)
+        return None
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("backbone") != backbone_id:
+        log.info("cached TFLite model %s is stale (format %s of %s); converting again", path,
+                 manifest.get("format"), manifest.get("backbone"))
+        return None
+    try:
+        model = path.read_bytes()
+    except OSError as exc:
+        log.warning("cached TFLite model %s cannot be read (%s); converting again", path, exc)
+        return None
+    if hashlib.sha256(model).hexdigest() != manifest.get("sha256"):
+        log.warning("cached TFLite model %s is damaged (its sha256 differs from %s); converting again", path,
+                    manifest_path(path).name)
+        return None
+    return model
+
+
+def write_cached(path: Path, backbone_id: str, model: bytes, difference: float) -> None:
+    """Keep a checked conversion: the flatbuffer first, then the manifest that makes it valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, model)
+    manifest = {"backbone": backbone_id, "format": CACHE_FORMAT, "sha256": hashlib.sha256(model).hexdigest(),
+                "bytes": len(model), "max_difference_vs_keras": difference}
+    write_atomic(manifest_path(path), json.dumps(manifest, indent=2).encode())
+
+
+def convert(network: Any) -> bytes:
+    """The uint8 Keras `network` as a TFLite flatbuffer (float32 weights, no quantisation: features must not
+    move). Imports TensorFlow."""
     import tensorflow as tf
 
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every captured variable while exporting
-        return bytes(tf.lite.TFLiteConverter.from_keras_model(keras_backbone.network).convert())
+        return bytes(tf.lite.TFLiteConverter.from_keras_model(network).convert())
 
 
 def engine_difference(a: Backbone, b: Backbone) -> float:
@@ -99,60 +147,37 @@ def engine_difference(a: Backbone, b: Backbone) -> float:
     return float(np.max(np.abs(a.embed(probe) - b.embed(probe))))
 
 
-def tflite_backbone(make_keras: Callable[[], KerasBackbone], backbone_id: str, cache_dir: Path,
-                    threads: int) -> TfliteBackbone:
-    """The cached conversion of `backbone_id`, or a new one (built, converted, checked against Keras, kept)."""
-    path = cache_path(cache_dir, backbone_id)
-    if path.is_file():
-        try:
-            return TfliteBackbone(path, backbone_id, threads)
-        except (ValueError, RuntimeError) as exc:  # what the interpreter raises for a damaged model file
-            log.warning("cached TFLite model %s cannot be loaded (%s); converting again", path, exc)
+def _convert_and_check(make_keras: Callable[[], KerasBackbone], backbone_id: str, path: Path,
+                       threads: int) -> TfliteBackbone:
+    """Build the Keras engine, convert it, check it against Keras and keep it: the one-time cost of a first
+    start, told step by step in INFO lines (a terminal and the journal alike)."""
+    started = time.monotonic()
+    step = f"converting backbone {backbone_id} to TFLite (once; 20-60 s on 2 cores)"
+    log.info("%s: building the Keras network", step)
     keras_backbone = make_keras()
-    log.info("converting backbone %s to TFLite (once; kept in %s)", backbone_id, path)
-    write_atomic(path, convert(keras_backbone))
-    converted = TfliteBackbone(path, backbone_id, threads)
+    log.info("%s: converting", step)
+    model = convert(keras_backbone.network)
+    log.info("%s: checking against Keras", step)
+    converted = TfliteBackbone(model, backbone_id, threads)
     difference = engine_difference(converted, keras_backbone)
     if not difference <= TOLERANCE:
-        path.unlink()
         raise EngineMismatch(f"backbone.engine: the TFLite conversion of {backbone_id} differs from Keras "
                              f"by {difference:.3g} (> {TOLERANCE}); set backbone.engine: keras")
-    log.info("TFLite engine matches Keras within %.2g", difference)
+    write_cached(path, backbone_id, model, difference)
+    log.info("%s: done in %.0f s; matches Keras within %.2g; kept in %s", step, time.monotonic() - started,
+             difference, path)
     return converted
 
 
-def sees_gpu() -> bool:
-    silence_tensorflow()
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
-def default_threads() -> int:
-    """Every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def select_engine(config: BackboneConfig, cache_dir: Path, backbone_id: str,
-                  make_keras: Callable[[], KerasBackbone], cpu_engine: str) -> Backbone:
-    """The engine `backbone.engine` asks for; `auto` is `cpu_engine` ("tflite" or "keras": the one measured
-    faster for this backbone) on a CPU, Keras where TensorFlow sees a GPU or where the conversion fails. The
-    Keras network is built only when it is needed."""
-    build_keras = functools.cache(make_keras)  # built at most once, whichever way this goes
-    engine = config.engine
-    if engine == "auto":
-        engine = "keras" if sees_gpu() else cpu_engine
-    if engine == "keras":
-        return build_keras()
-    threads = config.threads or default_threads()
-    if config.engine == "tflite":
-        return tflite_backbone(build_keras, backbone_id, cache_dir, threads)
-    try:
-        return tflite_backbone(build_keras, backbone_id, cache_dir, threads)
-    except EngineMismatch as exc:
-        log.warning("%s; running the Keras engine", exc)
-    except BackboneUnavailable:
-        raise  # the weights themselves are missing: no engine can help
-    except Exception:
-        log.exception("the TFLite engine failed for %s; running the Keras engine", backbone_id)
-    return build_keras()
+def tflite_backbone(make_keras: Callable[[], KerasBackbone], backbone_id: str, cache_dir: Path,
+                    threads: int) -> TfliteBackbone:
+    """The cached conversion of `backbone_id` (no TensorFlow imported), or a new one made by `make_keras` (a
+    `KerasBackbone` factory, called only here), converted, checked against Keras and kept."""
+    path = cache_path(cache_dir, backbone_id)
+    model = read_cached(path, backbone_id)
+    if model is not None:
+        try:
+            return TfliteBackbone(model, backbone_id, threads)
+        except (ValueError, RuntimeError) as exc:  # what LiteRT raises for a model it cannot load
+            log.warning("cached TFLite model %s cannot be loaded (%s); converting again", path, exc)
+    return _convert_and_check(make_keras, backbone_id, path, threads)

@@ -1,7 +1,7 @@
 """The seed's backbone: Keras InceptionV3 without its top, average-pooled, 299×299 input scaled to [-1, 1],
 2048-float bottlenecks. ImageNet weights come from Keras's download (cached under the state dir) or a local
 `.h5` file named by `backbone.weights`. `backbone.engine` picks Keras or its TFLite conversion
-(daemon/tflite_engine.py); both give the same bottlenecks under the same id."""
+(daemon/engines.py); both give the same bottlenecks under the same id."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig
+from daemon.engines import select_engine
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
-from daemon.tflite_engine import select_engine
 
 NAME = "inception_v3"
 WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"

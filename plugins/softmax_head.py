@@ -19,8 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
-from threadpoolctl import threadpool_limits
 
 from daemon.config import TrainingConfig
 from daemon.dataset import Dataset, Part
@@ -92,6 +90,8 @@ def _fit(train: Part, validation: Part, classes: int, l2: float, config: Trainin
             head = Head(*objective.unpack(current.astype(np.float32)))
             history["validation_loss"].append(_cross_entropy(head, validation))
             history["validation_accuracy"].append(float(accuracy(head, validation.x, validation.y) or 0.0))
+
+    from scipy.optimize import minimize  # at the first fit: serving never needs SciPy
 
     solution = minimize(objective, theta, jac=True, method="L-BFGS-B", callback=record,
                         options={"maxiter": config.max_iterations, "gtol": 1e-6})
@@ -180,6 +180,8 @@ def _with_path(fits: list[Head]) -> Head:
 def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head:
     """Fit one head per L2 strength (strongest first, each warm-starting the next) and keep the best on
     validation accuracy, ties broken by validation loss; without validation images, the middle strength."""
+    from threadpoolctl import threadpool_limits
+
     started = time.perf_counter()
     classes, validation = len(dataset.labels), dataset.parts["validation"]
     fit = _fit if config.optimizer == "lbfgs" else _fit_minibatch

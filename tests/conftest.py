@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from PIL import Image
 
 from daemon.app import App
 from daemon.config import Config, parse_config
+from daemon.keras_engine import KerasBackbone
+from daemon.tflite_engine import TfliteBackbone
 from tests.tiny_backbone import TinyBackbonePlugin
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tuxpaint6"
@@ -65,6 +68,27 @@ def make_config(root: Path, **sections: Any) -> Config:
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_config(raw, root)
+
+
+@dataclass(frozen=True)
+class Lite0Conversion:
+    """The default backbone's Keras engine, and its TFLite conversion as cached in the `weights` folder."""
+
+    keras: KerasBackbone
+    tflite: TfliteBackbone
+    weights: Path
+
+
+@pytest.fixture(scope="session")
+def lite0_conversion(tmp_path_factory: pytest.TempPathFactory) -> Lite0Conversion:
+    """Made once per session through the real conversion path: it takes 20-50 s on 2 busy cores."""
+    from daemon.tflite_engine import tflite_backbone
+    from plugins import efficientnet_lite0
+
+    keras_backbone = efficientnet_lite0.build("imagenet")
+    weights = tmp_path_factory.mktemp("lite0-weights")
+    converted = tflite_backbone(lambda: keras_backbone, keras_backbone.id, weights, threads=2)
+    return Lite0Conversion(keras_backbone, converted, weights)
 
 
 @pytest.fixture

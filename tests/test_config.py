@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import EX_CONFIG, ConfigError, load_config, parse_config
+from tests.conftest import Lite0Conversion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=60, check=False)
 
 
-def test_check_config_cli(tmp_path: Path) -> None:
+def test_check_config_cli(tmp_path: Path, lite0_conversion: Lite0Conversion) -> None:
+    shutil.copytree(lite0_conversion.weights, tmp_path / "data" / "state" / "weights")  # converted already
     (tmp_path / "config.yaml").write_text("classify:\n  top_k: 3\n")
     ok = _cli("check-config", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

@@ -1,5 +1,7 @@
-"""The TFLite engine gives the Keras engine's bottlenecks (so both share a backbone id), is converted once and
-cached under the state dir, and `backbone.engine` picks it, refuses it or falls back from it as documented."""
+"""The TFLite engine gives the Keras engine's bottlenecks (so both share a backbone id) and TensorFlow's own
+interpreter's, is converted once and cached under the state dir (a missing, stale or damaged cache is converted
+again, a damaged one never loaded), and `backbone.engine` picks it, refuses it or falls back from it as
+documented; the daemon warms its engine before it says it is ready."""
 
 from __future__ import annotations
 
@@ -13,20 +15,25 @@ import pytest
 
 from daemon.backbone import Backbone
 from daemon.config import BackboneConfig
+from daemon.engines import sees_gpu, select_engine
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
 from daemon.tflite_engine import (
+    CACHE_FORMAT,
     TOLERANCE,
     EngineMismatch,
     TfliteBackbone,
     cache_path,
     engine_difference,
-    sees_gpu,
-    select_engine,
+    manifest_path,
     tflite_backbone,
 )
-from tests.conftest import seed_classes, wait_for, write_image
-from tests.tiny_backbone import build_tiny
+from tests.conftest import Lite0Conversion, seed_classes, wait_for, write_image
+from tests.tiny_backbone import TinyBackbonePlugin, build_tiny
+
+#: LiteRT and TensorFlow's interpreter run the same flatbuffer with the same kernels: their bottlenecks must
+#: agree far inside the Keras tolerance.
+INTERPRETER_TOLERANCE = 1e-5
 
 
 class CountingBuilder:
@@ -66,16 +73,82 @@ def test_tiny_tflite_equals_keras_and_is_converted_once(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.embed(images), converted.embed(images))
 
 
-def test_a_damaged_cache_file_is_converted_again(tmp_path: Path) -> None:
+def _converted_once(tmp_path: Path) -> tuple[KerasBackbone, CountingBuilder, Path]:
     keras_backbone = build_tiny()
-    path = cache_path(tmp_path, keras_backbone.id)
-    path.write_bytes(b"half a flatbuffer")
     builder = CountingBuilder(lambda: keras_backbone)
+    tflite_backbone(builder, keras_backbone.id, tmp_path, threads=1)
+    return keras_backbone, builder, cache_path(tmp_path, keras_backbone.id)
+
+
+def test_a_conversion_without_its_manifest_is_converted_again(tmp_path: Path) -> None:
+    """A crash between the model and its manifest (the manifest is written last), or a half-written file."""
+    keras_backbone, builder, path = _converted_once(tmp_path)
+    manifest_path(path).unlink()
+    path.write_bytes(b"half a flatbuffer")
 
     converted = tflite_backbone(builder, keras_backbone.id, tmp_path, threads=1)
 
-    assert builder.calls == 1 and path.stat().st_size > 1000
+    assert builder.calls == 2 and path.stat().st_size > 1000 and manifest_path(path).is_file()
     assert engine_difference(converted, keras_backbone) <= TOLERANCE
+
+
+def test_a_stale_conversion_is_converted_again(tmp_path: Path) -> None:
+    keras_backbone, builder, path = _converted_once(tmp_path)
+    manifest = json.loads(manifest_path(path).read_text())
+    manifest_path(path).write_text(json.dumps({**manifest, "format": CACHE_FORMAT - 1}))
+
+    tflite_backbone(builder, keras_backbone.id, tmp_path, threads=1)
+
+    assert builder.calls == 2
+    assert json.loads(manifest_path(path).read_text())["format"] == CACHE_FORMAT
+    tflite_backbone(builder, keras_backbone.id, tmp_path, threads=1)
+    assert builder.calls == 2  # the new conversion is kept
+
+
+def test_a_damaged_conversion_is_detected_by_its_hash_and_never_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One flipped bit in the weights still loads and runs, giving wrong bottlenecks: only the hash sees it."""
+    keras_backbone, builder, path = _converted_once(tmp_path)
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x40
+    path.write_bytes(bytes(damaged))
+
+    converted = tflite_backbone(builder, keras_backbone.id, tmp_path, threads=1)
+
+    assert builder.calls == 2 and "is damaged" in caplog.text
+    assert path.read_bytes() == good
+    images = _images(3, converted.input_size)
+    np.testing.assert_allclose(converted.embed(images), keras_backbone.embed(images), rtol=0, atol=TOLERANCE)
+
+
+def _tf_interpreter_embed(model: bytes, images: np.ndarray) -> np.ndarray:
+    """TensorFlow's own (deprecated) interpreter on the same flatbuffer, one image per invoke."""
+    import warnings
+
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"\s*Warning: tf\.lite\.Interpreter is deprecated", UserWarning)
+        interpreter = tf.lite.Interpreter(model_content=model, num_threads=2)
+    interpreter.allocate_tensors()
+    (pixels,), (features,) = interpreter.get_input_details(), interpreter.get_output_details()
+    out = []
+    for image in images:
+        interpreter.set_tensor(pixels["index"], image[None])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(features["index"])[0])
+    return np.stack(out)
+
+
+def test_litert_gives_tf_lite_interpreter_bottlenecks(tmp_path: Path) -> None:
+    keras_backbone, _, path = _converted_once(tmp_path)
+    converted = TfliteBackbone(path.read_bytes(), keras_backbone.id, threads=2)
+    images = _images(5, converted.input_size, seed=9)
+
+    np.testing.assert_allclose(converted.embed(images), _tf_interpreter_embed(path.read_bytes(), images), rtol=0,
+                               atol=INTERPRETER_TOLERANCE)
 
 
 def _loud_backbone() -> KerasBackbone:
@@ -94,7 +167,7 @@ def test_engines_that_disagree_are_refused_or_fall_back(tmp_path: Path, caplog: 
 
     with pytest.raises(EngineMismatch, match="backbone.engine: the TFLite conversion of loud/v1 differs"):
         select_engine(BackboneConfig(engine="tflite"), tmp_path, loud.id, lambda: loud, "tflite")
-    assert not cache_path(tmp_path, loud.id).exists()  # a refused conversion is not kept
+    assert not list(tmp_path.iterdir())  # a refused conversion is not kept
 
     chosen = select_engine(BackboneConfig(engine="auto"), tmp_path, loud.id, lambda: loud, "tflite")
 
@@ -143,15 +216,18 @@ def test_daemon_runs_on_the_tflite_engine(tmp_path: Path, run_app: Any) -> None:
     assert record["label"] == "blue" and record["backbone"] == "tiny/seed7/v1"
 
 
-def test_efficientnet_lite0_tflite_equals_keras(tmp_path: Path) -> None:
-    """The default backbone on real photos; measured difference about 1e-5 against a tolerance of 1e-4."""
+def test_the_daemon_warms_its_engine_before_it_is_ready(run_app: Any, tiny: TinyBackbonePlugin) -> None:
+    with run_app():  # no images at all: the one forward is the warm-up
+        assert tiny.images_embedded == 1
+
+
+def test_efficientnet_lite0_tflite_equals_keras_and_tf_lite(lite0_conversion: Lite0Conversion) -> None:
+    """The default backbone on real photos; measured difference about 1e-5 against Keras (tolerance 1e-4), and
+    against TensorFlow's interpreter on the same flatbuffer, well inside 1e-5."""
     import skimage.data
     from PIL import Image
 
-    from plugins import efficientnet_lite0
-
-    keras_backbone = efficientnet_lite0.build("imagenet")
-    converted = tflite_backbone(lambda: keras_backbone, keras_backbone.id, tmp_path, threads=2)
+    keras_backbone, converted = lite0_conversion.keras, lite0_conversion.tflite
     photos = np.stack([np.asarray(Image.fromarray(load()).resize((224, 224), Image.Resampling.BILINEAR))
                        for load in (skimage.data.chelsea, skimage.data.coffee, skimage.data.astronaut)])
 
@@ -160,3 +236,5 @@ def test_efficientnet_lite0_tflite_equals_keras(tmp_path: Path) -> None:
     assert converted.id == keras_backbone.id and got.shape == (3, 1280)
     assert np.abs(want).max() > 1.0  # real activations, not a dead network
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+    model = cache_path(lite0_conversion.weights, converted.id).read_bytes()
+    np.testing.assert_allclose(got, _tf_interpreter_embed(model, photos), rtol=0, atol=INTERPRETER_TOLERANCE)

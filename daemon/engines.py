@@ -1,0 +1,99 @@
+"""How a backbone's network runs: the `backbone.engine` choice (auto | keras | tflite), made here at the backbone
+seam for every backbone plugin, and the warm-up forward before the daemon says it is ready.
+
+`auto` runs, on a CPU, the engine the backbone's plugin measured faster (`cpu_engine`); where TensorFlow sees
+a GPU it runs Keras, which uses it while the interpreter would stay on the CPU; and where the conversion
+fails or does not match, Keras. TensorFlow is asked about GPUs only where a GPU driver's device node exists,
+so on a CPU machine with the conversion cached nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from daemon.backbone import Backbone, BackboneUnavailable
+from daemon.config import BackboneConfig, Config, ConfigError
+from daemon.keras_engine import KerasBackbone, silence_tensorflow
+from daemon.logs import foreign_output_as_debug
+from daemon.tflite_engine import EngineMismatch, tflite_backbone
+
+if TYPE_CHECKING:
+    from daemon.plugin_manager import Hooks
+
+log = logging.getLogger(__name__)
+
+#: Device nodes of the GPU drivers TensorFlow can use (NVIDIA CUDA, AMD ROCm, WSL2's GPU bridge); with none of
+#: them TensorFlow cannot see a GPU.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def build_backbone(hooks: Hooks, config: Config) -> Backbone:
+    """The configured backbone, from the first plugin that provides it (weights and conversions cached under
+    `state/weights`); ConfigError naming `backbone.name` when none does."""
+    cache = config.folder("state") / "weights"
+    cache.mkdir(parents=True, exist_ok=True)
+    with foreign_output_as_debug():  # TensorFlow or LiteRT load here: their own chatter becomes DEBUG lines
+        backbone = hooks.make_backbone(config.backbone, cache)
+    if backbone is None:
+        raise ConfigError(f"backbone.name: no plugin provides {config.backbone.name!r} "
+                          "(built in: efficientnet_lite0, inception_v3)")
+    return backbone
+
+
+def sees_gpu() -> bool:
+    """Whether TensorFlow sees a GPU; TensorFlow is imported to ask only where a GPU driver is present."""
+    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return False
+    silence_tensorflow()
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def default_threads() -> int:
+    """Every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def select_engine(config: BackboneConfig, cache_dir: Path, backbone_id: str,
+                  make_keras: Callable[[], KerasBackbone], cpu_engine: str) -> Backbone:
+    """The engine `backbone.engine` asks for; `auto` is `cpu_engine` ("tflite" or "keras": the one measured
+    faster for this backbone) on a CPU, Keras where TensorFlow sees a GPU or where the conversion fails. The
+    Keras network is built only when it is needed (never when the conversion is cached)."""
+    build_keras = functools.cache(make_keras)  # built at most once, whichever way this goes
+    engine = config.engine
+    if engine == "auto":
+        engine = "keras" if sees_gpu() else cpu_engine
+    if engine == "keras":
+        return build_keras()
+    threads = config.threads or default_threads()
+    if config.engine == "tflite":
+        return tflite_backbone(build_keras, backbone_id, cache_dir, threads)
+    try:
+        return tflite_backbone(build_keras, backbone_id, cache_dir, threads)
+    except EngineMismatch as exc:
+        log.warning("%s; running the Keras engine", exc)
+    except BackboneUnavailable:
+        raise  # the weights themselves are missing: no engine can help
+    except Exception:
+        log.exception("the TFLite engine failed for %s; running the Keras engine", backbone_id)
+    return build_keras()
+
+
+def warm_up(backbone: Backbone) -> float:
+    """One forward pass on a black image, so the first real image does not pay for lazy set-up (XNNPACK's
+    weight packing, a graph trace); returns its seconds."""
+    width, height = backbone.input_size
+    start = time.perf_counter()
+    backbone.embed(np.zeros((1, height, width, 3), dtype=np.uint8))
+    seconds = time.perf_counter() - start
+    log.debug("backbone %s warmed up in %.3f s", backbone.id, seconds)
+    return seconds
