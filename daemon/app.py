@@ -4,6 +4,7 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 from collections.abc import Iterable
@@ -14,11 +15,17 @@ from typing import Self
 
 from daemon import trust
 from daemon.augment import Augmenter, VariantCache
-from daemon.config import Config
+from daemon.batcher import Batcher
+from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone, warm_up
 from daemon.extractor import Extractor
+from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
-from daemon.http_api import Api, HttpServer
+from daemon.http.api import Api
+from daemon.http.routes import make_app
+from daemon.http.security import read_token
+from daemon.http.server import HttpServer
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -38,6 +45,17 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
+
+
+def check_state_dir(config: Config) -> None:
+    """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
+    (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
+    state = config.folder("state")
+    fs = file_system(state)
+    if fs.remote:
+        raise ConfigError(f"folders.state: {state} is on {fs.name}, a network or FUSE file system, where SQLite's "
+                          "locking and write-ahead log are unsafe; give a folder on a local disk (an absolute "
+                          "path may lie outside data_root)")
 
 
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
@@ -69,6 +87,7 @@ class App:
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
+        check_state_dir(config)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
         self.store = Store(state / "store.sqlite")
@@ -84,15 +103,34 @@ class App:
                                        config.watch.max_file_bytes, self.trainer.notify_change)
         self.journal = InboxJournal(config, self.store, self.hooks, self.metrics)
         self.inbox = InboxProcessor(config, self.journal, self.extractor, self.serving, self.hooks, self.metrics)
-        self.watcher = Watcher([config.folder("classes"), config.folder("inbox")], self.events, self.metrics)
+        self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
+                               self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
-        api = Api(config, self.metrics, self.serving, self.extractor, self.trainer.request_if_changed, self.alive)
-        self.http = HttpServer(api) if config.http.enabled else None
+        self.batcher: Batcher | None = None
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            self._build_http()
+
+    def _build_http(self) -> None:
+        config = self.config
+        urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
+        self.batcher = Batcher(urgent, config.http.batching, self.metrics)
+        self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
+                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate,
+                       lambda version: dataclasses.replace(version, trust=self._trust_of(version)))
+        self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """/healthz: `status` is `ok`, `degraded` while a watched folder is missing (nothing put there is seen),
+        or `down` when a worker thread has ended."""
+        alive, missing = self.alive(), self.watcher.missing()
+        status = "down" if not alive else "degraded" if missing else "ok"
+        return {"alive": alive, "status": status, "missing_folders": missing}
 
     def status(self) -> DaemonStatus:
         """What the daemon is doing now (any thread)."""
@@ -154,12 +192,15 @@ class App:
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
         self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
-        if next(walk_files(self.config.folder("classes")), None) is None:
+        if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
                      self.config.folder("classes"))
         self.pipeline.start()
         self.trainer.start()
-        if self.http is not None:
+        if self.batcher is not None and self.http is not None:
+            warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
+            self.batcher.start()
+            self.api.start()
             self.http.start()
         log.info("retraind started: data in %s, backbone %s", self.config.data_root, self.backbone.id)
 
@@ -175,6 +216,9 @@ class App:
             self.trainer.join()
         if self.http is not None:
             self.http.stop()
+            self.api.close()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.extractor.close()
         self.store.close()
 

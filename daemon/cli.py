@@ -60,7 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from daemon.http_api import MODEL_NAME
+    from daemon.http import MODEL_NAME
     from daemon.status import request
 
     code, body = request(_config(args), f"/v1/models/{MODEL_NAME}:retrain", "POST")
@@ -94,7 +94,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from daemon.export import STEPS, export_model
-    from daemon.http_api import MODEL_NAME
+    from daemon.http import MODEL_NAME
     from daemon.oneshot import load_published
 
     model = load_published(_config(args), args.plugins, engine="keras")

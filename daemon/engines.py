@@ -88,12 +88,13 @@ def select_engine(config: BackboneConfig, cache_dir: Path, backbone_id: str,
     return build_keras()
 
 
-def warm_up(backbone: Backbone) -> float:
-    """One forward pass on a black image, so the first real image does not pay for lazy set-up (XNNPACK's
-    weight packing, a graph trace); returns its seconds."""
+def warm_up(backbone: Backbone, batch: int = 1) -> float:
+    """One forward pass on `batch` black images, so the first real image (or batch of that size: the HTTP
+    batcher's largest) does not pay for lazy set-up (XNNPACK's weight packing, a graph trace, buffers for the
+    batch); returns its seconds."""
     width, height = backbone.input_size
     start = time.perf_counter()
-    backbone.embed(np.zeros((1, height, width, 3), dtype=np.uint8))
+    backbone.embed(np.zeros((batch, height, width, 3), dtype=np.uint8))
     seconds = time.perf_counter() - start
     log.debug("backbone %s warmed up in %.3f s", backbone.id, seconds)
     return seconds

@@ -91,7 +91,7 @@ def retraind_accept_path(path: Path, area: str) -> bool | None:
     """Decide whether a file under a watched area (`"classes"` or `"inbox"`) is ours to process.
 
     Called on the pipeline worker thread for every file event and scan hit (the start-up scan is the
-    worker's first turn). Return False to ignore the file
+    worker's first turn) that no `watch.ignore` pattern left out. Return False to ignore the file
     (it is left where it is), True to take it, None to defer to the next plugin. Stops at the first non-None
     result; the built-in filter (`trylast`) ignores sidecar records and the daemon's own temporary files.
     """

@@ -13,9 +13,11 @@ from daemon import __version__
 #: a pipeline step (a rescan mends it), a batch of files (tried one by one), one file (retried with a growing
 #: delay), the destination folder or the move of a classified inbox file, the move of an unusable one to
 #: rejected/, finishing an open journal entry, a retrain-policy plugin (the quiet period decides instead),
-#: the published model at start-up (a new one is trained), an HTTP request (answered 500).
+#: the published model at start-up (a new one is trained), an HTTP request (answered with a JSON 500), an
+#: inference batch of the HTTP batcher (its requests get the error).
 InternalErrorPlace = Literal["pipeline_step", "pipeline_batch", "pipeline_file", "inbox_folder", "inbox_move",
-                             "inbox_reject", "journal_recovery", "retrain_policy", "model_load", "http_request"]
+                             "inbox_reject", "journal_recovery", "retrain_policy", "model_load", "http_request",
+                             "inference_batch"]
 INTERNAL_ERROR_PLACES: tuple[str, ...] = typing.get_args(InternalErrorPlace)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -71,8 +73,34 @@ class Metrics:
         self.rejected = Counter("retraind_rejected_files", "Files that are not usable images", ["reason"], registry=r)
         self.overflows = Counter(
             "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)
+        self.watch_errors = Counter(
+            "retraind_watch_errors", "Folders inotify could not watch, by reason (each is polled instead)",
+            ["reason"], registry=r)
+        self.root_changes = Counter(
+            "retraind_watch_root_changes", "Watched root folders deleted, moved away or replaced", ["folder"],
+            registry=r)
+        self.root_missing = Gauge(
+            "retraind_watch_root_missing", "1 while a watched root folder is missing", ["folder"], registry=r)
+        self.watch_mode = Gauge(
+            "retraind_watch_mode", "1 for how each root folder is watched now: events or polling",
+            ["folder", "mode"], registry=r)
         self.plugin_errors = Counter(
             "retraind_plugin_errors", "Exceptions raised by plugins", ["hook", "plugin"], registry=r)
+        self.http_requests = Counter(
+            "retraind_http_requests", "HTTP requests answered, by route name", ["route", "method", "code"],
+            registry=r)
+        self.http_seconds = Histogram(
+            "retraind_http_request_duration_seconds", "HTTP request duration, by route name", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.http_inflight = Gauge("retraind_http_inflight_requests", "HTTP requests being answered", registry=r)
+        self.batch_size = Histogram(
+            "retraind_batch_size", "Images per inference batch of the HTTP batcher",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_queue = Gauge(
+            "retraind_batch_queued_images", "Images waiting in the HTTP batcher's queue", registry=r)
+        self.batch_rejections = Counter(
+            "retraind_batch_rejections", "Inference requests refused because the batch queue was full",
+            registry=r)
         self.internal_errors = Counter(
             "retraind_internal_errors", "Failures logged and survived, by where they happened", ["where"],
             registry=r)
@@ -80,6 +108,11 @@ class Metrics:
             self.internal_errors.labels(where=place)
         for result in ("promoted", "rejected", "failed"):
             self.training_runs.labels(result=result)
+        for reason in ("watch_limit", "instance_limit", "other"):
+            self.watch_errors.labels(reason=reason)
+        for folder in ("classes", "inbox"):
+            self.root_changes.labels(folder=folder)
+            self.root_missing.labels(folder=folder).set(0)
         self.model_version.set(0)
 
     def internal_error(self, where: InternalErrorPlace) -> None:

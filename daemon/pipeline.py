@@ -27,6 +27,7 @@ from typing import Protocol
 from daemon.backfill import Backfill, guarded
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
+from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor, PreparedBatch
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -87,6 +88,7 @@ class Pipeline(threading.Thread):
         self._indexer, self._inbox, self._journal, self._metrics = indexer, inbox, journal, metrics
         self._rescan_needed = rescan_needed
         self._classes, self._inbox_root = config.folder("classes"), config.folder("inbox")
+        self._ignore = IgnoreRules(config.watch.ignore)
         self._pending = {area: PendingFiles(config.watch.settle_seconds) for area in ("classes", "inbox")}
         self._waiting: set[Path] = set()
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
@@ -118,7 +120,9 @@ class Pipeline(threading.Thread):
         self._rescan_needed.clear()
         interval = self._config.watch.rescan_interval_seconds
         self._next_rescan = time.monotonic() + interval if interval else math.inf
-        for event in scan_classes(self._classes, self._store, self._indexer.backbone_id) + scan_inbox(self._inbox_root):
+        ignored = self._ignore.name
+        for event in (scan_classes(self._classes, self._store, self._indexer.backbone_id, ignored)
+                      + scan_inbox(self._inbox_root, ignored)):
             self._handle(event)
 
     def run(self) -> None:
@@ -188,7 +192,7 @@ class Pipeline(threading.Thread):
         if event.kind in (EventKind.DELETED, EventKind.MOVED):
             self._forget(event.path)
         if event.kind is EventKind.MOVED and event.dest is not None:
-            targets = list(walk_files(event.dest)) if event.dest.is_dir() else [event.dest]
+            targets = list(walk_files(event.dest, self._ignore.name)) if event.dest.is_dir() else [event.dest]
             for path in targets:
                 self._take(path, EventKind.MOVED)
         elif event.kind is not EventKind.DELETED:
@@ -204,7 +208,10 @@ class Pipeline(threading.Thread):
 
     def _take(self, path: Path, kind: EventKind) -> None:
         area = self._area(path)
-        if area is not None and path not in self._waiting and self._hooks.accept_path(path, area):
+        if area is None or path in self._waiting:
+            return
+        root = self._classes if area == "classes" else self._inbox_root
+        if not self._ignore.path(path, root) and self._hooks.accept_path(path, area):
             self._pending[area].add(path, kind)
 
     def _process_due(self) -> None:

@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from daemon.events import EventKind, FileEvent
 from daemon.store import Store
 
 
-def walk_files(root: Path) -> Iterator[Path]:
-    """Every non-directory entry below `root` (symlinks included, not followed into)."""
-    for folder, _dirs, files in os.walk(root, followlinks=False):
+def _nothing(name: str) -> bool:
+    return False
+
+
+def walk_files(root: Path, ignored: Callable[[str], bool] = _nothing) -> Iterator[Path]:
+    """Every non-directory entry below `root` (symlinks included, not followed into) whose name, and the names
+    of the folders above it, are not `ignored`; ignored folders are not entered at all, so a NAS's thousands of
+    thumbnails cost nothing."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = [d for d in dirs if not ignored(d)]
         for name in files:
-            yield Path(folder) / name
+            if not ignored(name):
+                yield Path(folder) / name
 
 
-def scan_classes(root: Path, store: Store, backbone: str) -> list[FileEvent]:
+def scan_classes(root: Path, store: Store, backbone: str, ignored: Callable[[str], bool]) -> list[FileEvent]:
     """Files whose size or mtime differ from the catalog or that lack a vector for `backbone`, and catalog
-    entries whose file is gone."""
+    entries whose file is gone (or is now `ignored`)."""
     catalog = store.catalog()
     for rel in store.paths_missing_bottleneck(backbone):
         catalog.pop(rel, None)
     events: list[FileEvent] = []
-    for path in walk_files(root):
+    for path in walk_files(root, ignored):
         known = catalog.pop(path.relative_to(root).as_posix(), None)
         try:
             st = os.stat(path)
@@ -36,5 +44,5 @@ def scan_classes(root: Path, store: Store, backbone: str) -> list[FileEvent]:
     return events
 
 
-def scan_inbox(root: Path) -> list[FileEvent]:
-    return [FileEvent(EventKind.SCANNED, path) for path in walk_files(root)]
+def scan_inbox(root: Path, ignored: Callable[[str], bool]) -> list[FileEvent]:
+    return [FileEvent(EventKind.SCANNED, path) for path in walk_files(root, ignored)]

@@ -11,6 +11,8 @@ from daemon.registry import ModelVersion
 class ServingModel:
     def __init__(self) -> None:
         self._version: ModelVersion | None = None
+        #: the last head the gate rejected (TF Serving's `candidate` label), if any since start
+        self.candidate: ModelVersion | None = None
 
     @property
     def version(self) -> ModelVersion | None:

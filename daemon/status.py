@@ -14,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.atomic import TMP_PREFIX
 from daemon.config import Config
-from daemon.http_api import MODEL_NAME
+from daemon.http import MODEL_NAME
+from daemon.http.security import read_token
+from daemon.ignore import IgnoreRules
 from daemon.registry import ModelRegistry
 from daemon.scanner import walk_files
 from daemon.split import SPLITS
@@ -35,8 +37,13 @@ def api_url(config: Config) -> str:
 def request(config: Config, path: str, method: str = "GET") -> tuple[int, bytes]:
     """(status, body) of one API call; raises DaemonUnavailable when nothing answers."""
     url = api_url(config) + path
+    headers = {"Authorization": f"Bearer {token.decode()}"} if (token := read_token(config.http)) else {}
+    body = None
+    if method != "GET":  # state-changing routes take JSON only
+        body, headers["Content-Type"] = b"{}", "application/json"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=_TIMEOUT) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers, method=method),
+                                    timeout=_TIMEOUT) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         with exc:
@@ -76,7 +83,8 @@ def from_daemon(config: Config) -> dict[str, Any]:
 def from_state(config: Config) -> dict[str, Any]:
     version = ModelRegistry.of(config).current()
     m = version.metrics if version else {}
-    inbox = [p for p in walk_files(config.folder("inbox")) if not p.name.startswith(TMP_PREFIX)]
+    ignored = IgnoreRules(config.watch.ignore).name
+    inbox = [p for p in walk_files(config.folder("inbox"), ignored) if not p.name.startswith(TMP_PREFIX)]
     return {
         "source": f"state dir {config.folder('state')} (no daemon answers at {api_url(config)})",
         "model": version and _model(version.number, version.backbone, list(version.labels), m.get("accuracy", {}),

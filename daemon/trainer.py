@@ -191,6 +191,10 @@ class Trainer(threading.Thread):
             metrics["gate"] = verdict.record
         if not verdict.promote:
             self._metrics.training_runs.labels(result="rejected").inc()
+            # kept in memory for the HTTP API's `candidate` label, numbered as it would have been published
+            number = max(self._registry.versions(), default=0) + 1
+            self._serving.candidate = ModelVersion(number, self._registry.root / str(number), dataset.labels,
+                                                   self._backbone.id, head, {**metrics, "version": number})
             return None
         return self._publish(head, dataset, metrics)
 
@@ -221,6 +225,7 @@ class Trainer(threading.Thread):
         if fitted.summary["reason"]:
             log.warning("model %d: %s", version.number, fitted.summary["reason"])
         self._serving.swap(version)
+        self._serving.candidate = None  # its number is taken now; the promoted version supersedes it
         self._metrics.training_runs.labels(result="promoted").inc()
         trust = fitted.summary
         log.info("model %d published: %d labels, accuracy %s; review threshold %s for precision %.2f, expected "

@@ -44,8 +44,9 @@ def _encode(record: dict[str, Any]) -> bytes:
 
 def _append_line(results: Path, line: bytes) -> None:
     """Append `line` whole or not at all: a failed write (a full disk) is cut off again, and a line left
-    unfinished by a power cut is ended before the new one starts."""
-    fd = os.open(results, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    unfinished by a power cut is ended before the new one starts. Created 0666 less the umask, like every file
+    the daemon makes: the unit's UMask=0007 makes it group-shared."""
+    fd = os.open(results, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         start = os.fstat(fd).st_size
         data = (b"\n" if start and os.pread(fd, 1, start - 1) != b"\n" else b"") + line + b"\n"

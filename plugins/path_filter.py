@@ -1,4 +1,5 @@
-"""Default path filter: ignore our own records and temporary files, take everything else."""
+"""Default path filter: ignore our own records and temporary files, take everything else. (Names that tools,
+trash cans and NAS systems add, hidden files among them, are left out before this hook: `watch.ignore`.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,4 @@ _RECORD_SUFFIXES = (".error.json",)
 
 @hookimpl(trylast=True)
 def retraind_accept_path(path: Path, area: str) -> bool:
-    name = path.name
-    if name.startswith(TMP_PREFIX) or name.endswith(_RECORD_SUFFIXES):
-        return False
-    return not (area == "classes" and name.startswith("."))
+    return not (path.name.startswith(TMP_PREFIX) or path.name.endswith(_RECORD_SUFFIXES))

@@ -114,6 +114,16 @@ def seed_classes(root: Path, per_label: int = 12, labels: tuple[str, ...] = ("re
             write_image(root / "data" / "classes" / label / f"{label}-{i}.jpg", label, seed=sum(map(ord, label)) * 100 + i)
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """One daemon with a trained red/blue model (bodies up to 4 MB) for a module's read-only tests."""
+    root = tmp_path_factory.mktemp("api")
+    seed_classes(root)
+    with App(make_config(root, http={"max_body_bytes": 4_000_000}), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        yield app
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leak() -> Iterator[None]:
     before = set(threading.enumerate())

@@ -52,8 +52,10 @@ def test_int_where_float_expected_is_accepted(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`check-config` builds the default backbone, converting it to TFLite in a fresh state dir: about 30 s on
+    an idle 2-core machine, well over a minute on a busy one."""
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=300, check=False)
 
 
 def test_check_config_cli(tmp_path: Path, lite0_conversion: Lite0Conversion) -> None:

@@ -22,6 +22,8 @@ HISTOGRAMS = {
     "retraind_training_duration_seconds",
     "retraind_classification_duration_seconds",
     "retraind_prediction_confidence",
+    "retraind_http_request_duration_seconds",
+    "retraind_batch_size",
 }
 OTHER_METRICS = {
     "retraind_build_info",
@@ -37,6 +39,10 @@ OTHER_METRICS = {
     "retraind_inbox_pending_files",
     "retraind_rejected_files_total",
     "retraind_watch_overflows_total",
+    "retraind_http_requests_total",
+    "retraind_http_inflight_requests",
+    "retraind_batch_queued_images",
+    "retraind_batch_rejections_total",
     "retraind_internal_errors_total",
     "up",
 }
@@ -278,6 +284,10 @@ def test_dashboard_structure() -> None:
         "Training runs by result",
         "Bottleneck cache hit ratio",
         "Images per label/split",
+        "HTTP requests/s by route and code",
+        "p95/p99 HTTP latency by route",
+        "HTTP in flight and batch queue",
+        "Mean inference batch size",
         "Internal errors by place",
     } <= titles
     ids = [p["id"] for p in d["panels"]]

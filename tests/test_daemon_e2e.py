@@ -45,7 +45,7 @@ def test_inbox_waits_for_first_model_then_classifies(tmp_path: Path, run_app: An
     data = tmp_path / "data"
     with run_app() as app:
         assert get(app, "/readyz")[0] == 503
-        assert get(app, "/healthz") == (200, {"alive": True})
+        assert get(app, "/healthz") == (200, {"alive": True, "status": "ok", "missing_folders": []})
         early = write_image(data / "inbox" / "early red.jpg", "red", seed=900)
         seed_classes(tmp_path)
         wait_for(lambda: app.serving.version, what="first model")
@@ -102,7 +102,7 @@ def test_restart_rename_delete_and_swap(tmp_path: Path, run_app: Any, tiny: Tiny
     with run_app() as app:
         wait_for(lambda: app.serving.version, what="first model")
     computed = tiny.images_embedded
-    assert computed == 1 + 24  # the warm-up, then each image once
+    assert computed == 24  # each image once (the engine's black warm-up batches are not counted)
 
     # While stopped: rename one file, delete another, add a new label.
     os.rename(classes / "red" / "red-0.jpg", classes / "red" / "renamed.jpg")
@@ -115,7 +115,7 @@ def test_restart_rename_delete_and_swap(tmp_path: Path, run_app: Any, tiny: Tiny
         wait_for(lambda: app.serving.version and app.serving.version.number == 2, what="retrained model")
         version = app.serving.version
         assert version.labels == ("blue", "green", "red")
-        assert tiny.images_embedded == computed + 1 + 6  # the warm-up; only the new green images
+        assert tiny.images_embedded == computed + 6  # only the new green images
         catalog = app.store.catalog()
         assert "red/renamed.jpg" in catalog and "red/red-0.jpg" not in catalog
         assert "blue/blue-0.jpg" not in catalog

@@ -144,13 +144,13 @@ def test_variants_are_made_once_for_training_images_only(
         recipe = version.metrics["augmentation"]["recipe"]
         assert 0 < len(train) < 24  # some images are validation images
         assert variant_rows(app) == {(sha, f"{recipe}.{i}") for sha in train for i in range(2)}
-        assert tiny.images_embedded == 1 + 24 + 2 * len(train)  # the warm-up, the originals, the variants
+        assert tiny.images_embedded == 24 + 2 * len(train)  # the originals, the variants
         assert version.metrics["variant_rows"] == 2 * len(train)
         assert version.head.hyperparameters["train_rows"] == 3 * len(train)
         assert sum(c["train"] for c in version.metrics["images"].values()) == len(train)  # originals only
         app.trainer.request()
         wait_for(lambda: app.trainer.runs >= 2, what="a second run")
-        assert tiny.images_embedded == 1 + 24 + 2 * len(train)  # nothing made twice
+        assert tiny.images_embedded == 24 + 2 * len(train)  # nothing made twice
 
 
 def test_changed_recipe_retrains_remakes_and_prunes_and_variants_leave_with_their_image(
@@ -169,7 +169,7 @@ def test_changed_recipe_retrains_remakes_and_prunes_and_variants_leave_with_thei
         assert version is not None
         train = train_shas(app)
         new = variant_rows(app)
-        assert tiny.images_embedded == made + 1 + len(train)  # the warm-up; originals came from the store
+        assert tiny.images_embedded == made + len(train)  # originals came from the store
         assert not old & new and {sha for sha, _ in new} == train
         assert version.metrics["augmentation"]["distortions"] == {"random_crop_scale": "crop=30,scale=0"}
 

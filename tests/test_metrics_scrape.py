@@ -82,7 +82,7 @@ def test_every_design_metric_through_a_real_scrape(tmp_path: Path, run_app: Any)
     (data / "classes" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     with run_app() as app:
         wait_for(lambda: app.serving.version, what="first model")
-        shutil.copy(data / "classes" / "red" / "red-3.jpg", data / "inbox" / "copy-of-a-training-image.jpg")
+        shutil.copyfile(data / "classes" / "red" / "red-3.jpg", data / "inbox" / "copy-of-a-training-image.jpg")
         write_image(data / "inbox" / "new-red.jpg", "red", seed=8080)
         (data / "inbox" / "notes.txt").write_text("not an image")
         wait_for(lambda: not any((data / "inbox").iterdir()), what="the inbox to empty")

@@ -36,7 +36,8 @@ def test_core_never_imports_a_builtin_plugin(path: Path) -> None:
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
 def test_core_never_reads_its_own_metrics_back(path: Path) -> None:
     calls = [node.lineno for node in ast.walk(_tree(path))
-             if isinstance(node, ast.Attribute) and node.attr in ("get_sample_value", "collect")]
+             if isinstance(node, ast.Attribute) and (node.attr == "get_sample_value" or (
+                 node.attr == "collect" and "registry" in ast.unparse(node.value).lower()))]
     assert not calls, f"{path.name}:{calls}: ask the part that knows, not the Prometheus registry"
 
 

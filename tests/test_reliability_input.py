@@ -110,7 +110,7 @@ READABLE: dict[str, tuple[Callable[[], bytes], str]] = {  # inbox name -> (conte
     "rotated.jpg": (lambda: exif_rotated(pixels("red", 7, (60, 40))), "red"),
     "with space.jpg": (lambda: encoded(pixels("blue", 8), "JPEG"), "blue"),
     "ünïcödé 写真.jpg": (lambda: encoded(pixels("red", 9), "JPEG"), "red"),
-    ".leading-dot.jpg": (lambda: encoded(pixels("blue", 10), "JPEG"), "blue"),
+    "-leading-dash.jpg": (lambda: encoded(pixels("blue", 10), "JPEG"), "blue"),  # hidden names: watch.ignore
     os.fsdecode(b"caf\xe9-latin1.jpg"): (lambda: encoded(pixels("grey", 11), "JPEG"), "grey"),
     "batch/one.jpg": (lambda: encoded(pixels("red", 12), "JPEG"), "red"),
     "batch/deeper/two.png": (lambda: encoded(pixels("blue", 13), "PNG"), "blue"),

@@ -28,7 +28,8 @@ REQUIRED: dict[str, dict[str, str]] = {
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
         "PrivateTmp": "yes",
-        "ReadWritePaths": "/var/lib/retraind",
+        "SupplementaryGroups": "retraind",
+        "ReadWritePaths": "/srv/retraind",
         "Restart": "on-failure",
         "RestartSec": "5",
         "RestartPreventExitStatus": "78",
@@ -41,7 +42,11 @@ REQUIRED: dict[str, dict[str, str]] = {
         "LockPersonality": "yes",
         "RestrictRealtime": "yes",
         "SystemCallArchitectures": "native",
-        "UMask": "0027",
+        "UMask": "0007",
+        "PrivateUsers": "yes",
+        "PrivateMounts": "yes",
+        "IPAddressDeny": "any",
+        "IPAddressAllow": "localhost",
     },
     "Install": {"WantedBy": "multi-user.target"},
 }
@@ -105,8 +110,8 @@ def test_no_memory_deny_write_execute(unit: Sections) -> None:
     assert unit["Service"].get("MemoryDenyWriteExecute", ["no"]) == ["no"]
 
 
-def _verify(unit_text: str, tmp_path: Path) -> tuple[int, str]:
-    """Run ``systemd-analyze verify`` on a copy whose ExecStart= binary exists on this machine."""
+def systemd_analyze(unit_text: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``systemd-analyze ARGS COPY`` on a copy of the unit whose ExecStart= binary exists on this machine."""
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze not installed (.ci/run installs Debian's systemd package)")
@@ -119,8 +124,8 @@ def _verify(unit_text: str, tmp_path: Path) -> tuple[int, str]:
     copy = tmp_path / UNIT.name
     copy.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C"}
-    proc = subprocess.run(
-        [exe, "verify", "--man=no", str(copy)],
+    return subprocess.run(
+        [exe, *args, str(copy)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -128,6 +133,10 @@ def _verify(unit_text: str, tmp_path: Path) -> tuple[int, str]:
         timeout=60,
         check=False,
     )
+
+
+def _verify(unit_text: str, tmp_path: Path) -> tuple[int, str]:
+    proc = systemd_analyze(unit_text, tmp_path, "verify", "--man=no")
     return proc.returncode, proc.stdout + proc.stderr
 
 

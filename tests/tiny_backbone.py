@@ -44,7 +44,8 @@ class TinyBackbonePlugin:
             id, input_size, dim = self.backbone.id, self.backbone.input_size, self.backbone.dim
 
             def embed(self, images):  # type: ignore[no-untyped-def]
-                plugin.images_embedded += len(images)
+                if images.any():  # the engine's warm-up batches are all zeros: not images of the test
+                    plugin.images_embedded += len(images)
                 return plugin.backbone.embed(images)  # type: ignore[union-attr]
 
         return Counting()

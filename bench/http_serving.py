@@ -1,0 +1,178 @@
+"""HTTP serving through the shipped path: a real `retraind run` process with the shipped config.yaml (only
+`data_root` and `http.port` changed), trained on the real images, loaded over loopback by ApacheBench (`ab`,
+Debian's apache2-utils: a C load generator, so the client takes little of the 2 cores), each run bounded in
+requests and time. Every request posts one real JPEG to `:classify` (the body curl would send).
+
+Figures, as ratios against the engine measured in this same run (the daemon's backbone and engine, built in
+this process through the same hook, timed while the daemon is idle, before and after the load; the mean):
+- `engine.batched`: bare batched forward, batch 32, img/s;
+- `engine.single`: decode + one forward of one image, p50 ms;
+- `http.c16`: 16 concurrent clients: requests/s (target ≥ 0.8× engine.batched);
+- `http.c64`: 64 concurrent clients × 8 requests: connection errors (target 0) and p99 (target ≤ 1 s);
+- `http.c1`: one client, sequential: p50 (target ≤ 1.3× engine.single).
+
+ab speaks HTTP/1.0, which Uvicorn does not keep alive: every request is a new connection (the harder case).
+
+Usage: python bench/http_serving.py [--requests 800] [--data ../shared/data/tuxpaint6]"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import harness
+import numpy as np
+import yaml
+
+READY_TIMEOUT = 900.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_daemon(root: Path, port: int, cache: Path) -> subprocess.Popen[bytes]:
+    """`retraind run` on the shipped config with only data_root and http.port changed."""
+    config = yaml.safe_load((harness.REPO / "config.yaml").read_text())
+    config["data_root"] = str(root / "data")
+    config["http"]["port"] = port
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    weights = root / "data" / "state" / "weights"  # converted backbones kept between bench runs (a cache)
+    weights.parent.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    weights.symlink_to(cache, target_is_directory=True)
+    retraind = Path(sys.executable).with_name("retraind")
+    log = (root / "daemon.log").open("wb")
+    return subprocess.Popen([str(retraind), "run", "--config", str(root / "config.yaml")], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(port: int, daemon: subprocess.Popen[bytes], root: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            sys.exit(f"retraind run exited ({daemon.returncode}):\n{(root / 'daemon.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"the daemon was not ready after {READY_TIMEOUT} s")
+
+
+def ab(url: str, body: Path, concurrency: int, requests: int) -> dict[str, Any]:
+    """One ApacheBench run: requests/s, percentiles (ms), failures by kind, non-2xx answers."""
+    done = subprocess.run(["ab", "-q", "-r", "-s", "30", "-t", "300", "-n", str(requests), "-c", str(concurrency),
+                           "-p", str(body), "-T", "image/jpeg", url], capture_output=True, text=True, timeout=400,
+                          check=False)
+    out = done.stdout
+    if "Requests per second" not in out:
+        sys.exit(f"ab failed ({done.returncode}): {done.stderr[-2000:]}\n{out[-2000:]}")
+    failed = re.search(r"Failed requests:\s+(\d+)(?:\s+\(Connect: (\d+), Receive: (\d+), Length: (\d+), "
+                       r"Exceptions: (\d+)\))?", out)
+    assert failed is not None
+    kinds = [int(x) if x else 0 for x in failed.groups()[1:]]
+    return {
+        "rps": float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "complete": int(re.search(r"Complete requests:\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
+        "failed": int(failed.group(1)), "connection_errors": kinds[0] + kinds[1] + kinds[3],
+        "non_2xx": int(m.group(1)) if (m := re.search(r"Non-2xx responses:\s+(\d+)", out)) else 0,
+        "p50": float(re.search(r"\n\s+50%\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
+        "p99": float(re.search(r"\n\s+99%\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
+        "stderr": done.stderr.strip(),
+    }
+
+
+def engine_figures(backbone: Any, payload: bytes, batch: np.ndarray) -> tuple[float, float]:
+    """(batched img/s, decode + single forward p50 in seconds) of the bare engine."""
+    from plugins.pillow_decoder import retraind_decode_image
+
+    batched = harness.rate(lambda: backbone.embed(batch), len(batch), repeats=5)
+    times = []
+    for _ in range(40):
+        started = time.perf_counter()
+        backbone.embed(retraind_decode_image(payload, backbone.input_size, 10**9)[None])
+        times.append(time.perf_counter() - started)
+    return batched, statistics.median(times)
+
+
+def main() -> None:
+    args = harness.arguments(__doc__, requests=800).parse_args()
+    if shutil.which("ab") is None:
+        sys.exit("ab (ApacheBench) is not installed: apt-get install apache2-utils")
+    harness.header("http_serving", requests=args.requests, data=args.data)
+    images = harness.real_images(args.data, sum(1 for _ in args.data.rglob("*.jpg")))
+    with harness.scratch("http") as root:
+        harness.write_classes(root / "data", images)
+        port = free_port()
+        started = time.perf_counter()
+        daemon = start_daemon(root, port, args.cache)
+        try:
+            wait_ready(port, daemon, root)
+            harness.emit("daemon.ready", time.perf_counter() - started, "s")
+            measure(root, port, images, args)
+        finally:
+            if daemon.poll() is None:
+                os.killpg(daemon.pid, signal.SIGTERM)
+                daemon.wait(60)
+
+
+def measure(root: Path, port: int, images: list[tuple[str, str, bytes]], args: Any) -> None:
+    from daemon.app import build_backbone
+    from daemon.config import load_config
+    from daemon.plugin_manager import Hooks, make_plugin_manager
+
+    config = load_config(root / "config.yaml")
+    backbone = build_backbone(Hooks(make_plugin_manager()), config)  # the engine `auto` picks, as the daemon's
+    payload = images[0][2]
+    body = root / "image.jpg"
+    body.write_bytes(payload)
+    batch = harness.decoded(images[:32], backbone.input_size)
+    url = f"http://127.0.0.1:{port}/v1/models/retraind:classify"
+    harness.note(f"engine {type(backbone).__name__}, {backbone.id}; body {len(payload)} bytes")
+
+    before = engine_figures(backbone, payload, batch)
+    ab(url, body, 16, 100)  # warm-up: connections, the batcher's batch sizes
+    c16 = ab(url, body, 16, args.requests)
+    c64 = ab(url, body, 64, 64 * 8)
+    c1 = ab(url, body, 1, 200)
+    after = engine_figures(backbone, payload, batch)
+    batched = (before[0] + after[0]) / 2
+    single = (before[1] + after[1]) / 2
+
+    harness.emit("engine.batched", batched, "img/s")
+    harness.note(f"engine batched before/after the load: {before[0]:.1f} / {after[0]:.1f} img/s")
+    harness.emit("engine.single", single * 1000, "ms")
+    harness.emit("http.c16.rps", c16["rps"], "req/s", ratio=c16["rps"] / batched, vs="engine.batched")
+    harness.emit("http.c16.p99", c16["p99"], "ms")
+    harness.emit("http.c64.connection_errors", c64["connection_errors"], "count")
+    harness.emit("http.c64.non_2xx", c64["non_2xx"], "count")
+    harness.emit("http.c64.p99", c64["p99"], "ms")
+    harness.emit("http.c64.rps", c64["rps"], "req/s", ratio=c64["rps"] / batched, vs="engine.batched")
+    harness.emit("http.c1.p50", c1["p50"], "ms", ratio=c1["p50"] / (single * 1000), vs="engine.single")
+    for name, run in (("c16", c16), ("c64", c64), ("c1", c1)):
+        harness.note(f"{name}: {run['complete']} complete, {run['failed']} failed, {run['non_2xx']} non-2xx"
+                     + (f"; ab: {run['stderr'][:200]}" if run["stderr"] else ""))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    count = float(re.search(r"retraind_batch_size_count ([\d.e+]+)", text).group(1))  # type: ignore[union-attr]
+    total = float(re.search(r"retraind_batch_size_sum ([\d.e+]+)", text).group(1))  # type: ignore[union-attr]
+    harness.emit("batcher.mean_batch", total / count if count else 0.0, "img")
+
+
+if __name__ == "__main__":
+    main()

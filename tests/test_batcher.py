@@ -1,0 +1,178 @@
+"""Dynamic batching: requests that arrive while the engine is busy go into one batch, a request larger than a
+batch is split, a full queue is refused at once (503 with Retry-After over HTTP), stopping fails what is
+queued, and the inbox and HTTP share the engine without starving each other."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon.app import App
+from daemon.backbone import Backbone
+from daemon.batcher import Batcher, BatcherStopped, QueueFull
+from daemon.config import BackboneConfig, BatchingConfig
+from daemon.hookspecs import hookimpl
+from daemon.metrics import Metrics
+from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
+from tests.test_http_api import MODEL, call
+from tests.tiny_backbone import TinyBackbonePlugin
+
+
+class GatedEngine:
+    """An engine whose forward passes wait for `gate`; it records each batch's size. Row i's bottleneck is
+    the mean of image i, so a caller can check it got its own rows back."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.gate.wait(10)
+        self.sizes.append(len(images))
+        return images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
+
+
+def images(*values: int) -> np.ndarray:
+    return np.stack([np.full((4, 4, 3), v, dtype=np.uint8) for v in values])
+
+
+@pytest.fixture
+def gated() -> Any:
+    engine = GatedEngine()
+    batcher = Batcher(engine, BatchingConfig(max_batch_size=8, batch_timeout_micros=0, max_enqueued_batches=2),
+                      Metrics())
+    batcher.start()
+    yield engine, batcher
+    engine.gate.set()
+    batcher.stop()
+
+
+def test_requests_gather_while_the_engine_is_busy(gated: Any) -> None:
+    engine, batcher = gated
+    (first,) = batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the first batch to start")
+    later = [batcher.submit(images(v))[0] for v in range(2, 8)]
+    engine.gate.set()
+    assert first.result(5).tolist() == [[1.0]]
+    assert [f.result(5).tolist() for f in later] == [[[float(v)]] for v in range(2, 8)]
+    assert engine.sizes == [1, 6]
+
+
+def test_big_requests_are_split_and_a_full_queue_is_refused(gated: Any) -> None:
+    engine, batcher = gated
+    batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the engine to be busy")
+    parts = batcher.submit(images(*range(10, 22)))  # 12 images: a batch of 8 and one of 4
+    assert len(parts) == 2
+    batcher.submit(images(30, 31, 32))
+    with pytest.raises(QueueFull, match="15 images waiting") as refused:
+        batcher.submit(images(40, 41))  # 15 + 2 > 2 batches of 8
+    assert refused.value.retry_after >= 1
+    engine.gate.set()
+    assert np.concatenate([p.result(5) for p in parts]).ravel().tolist() == list(map(float, range(10, 22)))
+    assert engine.sizes == [1, 8, 7]  # the 4 left over and the 3 after them run together
+
+
+def test_stopping_runs_what_is_queued_and_refuses_the_rest(gated: Any) -> None:
+    engine, batcher = gated
+    batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the engine to be busy")
+    (queued,) = batcher.submit(images(2))
+    threading.Timer(0.2, engine.gate.set).start()
+    batcher.stop()
+    assert queued.result(0).tolist() == [[2.0]]
+    with pytest.raises(BatcherStopped):
+        batcher.submit(images(3))
+
+
+def test_a_full_queue_is_a_503_with_retry_after(tmp_path: Any, run_app: Any) -> None:
+    seed_classes(tmp_path, per_label=4)
+    with run_app(http={"port": 0, "batching": {"max_batch_size": 2, "max_enqueued_batches": 1}}) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        body = json.dumps({"instances": [{"b64": base64.b64encode(image_bytes("red", 9)).decode()}]}).encode()
+        with ThreadPoolExecutor(8) as pool:
+            with app.extractor.turns.turn(urgent=False):  # the engine is busy elsewhere (caching, say)
+                futures = [pool.submit(call, app, "POST", f"{MODEL}:predict", body) for _ in range(8)]
+                # at most one batch of 2 in the engine's hands and 2 images queued: the rest are refused at once
+                wait_for(lambda: sum(f.done() for f in futures) >= 4, what="refusals while the engine is busy")
+            replies = [f.result() for f in futures]
+        refused = [r for r in replies if r[0] == 503]
+        assert len(refused) >= 4 and all(int(h["retry-after"]) >= 1 and "queue is full" in b["error"]
+                                          for _, h, b in refused)
+        assert {r[0] for r in replies} == {200, 503}  # the ones let in were answered once the engine was free
+        assert call(app, "POST", f"{MODEL}:predict", body)[0] == 200
+        assert "retraind_batch_rejections_total 4.0" in call_text(app, "/metrics") or len(refused) > 4
+
+
+def call_text(app: Any, path: str) -> str:
+    assert app.http is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.http.port}{path}", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_the_inbox_is_served_under_http_load(tmp_path: Any, run_app: Any) -> None:
+    """Neither side starves: inbox files are classified while clients keep the HTTP batcher busy."""
+    seed_classes(tmp_path, per_label=4)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        body = json.dumps({"instances": [{"b64": base64.b64encode(image_bytes("red", i)).decode()}
+                                         for i in range(16)]}).encode()
+        stop, answered = threading.Event(), []
+
+        def client() -> None:
+            while not stop.is_set():
+                answered.append(call(app, "POST", f"{MODEL}:predict", body)[0])
+
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(client)
+            try:
+                wait_for(lambda: len(answered) >= 4, what="HTTP load")
+                for i in range(6):
+                    write_image(tmp_path / "data" / "inbox" / f"in-{i}.jpg", "blue", seed=700 + i)
+                outbox = tmp_path / "data" / "outbox"
+                wait_for(lambda: len(list(outbox.glob("*/*.jpg"))) == 6, timeout=30, what="the inbox under load")
+            finally:
+                stop.set()
+        assert set(answered) == {200}
+
+
+class RecordingTiny(TinyBackbonePlugin):
+    """The tiny backbone, recording each forward pass: (batch size, all black?)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, bool]] = []
+
+    @hookimpl(tryfirst=True)
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        inner = super().retraind_make_backbone(config, cache_dir)
+        calls = self.calls
+
+        class Recording:
+            id, input_size, dim = inner.id, inner.input_size, inner.dim  # type: ignore[union-attr]
+
+            def embed(self, images: np.ndarray) -> np.ndarray:
+                calls.append((len(images), not images.any()))
+                return inner.embed(images)  # type: ignore[union-attr]
+
+        return Recording()
+
+
+def test_the_engine_is_warm_before_the_server_answers(tmp_path: Path) -> None:
+    """The engine runs a black image and a full batch of them before the HTTP server starts, so /readyz never
+    says ready while the first forward pass of a batch size (set-up, buffers) is still to come."""
+    recording = RecordingTiny()
+    with App(make_config(tmp_path, http={"port": 0, "batching": {"max_batch_size": 8}}),
+             extra_plugins=(recording,)) as app:
+        assert recording.calls[:2] == [(1, True), (8, True)]
+        code, _, body = call(app, "GET", "/readyz")
+        assert (code, body) == (503, {"ready": False, "model_version": 0})  # no model yet

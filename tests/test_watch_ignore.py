@@ -1,0 +1,79 @@
+"""Folders that tools, trash cans, NAS systems and OS archives create among people's images (issue 11, row 5)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import ConfigError
+from daemon.ignore import DEFAULT_IGNORE
+from tests.conftest import make_config, seed_classes, wait_for, write_image
+from tests.test_daemon_e2e import results
+
+#: Where such folders appear, each with an image inside that would otherwise be a label or a training image.
+TOOL_FOLDERS = (
+    ".ipynb_checkpoints/red-0-checkpoint.jpg",      # Jupyter
+    ".Trash-1000/files/old.jpg",                    # freedesktop trash on a removable drive
+    "@eaDir/x.jpg/SYNOPHOTO_THUMB_M.jpg",           # Synology thumbnails
+    "#recycle/deleted.jpg",                         # Synology trash can
+    ".AppleDouble/photo.jpg",                       # netatalk (AFP shares)
+    "__MACOSX/red/._photo.jpg",                     # a zip made on macOS
+    ".thumbnails/normal/abc.png",                   # freedesktop thumbnails
+    "lost+found/#1234.jpg",                         # fsck
+    ".snapshot/hourly.0/old.jpg",                   # NetApp/NAS snapshots
+    "$RECYCLE.BIN/S-1-5-21/$R0001.jpg",             # Windows trash can on a shared drive
+    "System Volume Information/tracking.jpg",       # Windows volume metadata
+    "._IMG_0001.jpg",                               # macOS's resource fork beside a file copied to a share
+    ".hidden-photo.jpg",                            # any hidden name
+)
+
+
+def test_tool_trash_and_nas_folders_are_never_labels_nor_images(tmp_path: Path, run_app: Any) -> None:
+    """KIND: folders that tools, trash cans, NAS systems and OS archives put among people's files are neither
+    labels (top level of classes/), nor training images (inside a label), nor images to classify (inbox/),
+    whether they were there at start-up or appear while the daemon runs. INPUT: each folder of TOOL_FOLDERS with
+    an image in it, at the top of classes/, inside a label, and in inbox/, before and after start."""
+    data = tmp_path / "data"
+    seed_classes(tmp_path, per_label=8)
+    for i, rel in enumerate(TOOL_FOLDERS):  # before start: the start-up scan must leave them out
+        write_image(data / "classes" / rel, "green", seed=100 + i)
+        write_image(data / "classes" / "red" / rel, "blue", seed=200 + i)
+        write_image(data / "inbox" / rel, "red", seed=300 + i)
+    with run_app(classify={"confidence_threshold": 0.0}) as app:
+        version = wait_for(lambda: app.serving.version, what="a first model")
+        for i, rel in enumerate(TOOL_FOLDERS):  # while running: events must leave them out too
+            write_image(data / "classes" / "blue" / "later" / rel, "green", seed=400 + i)
+            write_image(data / "inbox" / "later" / rel, "blue", seed=500 + i)
+        write_image(data / "inbox" / "real.jpg", "red", seed=600)
+        wait_for(lambda: results(tmp_path), what="the one real inbox image classified")
+        wait_for(app.pipeline.idle.is_set, what="an idle pipeline")
+        catalog = set(app.store.catalog())
+    assert version.labels == ("blue", "red")
+    assert catalog == {f"{label}/{label}-{i}.jpg" for label in ("red", "blue") for i in range(8)}
+    assert [r["file"] for r in results(tmp_path)] == ["real.jpg"]
+    for rel in TOOL_FOLDERS:  # left where they are, untouched
+        assert (data / "inbox" / rel).exists() and (data / "inbox" / "later" / rel).exists()
+    assert not os.listdir(data / "rejected")
+
+
+def test_ignore_patterns_are_configurable_and_validated(tmp_path: Path, run_app: Any) -> None:
+    """KIND: the ignore list is the user's: their own patterns replace the default (a glob per folder or file
+    name, any depth, case-insensitive), and a pattern that cannot work is a config error naming the key.
+    INPUT: `watch.ignore: ['drafts', '*.RAW.jpg']` with a `drafts/` label and such files; then bad patterns."""
+    data = tmp_path / "data"
+    seed_classes(tmp_path, per_label=8)
+    write_image(data / "classes" / "Drafts" / "d.jpg", "green", seed=1)
+    write_image(data / "classes" / "red" / "x.raw.jpg", "blue", seed=2)
+    write_image(data / "classes" / "red" / ".hidden" / "h.jpg", "red", seed=3)  # `.*` is no longer in the list
+    with run_app(watch={"ignore": ["drafts", "*.RAW.jpg"]}) as app:
+        version = wait_for(lambda: app.serving.version, what="a first model")
+        catalog = set(app.store.catalog())
+    assert version.labels == ("blue", "red")
+    assert "red/.hidden/h.jpg" in catalog and "red/x.raw.jpg" not in catalog
+    for bad, problem in ((["a/b"], "has a '/'"), ([""], "empty pattern"), (["ok", "**"], "matches every name")):
+        with pytest.raises(ConfigError, match=rf"watch\.ignore\[{len(bad) - 1}\]: .*{problem}"):
+            make_config(tmp_path, watch={"ignore": bad})
+    assert make_config(tmp_path).watch.ignore == list(DEFAULT_IGNORE)
