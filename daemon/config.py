@@ -88,7 +88,8 @@ class ClassifyConfig:
 
     `target_precision`: the share of filed known-class images that must be right; each model version derives
     its review threshold from it. `confidence_threshold`: an explicit threshold on the calibrated top-1 score
-    that overrides the derived one; `None` (YAML `null` or the key left out) means "not set". `novelty`: also
+    that overrides the derived one (1 sends every image to review); `None` (YAML `null` or the key left out)
+    means "not set". `novelty`: also
     send images unlike every taught class to review (reason `unfamiliar`)."""
 
     top_k: int = 5

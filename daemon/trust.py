@@ -82,7 +82,8 @@ def probabilities(version: ModelVersion, vectors: np.ndarray) -> np.ndarray:
 def judge(version: ModelVersion, vectors: np.ndarray, classify: ClassifyConfig) -> list[Judgement]:
     """Score bottlenecks (n, dim) and decide filing: `unfamiliar` when the novelty gate is on and the score is
     above the version's novelty threshold, else `low_confidence` when the calibrated top-1 score is below the
-    threshold (`classify.confidence_threshold` when set, else the version's derived one)."""
+    threshold (`classify.confidence_threshold` when set, else the version's derived one; a threshold of 1
+    reviews every image, even one whose calibrated score rounds to exactly 1)."""
     probs = probabilities(version, vectors)
     trust = version.trust
     novelty = trust.novelty.score(vectors) if trust else np.full(len(probs), np.nan)
@@ -95,7 +96,7 @@ def judge(version: ModelVersion, vectors: np.ndarray, classify: ClassifyConfig) 
         reason = None
         if classify.novelty and trust is not None and score > trust.novelty_threshold:
             reason = UNFAMILIAR
-        elif threshold is None or row[idx[0]] < threshold:
+        elif threshold is None or row[idx[0]] < threshold or threshold >= 1.0:  # 1: review everything
             reason = LOW_CONFIDENCE
         top_k = tuple((version.labels[int(i)], round(float(row[i]), 6)) for i in idx)
         judgements.append(Judgement(top_k, None if np.isnan(score) else round(float(score), 4), reason))
