@@ -32,11 +32,12 @@ from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
+from daemon.publish import Publisher, repositories
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.scanner import walk_files
 from daemon.serving import ServingModel
 from daemon.split import SPLITS
-from daemon.store import Store
+from daemon.store import STORE_FILE, Store
 from daemon.trainer import Trainer
 from daemon.trust import Trust, load_trust
 from daemon.watcher import Watcher
@@ -90,7 +91,7 @@ class App:
         check_state_dir(config)
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
-        self.store = Store(state / "store.sqlite")
+        self.store = Store(state / STORE_FILE)
         self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
@@ -108,6 +109,7 @@ class App:
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
                                  self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
                                  self.trainer.set_backlog)
+        self.publisher = self._publisher()
         self.batcher: Batcher | None = None
         self.http: HttpServer | None = None
         if config.http.enabled:
@@ -121,6 +123,14 @@ class App:
                        self.trainer.request_if_changed, self.health, lambda: self.serving.candidate,
                        lambda version: dataclasses.replace(version, trust=self._trust_of(version)))
         self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
+
+    def _publisher(self) -> Publisher | None:
+        """The `publisher` plugin, when a serving repository is configured and it is not disabled."""
+        if not repositories(self.config.publish) or self.hooks.pm.is_blocked("publisher"):
+            return None
+        publisher = Publisher(self.config, lambda config: build_backbone(self.hooks, config), self.metrics)
+        self.hooks.pm.register(publisher, name="publisher")
+        return publisher
 
     def alive(self) -> bool:
         return self.pipeline.is_alive() and self.trainer.is_alive()
@@ -197,6 +207,10 @@ class App:
                      self.config.folder("classes"))
         self.pipeline.start()
         self.trainer.start()
+        if self.publisher is not None:
+            self.publisher.start()
+            if self.serving.version is not None:  # published before a stop, or its export failed: catch up
+                self.publisher.submit(self.serving.version)
         if self.batcher is not None and self.http is not None:
             warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
             self.batcher.start()
@@ -214,6 +228,9 @@ class App:
         if self.trainer.is_alive():
             self.trainer.stop()
             self.trainer.join()
+        if self.publisher is not None and self.publisher.is_alive():
+            self.publisher.stop()
+            self.publisher.join()
         if self.http is not None:
             self.http.stop()
             self.api.close()

@@ -24,6 +24,14 @@ def fsync_dir(path: Path) -> None:
     _fsync(path, os.O_DIRECTORY)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Make every file below `folder` durable before a rename makes it visible."""
+    for item in folder.rglob("*"):
+        if item.is_file() and not item.is_symlink():
+            _fsync(item)
+    fsync_dir(folder)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so a reader sees the old file or the whole new one, never a part."""
     def write(tmp: Path) -> None:

@@ -24,8 +24,8 @@ from PIL import Image
 
 from daemon.config import AugmentationConfig
 from daemon.dataset import Dataset, Part
-from daemon.extractor import Decoder, Extractor
-from daemon.images import ImageRejected, read_image_file
+from daemon.extractor import Extractor
+from daemon.images import Decoder, ImageRejected, read_image_file
 from daemon.store import CatalogEntry, Store
 
 log = logging.getLogger(__name__)

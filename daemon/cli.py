@@ -9,12 +9,14 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from daemon.backbone import BackboneUnavailable
+from daemon.bulk_cli import EX_DATAERR, add_commands
+from daemon.bulk_sources import SourceError
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.export import ExportError
 from daemon.logs import foreign_output_as_debug, quiet_tensorflow
@@ -147,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = add("report", help="write an HTML page about the current model")
     report.add_argument("--out", help="HTML file to write (default: report.html in the data root)")
     report.set_defaults(func=cmd_report)
+    add_commands(add, common, _with_config)
     return parser
+
+
+def _with_config(command: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    return lambda args: command(args, _config(args))
 
 
 def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
@@ -165,6 +172,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except DaemonUnavailable as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except SourceError as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except BrokenPipeError:  # `retraind status | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

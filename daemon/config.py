@@ -141,6 +141,18 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Every promoted version exported to serving fleets' folders (daemon/publish.py); an empty path is off.
+    Relative paths are taken from the config file's folder."""
+
+    tf_serving_base_path: str = ""
+    triton_model_repository: str = ""
+    #: Triton's `max_batch_size` and its dynamic batcher's queue delay (TF Serving's batching names)
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 1000
+
+
+@dataclass(frozen=True)
 class PluginsConfig:
     """`plugins.disable` names plugins not to load; every other key under `plugins:` is a plugin's name and
     holds that plugin's own settings, kept raw here and checked against the settings class the plugin
@@ -161,6 +173,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log_level: str = "INFO"
 
@@ -198,6 +211,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "watch.poll_interval_seconds": (0.05, 3600),
     "http.port": (0, 65535),
     "http.max_body_bytes": (1, 10**10),
+    "publish.max_batch_size": (1, 2**20),
+    "publish.batch_timeout_micros": (0, 60_000_000),
     "http.header_timeout_seconds": (0.1, 3600),
     "http.body_timeout_seconds": (0.1, 3600),
     "http.keep_alive_seconds": (0.1, 3600),
@@ -313,11 +328,19 @@ def _resolve_root(config: Config, base: Path) -> Config:
         raise ConfigError("split: validation_percentage + testing_percentage must be below 100")
     http = config.http
     if http.token_file:
-        http = dataclasses.replace(http, token_file=str((base / http.token_file).resolve()))
+        http = dataclasses.replace(http, token_file=_absolute(base, http.token_file))
     elif not (http.allow_unauthenticated or is_loopback(http.host)):
         raise ConfigError(f"http.token_file: serving on {http.host!r} reaches beyond this machine; give a file "
                           "holding a bearer token (or set http.allow_unauthenticated: true)")
-    return dataclasses.replace(config, data_root=root, http=http)
+    publish = config.publish
+    publish = dataclasses.replace(publish, tf_serving_base_path=_absolute(base, publish.tf_serving_base_path),
+                                  triton_model_repository=_absolute(base, publish.triton_model_repository))
+    return dataclasses.replace(config, data_root=root, http=http, publish=publish)
+
+
+def _absolute(base: Path, path: str) -> str:
+    """An optional path from the config, made absolute against the config's folder ("" stays "": off)."""
+    return str((base / path).resolve()) if path else ""
 
 
 def is_loopback(host: str) -> bool:

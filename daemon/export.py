@@ -39,6 +39,8 @@ from daemon.tflite_engine import convert
 STEPS = ("build graph", "write SavedModel", "check SavedModel", "convert TFLite")
 #: The largest difference in a probability the exported network may show against the daemon's own.
 TOLERANCE = 1e-4
+#: `serving_default`'s input (a batch of encoded files, strings) and output (float32 [N, labels])
+INPUT, OUTPUT = "image_bytes", "probabilities"
 
 
 class ExportError(Exception):
@@ -106,11 +108,11 @@ def _module(version: ModelVersion, classifier: Any, size: tuple[int, int]) -> An
         pixels = tf.map_fn(lambda data: _decode(data, height, width), image_bytes, fn_output_signature=spec)
         return module.classifier(pixels, training=False)["probabilities"]
 
-    encoded = [tf.TensorSpec([None], tf.string, name="image_bytes")]
+    encoded = [tf.TensorSpec([None], tf.string, name=INPUT)]
 
     @tf.function(input_signature=encoded)  # type: ignore[untyped-decorator]
     def serving_default(image_bytes: Any) -> dict[str, Any]:
-        return {"probabilities": probabilities(image_bytes)}
+        return {OUTPUT: probabilities(image_bytes)}
 
     @tf.function(input_signature=encoded)  # type: ignore[untyped-decorator]
     def classify(image_bytes: Any) -> dict[str, Any]:
@@ -137,8 +139,8 @@ def _check(saved_model: Path, version: ModelVersion, backbone: KerasBackbone) ->
         raise ExportError(f"the exported network differs from the daemon's: {np.asarray(got)} vs {want}")
 
 
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an older export of the same version is swapped out, then removed."""
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an older folder of that name is swapped out, then removed."""
     old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{time.time_ns()}")
     if final.exists():
         final.rename(old)
@@ -155,34 +157,42 @@ def keras_network(backbone: Backbone) -> KerasBackbone:
     return backbone
 
 
+def write_saved_model(version: ModelVersion, backbone: KerasBackbone, directory: Path,
+                      on_step: Callable[[str], object] = lambda step: None) -> Any:
+    """Write `version` (with `backbone`, the one it was trained on) as a SavedModel in `directory` (new), run
+    it against the daemon's own numbers (raises `ExportError`), and return the Keras classifier it wraps."""
+    import tensorflow as tf
+
+    classifier = _classifier(version, backbone)
+    module = _module(version, classifier, backbone.input_size)
+    on_step(STEPS[0])
+    signatures = {"serving_default": module.serving_default, "classify": module.classify}
+    tf.saved_model.save(module, str(directory), signatures=signatures)
+    on_step(STEPS[1])
+    _check(directory, version, backbone)
+    on_step(STEPS[2])
+    return classifier
+
+
 def export_model(
     version: ModelVersion, backbone: Backbone, out: Path, name: str,
     on_step: Callable[[str], object] = lambda step: None,
 ) -> Exported:
     """Write `version` (with `backbone`, the one it was trained on, as its Keras engine) below `out`; returns
     the paths written."""
-    import tensorflow as tf
-
     keras_backbone = keras_network(backbone)
     base = out / name
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f"{TMP_PREFIX}{version.number}-{time.time_ns()}"
     try:
-        classifier = _classifier(version, keras_backbone)
-        module = _module(version, classifier, keras_backbone.input_size)
-        on_step(STEPS[0])
-        signatures = {"serving_default": module.serving_default, "classify": module.classify}
-        tf.saved_model.save(module, str(tmp), signatures=signatures)
-        on_step(STEPS[1])
-        _check(tmp, version, keras_backbone)
-        on_step(STEPS[2])
+        classifier = write_saved_model(version, keras_backbone, tmp, on_step)
         tflite_bytes = convert(classifier)
         on_step(STEPS[3])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     saved_model = base / str(version.number)
-    _publish_dir(tmp, saved_model)
+    replace_dir(tmp, saved_model)
     tflite, labels = out / f"{name}-{version.number}.tflite", out / f"{name}-{version.number}.labels.txt"
     write_atomic(labels, (version.directory / LABELS_FILE).read_bytes())
     write_atomic(tflite, tflite_bytes)

@@ -28,11 +28,9 @@ import numpy as np
 
 from daemon.backbone import Backbone
 from daemon.engines import default_threads
-from daemon.images import ImageFile, ImageRejected
+from daemon.images import Decoder, ImageFile, ImageRejected, decode_or_reject
 from daemon.metrics import Metrics
 from daemon.store import ORIGINAL, Store
-
-Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
 
 
 @dataclass
@@ -78,10 +76,7 @@ class Extractor:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode one image to the backbone's input size; raises ImageRejected."""
-        image = self._decode(data, self.backbone.input_size, self._max_pixels)
-        if image is None:
-            raise ImageRejected("unsupported", "no decoder plugin could read this content")
-        return image
+        return decode_or_reject(self._decode, data, self.backbone.input_size, self._max_pixels)
 
     def embed(self, images: np.ndarray, urgent: bool = False) -> np.ndarray:
         """Bottlenecks (N, dim) for uint8 images (N, height, width, 3), in the engine's next turn for `urgent`

@@ -106,6 +106,15 @@ class Metrics:
             registry=r)
         for place in INTERNAL_ERROR_PLACES:
             self.internal_errors.labels(where=place)
+        self.published_version = Gauge(
+            "retraind_published_model_version", "Newest version visible in a serving repository (0: none yet)",
+            ["repository"], registry=r)
+        self.publish_failures = Counter(
+            "retraind_publish_failures", "Exports to serving repositories that failed (each is retried)",
+            ["repository"], registry=r)
+        self.publish_seconds = Histogram(
+            "retraind_publish_duration_seconds", "Promotion to the version visible in a serving repository",
+            ["repository"], buckets=_LATENCY_BUCKETS + (60.0, 120.0, 300.0), registry=r)
         for result in ("promoted", "rejected", "failed"):
             self.training_runs.labels(result=result)
         for reason in ("watch_limit", "instance_limit", "other"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.atomic import TMP_PREFIX, fsync_dir, write_atomic
+from daemon.atomic import TMP_PREFIX, fsync_tree, write_atomic
 from daemon.config import Config
 from daemon.head import Head
 
@@ -52,7 +51,7 @@ class ModelRegistry:
         return cls(config.folder("state") / "models", config.training.keep_versions)
 
     def versions(self) -> list[int]:
-        return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+        return version_numbers(self.root)
 
     def load(self, number: int) -> ModelVersion:
         directory = self.root / str(number)
@@ -85,31 +84,28 @@ class ModelRegistry:
             (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             add_artifacts(ModelVersion(number, tmp, labels, str(metrics["backbone"]), head, metrics), tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         write_atomic(self.root / CURRENT_FILE, f"{number}\n".encode())
-        self._prune(number)
+        prune_versions(self.root, self.keep, number)
         return ModelVersion(number, final, labels, str(metrics["backbone"]), head, metrics)
 
-    def _prune(self, current: int) -> None:
-        for number in self.versions()[: -self.keep]:
-            if number != current:
-                shutil.rmtree(self.root / str(number), ignore_errors=True)
-        for leftover in self.root.glob(f"{TMP_PREFIX}*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
+
+def version_numbers(root: Path) -> list[int]:
+    """The numbered version folders in `root` (a registry, a TF Serving or Triton model folder), ascending."""
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Make every file of a version durable before the rename makes it visible."""
-    for item in folder.rglob("*"):
-        if item.is_file():
-            fd = os.open(item, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(folder)
+def prune_versions(root: Path, keep: int, current: int) -> None:
+    """Remove all but the newest `keep` version folders of `root` (never `current`), and leftover
+    temporary folders of interrupted publications."""
+    for number in version_numbers(root)[:-keep]:
+        if number != current:
+            shutil.rmtree(root / str(number), ignore_errors=True)
+    for leftover in root.glob(f"{TMP_PREFIX}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS journal (
 """
 
 ORIGINAL = ""  # the `variant` of an undistorted image's bottleneck
+STORE_FILE = "store.sqlite"  # its name in the state dir
 
 
 @dataclass(frozen=True)

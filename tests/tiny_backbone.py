@@ -31,6 +31,12 @@ class TinyBackbonePlugin:
     def __init__(self) -> None:
         self.backbone: Backbone | None = None
         self.images_embedded = 0
+        self.warm_ups = 0
+
+    def __getstate__(self) -> dict[str, object]:
+        """Sent to `retraind bulk`'s Ray workers without its network (a traced graph cannot be pickled): each
+        worker builds its own, and counts only its own forward passes."""
+        return {"backbone": None, "images_embedded": 0, "warm_ups": 0}
 
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
@@ -46,6 +52,8 @@ class TinyBackbonePlugin:
             def embed(self, images):  # type: ignore[no-untyped-def]
                 if images.any():  # the engine's warm-up batches are all zeros: not images of the test
                     plugin.images_embedded += len(images)
+                else:
+                    plugin.warm_ups += 1
                 return plugin.backbone.embed(images)  # type: ignore[union-attr]
 
         return Counting()

@@ -1,0 +1,164 @@
+"""`retraind bulk embed|classify` on a real local Ray (one session for this module, 2 CPUs) and `retraind import`:
+the vectors are the daemon's own, an import makes the same images cost no forward pass, a bad file is an error
+row (or record), never a crash; a Parquet file of another backbone is refused in one line.
+
+Images: a few of ../shared/data/tuxpaint6 when it is there, else generated ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon.bulk import COLUMNS, schema
+from daemon.cli import main
+from tests.conftest import SHARED_DATA, image_bytes, seed_classes, wait_for, write_image
+from tests.test_cli import write_config
+from tests.tiny_backbone import TinyBackbonePlugin
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+TINY_ID, TINY_DIM = "tiny/seed7/v1", 16
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the module (starting one costs seconds); the commands use it instead of their own."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    yield
+    ray.shutdown()
+
+
+def archive(root: Path, per_label: int = 4) -> dict[str, bytes]:
+    """`<label>/<name>` → bytes written under `root`: tuxpaint6 images of two classes, or generated ones."""
+    files: dict[str, bytes] = {}
+    if SHARED_DATA.is_dir():
+        for label in ("animals", "vehicles"):
+            for path in sorted((SHARED_DATA / label).iterdir())[:per_label]:
+                files[f"{label}/{path.name}"] = path.read_bytes()
+    else:
+        for label in ("red", "blue"):
+            for i in range(per_label):
+                files[f"{label}/{label}-{i}.png"] = image_bytes(label, 500 + i, "PNG")
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def broken(root: Path, label: str) -> tuple[str, str]:
+    """A JPEG cut short (damaged content) and an empty file under `root/label/`; their relative paths."""
+    (root / label).mkdir(parents=True, exist_ok=True)
+    (root / label / "cut.jpg").write_bytes(image_bytes("red", 1)[:300])
+    (root / label / "empty.jpg").write_bytes(b"")
+    return f"{label}/cut.jpg", f"{label}/empty.jpg"
+
+
+def run(config: Path, *args: str, tiny: TinyBackbonePlugin) -> int:
+    return main(["--config", str(config), *args], plugins=[tiny])
+
+
+def test_embed_gives_the_daemons_vectors_and_an_import_saves_every_forward_pass(
+        tmp_path: Path, ray_local: None, run_app: Any, tiny: TinyBackbonePlugin,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source, out = tmp_path / "archive", tmp_path / "parquet"
+    files = archive(source)
+    cut, empty = broken(source, next(iter(files)).split("/")[0])
+    config = write_config(tmp_path)
+
+    assert run(config, "bulk", "embed", str(source), "--out", str(out), "--workers", "1", tiny=tiny) == 0
+    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out
+    table = pq.read_table(out)
+    assert table.schema == schema(TINY_DIM) and tuple(table.column_names) == COLUMNS
+    rows = {Path(row["path"]).relative_to(source).as_posix(): row for row in table.to_pylist()}
+    assert sorted(rows) == sorted([*files, cut, empty])
+    assert rows[cut]["error"].startswith(("corrupt: ", "unsupported: ")) and rows[cut]["vector"] is None
+    assert rows[empty]["error"].startswith("empty: ") and rows[empty]["sha256"] is None
+    for rel, data in files.items():
+        row = rows[rel]
+        assert (row["sha256"], row["backbone"], row["label"], row["error"]) == (
+            hashlib.sha256(data).hexdigest(), TINY_ID, rel.split("/")[0], None), rel
+
+    assert run(config, "import", str(out), tiny=tiny) == 0
+    assert f"imported {len(files)}, skipped 2 " in capsys.readouterr().out
+    assert run(config, "import", str(out), tiny=tiny) == 0  # idempotent
+    assert f"imported 0, skipped {len(files) + 2} " in capsys.readouterr().out
+
+    shutil.copytree(source, tmp_path / "data" / "classes", dirs_exist_ok=True)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="a model trained on the imported bottlenecks")
+        sample = app.metrics.registry.get_sample_value
+        assert sample("retraind_bottleneck_compute_seconds_count") == 0, "the extractor ran a forward pass"
+        assert sample("retraind_bottleneck_cache_misses_total") == 0
+        assert sample("retraind_bottleneck_cache_hits_total") >= len(files)
+        assert tiny.images_embedded <= 1, "only the start-up warm-up image may go through the backbone"
+        daemon = app.extractor.embed(np.stack([app.extractor.decode(data) for data in files.values()]))
+    bulk = np.array([rows[rel]["vector"] for rel in files], dtype=np.float32)
+    np.testing.assert_allclose(bulk, daemon, atol=1e-5)
+
+
+def test_import_refuses_another_backbone_in_one_line(tmp_path: Path, tiny: TinyBackbonePlugin,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    sha = hashlib.sha256(b"x").hexdigest()
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for name, backbone, dim in (("short", TINY_ID, 8), ("other", "efficientnet_lite0/abc/v1", TINY_DIM)):
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(dim, np.float32)), dim)
+        table = pa.Table.from_arrays([pa.array([sha]), pa.array([backbone]), vectors, pa.array(["a.jpg"]),
+                                      pa.array([None], pa.string()), pa.array([None], pa.string())],
+                                     schema=schema(dim))
+        pq.write_table(table, folder / f"{name}.parquet")
+
+    assert run(config, "import", str(folder), tiny=tiny) == 65
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert "other.parquet: rows of backbone efficientnet_lite0/abc/v1, but the configured backbone is " \
+           f"{TINY_ID}; refused 1 rows" in lines[0]
+    assert f"short.parquet: vectors of 8 floats, but the configured backbone {TINY_ID} makes 16" in lines[1]
+    assert "imported 0, skipped 0 (stored already or error rows), refused 2" in captured.out
+
+
+def test_classify_writes_the_daemons_records_and_leaves_files_in_place(
+        tmp_path: Path, ray_local: None, run_app: Any, tiny: TinyBackbonePlugin,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    seed_classes(tmp_path)
+    source, out = tmp_path / "archive", tmp_path / "results"
+    files = {f"{colour}-{i}.jpg": image_bytes(colour, 900 + i) for colour in ("red", "blue") for i in range(2)}
+    for name, data in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    cut, _ = broken(source, "odd")
+    with run_app() as app:
+        version = wait_for(lambda: app.serving.version, what="first model")
+        tops = app.serving.top_k(version, app.extractor.embed(np.stack(
+            [app.extractor.decode(data) for data in files.values()])), 5)
+        write_image(tmp_path / "data" / "inbox" / "one.jpg", "red", seed=77)
+        results = tmp_path / "data" / "results.jsonl"
+        daemon_record = json.loads(wait_for(lambda: results.exists() and results.read_text(), what="a record"))
+    config = write_config(tmp_path)
+
+    assert run(config, "bulk", "classify", str(source), "--out", str(out), tiny=tiny) == 0
+    assert "classified 6 files" in capsys.readouterr().out
+    records = {Path(r["path"]).relative_to(source).as_posix(): r
+               for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert len(records) == 6 and sorted(p.relative_to(source).as_posix() for p in source.rglob("*.jpg")) == \
+        sorted(records), "every file is still where it was, with one record"
+    for (name, data), top in zip(files.items(), tops):
+        record = records[name]
+        assert set(record) == set(daemon_record) | {"path"}
+        assert (record["label"], record["model_version"], record["sha256"], record["destination"]) == (
+            top[0][0], version.number, hashlib.sha256(data).hexdigest(), None)
+        assert {t["label"]: t["score"] for t in record["top_k"]} == pytest.approx(dict(top), abs=1e-5)
+    assert records[cut]["reason"] in ("corrupt", "unsupported") and "label" not in records[cut]
+    assert records["odd/empty.jpg"]["reason"] == "empty"
