@@ -3,6 +3,7 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from daemon import trust
 from daemon.augment import Augmenter, VariantCache
 from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
@@ -38,6 +40,7 @@ from daemon.serving import ServingModel
 from daemon.split import SPLITS
 from daemon.store import STORE_FILE, Store
 from daemon.trainer import Trainer
+from daemon.trust import Trust, load_trust
 from daemon.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -127,7 +130,8 @@ class App:
         urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
         self.batcher = Batcher(urgent, config.http.batching, self.metrics)
         self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
-                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate)
+                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate,
+                       lambda version: dataclasses.replace(version, trust=self._trust_of(version)))
         self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def _publisher(self) -> Publisher | None:
@@ -171,6 +175,7 @@ class App:
             value = version.metrics.get("accuracy", {}).get(split)
             if value is not None:
                 self.metrics.accuracy.labels(split=split).set(value)
+        trust.show(self.metrics, version)
 
     def _load_current(self) -> None:
         """Serve the published model if it was trained on this backbone. Whether the data or settings moved
@@ -183,9 +188,23 @@ class App:
             self.metrics.internal_error("model_load")
             version = None
         if version is not None and version.backbone == self.backbone.id:
+            version = dataclasses.replace(version, trust=self._trust_of(version))
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
+
+    def _trust_of(self, version: ModelVersion) -> Trust | None:
+        """The version's calibrator and novelty score; None (everything goes to review until a retrain, which
+        `_load_current` asks for) when it predates them or they cannot be loaded."""
+        try:
+            found = load_trust(version, self.hooks)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.error("model %d: its calibration cannot be loaded (%s); retraining", version.number, exc)
+            return None
+        if found is None:
+            log.warning("model %d has no calibration (made by an older retraind); every image goes to review "
+                        "until it is retrained", version.number)
+        return found
 
     def start(self) -> None:
         warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast

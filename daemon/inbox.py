@@ -32,6 +32,7 @@ from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
+from daemon.trust import judge
 
 log = logging.getLogger(__name__)
 CLASSIFIED, REVIEW = OUTCOMES
@@ -139,10 +140,10 @@ class InboxProcessor:
     def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> ClassificationResult | None:
         """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
         and counted) when that folder cannot be made."""
-        (top_k,) = self._serving.top_k(version, vector[None, :], self._config.classify.top_k)
+        (judged,) = judge(version, vector[None, :], self._config.classify)
         result = ClassificationResult(
-            id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=top_k, model_version=version.number,
-            backbone=version.backbone, time=_now(),
+            id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=judged.top_k, model_version=version.number,
+            backbone=version.backbone, time=_now(), review_reason=judged.review_reason, novelty=judged.novelty,
         )
         folder = self._hooks.route_result(result, self._config)
         if folder is None:
@@ -157,17 +158,21 @@ class InboxProcessor:
 
     def _count(self, result: ClassificationResult, folder: Path, started: float) -> None:
         outcome = REVIEW if folder == self._config.folder("review") else CLASSIFIED
+        if outcome == REVIEW and result.review_reason is not None:
+            self._metrics.reviews.labels(reason=result.review_reason).inc()
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)
         self._announce(result)
 
     def _announce(self, result: ClassificationResult) -> None:
-        """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg`, summed up per destination during a burst."""
+        """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg` (`(0.412, low_confidence)` for a review), summed up
+        per destination during a burst."""
         root, destination = self._config.data_root, result.destination or result.source
         shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
-        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f) -> %s", result.source.name, result.label,
-                         result.confidence, shown)
+        why = f", {result.review_reason}" if result.review_reason else ""
+        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f%s) -> %s", result.source.name, result.label,
+                         result.confidence, why, shown)
 
     def flush_log(self) -> None:
         """Log the summary of a burst whose window has ended (the pipeline calls this every loop)."""

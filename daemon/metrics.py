@@ -60,6 +60,22 @@ class Metrics:
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), registry=r)
         self.label_conflicts = Gauge(
             "retraind_label_conflicts", "Contents (sha256) found under more than one label in classes/", registry=r)
+        self.reviews = Counter("retraind_reviews", "Inbox images sent to review, by reason", ["reason"], registry=r)
+        self.calibration_error = Gauge(
+            "retraind_model_calibration_error_ratio", "Expected calibration error (10 bins) of the serving "
+            "model's top-1 scores, raw and calibrated", ["split", "scores"], registry=r)
+        self.target_precision = Gauge(
+            "retraind_model_target_precision_ratio", "Precision the serving model's threshold was derived for",
+            registry=r)
+        self.expected_coverage = Gauge(
+            "retraind_model_expected_coverage_ratio", "Share of known-class images expected to be filed",
+            registry=r)
+        self.review_threshold = Gauge(
+            "retraind_model_review_threshold", "Derived thresholds of the serving model (calibrated top-1 "
+            "score, novelty score)", ["score"], registry=r)
+        self.filing_suspended = Gauge(
+            "retraind_model_filing_suspended", "1 when no threshold reaches the target precision and every "
+            "image goes to review (the log and `retraind status` say why)", registry=r)
         self.inbox_pending = Gauge("retraind_inbox_pending_files", "Inbox files waiting", registry=r)
         self.rejected = Counter("retraind_rejected_files", "Files that are not usable images", ["reason"], registry=r)
         self.overflows = Counter(

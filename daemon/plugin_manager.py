@@ -18,11 +18,13 @@ from daemon.hookspecs import PROJECT
 if TYPE_CHECKING:
     from daemon.augment import Distortion
     from daemon.backbone import Backbone
+    from daemon.calibration import Calibrator
     from daemon.config import AugmentationConfig, BackboneConfig, Config, TrainingConfig
     from daemon.dataset import Dataset
     from daemon.events import FileEvent
     from daemon.head import Head
     from daemon.metrics import Metrics
+    from daemon.novelty import NoveltyScore
     from daemon.registry import ModelVersion
     from daemon.results import ClassificationResult
     from daemon.retrain_policy import RetrainState
@@ -42,6 +44,8 @@ DEFAULT_PLUGINS = (
     "plugins.plots",
     "plugins.distortions",
     "plugins.tensorboard_summaries",
+    "plugins.temperature_scaling",
+    "plugins.mahalanobis_novelty",
 )
 
 
@@ -176,6 +180,32 @@ class Hooks:
 
     def train_head(self, dataset: Dataset, config: TrainingConfig) -> Head | None:
         return self.pm.hook.retraind_train_head(dataset=dataset, config=config)  # type: ignore[no-any-return]
+
+    def fit_calibrator(self, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
+        found: Calibrator = self._required("retraind_fit_calibrator", "temperature_scaling", logits=logits,
+                                           labels=labels)
+        return found
+
+    def load_calibrator(self, name: str, directory: Path) -> Calibrator:
+        found: Calibrator = self._required("retraind_load_calibrator", f"calibrator {name!r}", name=name,
+                                           directory=directory)
+        return found
+
+    def fit_novelty(self, x: np.ndarray, labels: np.ndarray) -> NoveltyScore:
+        found: NoveltyScore = self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
+        return found
+
+    def load_novelty(self, name: str, directory: Path) -> NoveltyScore:
+        found: NoveltyScore = self._required("retraind_load_novelty", f"novelty score {name!r}", name=name,
+                                             directory=directory)
+        return found
+
+    def _required(self, hook_name: str, provider: str, **kwargs: Any) -> Any:
+        """A firstresult hook that some plugin must answer; RuntimeError naming `provider` when none did."""
+        result = getattr(self.pm.hook, hook_name)(**kwargs)
+        if result is None:
+            raise RuntimeError(f"{hook_name}: no plugin answered (is the plugin for {provider} disabled?)")
+        return result
 
     def route_result(self, result: ClassificationResult, config: Config) -> Path | None:
         return self.pm.hook.retraind_route_result(result=result, config=config)  # type: ignore[no-any-return]

@@ -18,7 +18,7 @@ from daemon.atomic import write_atomic
 from daemon.images import open_image
 from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelVersion
 from daemon.split import SPLITS
-from daemon.status import percent
+from daemon.status import percent, trust_lines
 
 THUMBNAIL_PIXELS = 160
 
@@ -106,6 +106,8 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 {len(version.labels)} labels, dataset <code>{html.escape(str(m.get("manifest_sha256", "?"))[:12])}</code></p>
 <h2>Accuracy</h2>
 {_table(["split", "accuracy"], [[s, percent(accuracy.get(s))] for s in SPLITS])}
+<h2>Filing</h2>
+{_table(["", ""], [[name, text] for name, text in trust_lines(m.get("trust"))])}
 <h2>Labels</h2>
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>
