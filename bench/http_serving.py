@@ -132,8 +132,8 @@ def main() -> None:
 
 
 def measure(root: Path, port: int, images: list[tuple[str, str, bytes]], args: Any) -> None:
-    from daemon.app import build_backbone
     from daemon.config import load_config
+    from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks, make_plugin_manager
 
     config = load_config(root / "config.yaml")

@@ -45,12 +45,12 @@ from daemon.review_actions import (
 )
 from daemon.serving import ServingModel
 from daemon.store import Store
+from daemon.trust import OUT_OF_FOLD_FILE
 
 log = logging.getLogger(__name__)
 
 NEAR_DUPLICATE_COSINE = 0.8
 SUSPECT_PROBABILITY = 0.8
-OUT_OF_FOLD_FILE = "out_of_fold.jsonl"
 _RECORD_SUFFIXES = (".json",)
 
 
