@@ -212,15 +212,19 @@ class Review:
         by_sha: dict[str, list[str]] = defaultdict(list)
         for entry in catalog.values():
             by_sha[str(entry.sha256)].append(entry.path)
+        listed = {suspect["path"]: suspect for suspect in found}
         for sha, paths in sorted(by_sha.items()):
             labels = {catalog[p].label for p in paths}
             if len(labels) < 2:
                 continue
             for path in sorted(paths):
-                if (path, sha) not in kept:
+                others = sorted(labels - {catalog[path].label})
+                if path in listed:  # one card per image: a disagreeing one also says where its copies are
+                    listed[path]["other_labels"] = others
+                elif (path, sha) not in kept:
                     found.append({"id": short_id(path), "kind": "duplicate", "path": path,
                                   "label": catalog[path].label, "sha256": sha, "suggested": None,
-                                  "other_labels": sorted(labels - {catalog[path].label})})
+                                  "other_labels": others})
         return found
 
     def suspect(self, suspect_id: str) -> dict[str, Any]:

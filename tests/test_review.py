@@ -117,8 +117,9 @@ def test_suspects_duplicates_keep_and_undo(tmp_path: Path, run_app: Any) -> None
     with run_app() as app:
         first_model(app)
         found = wait_for(lambda: [s for s in call(app, "GET", "/v1/suspects")[2]["suspects"]
-                                  if s["kind"] == "duplicate"], what="duplicate suspects")
-        assert {s["path"] for s in found} == {"red/red-0.jpg", "blue/looks-red.jpg"}
+                                  if s.get("other_labels")], what="suspects with copies under another label")
+        # one card per image: the copy under blue may also be a confident out-of-fold disagreement
+        assert sorted(s["path"] for s in found) == ["blue/looks-red.jpg", "red/red-0.jpg"]
         copy = next(s for s in found if s["path"] == "blue/looks-red.jpg")
         assert copy["other_labels"] == ["red"]
         assert post(app, f"/v1/suspects/{copy['id']}:keep")[0] == 200

@@ -168,9 +168,10 @@ async function loadSuspects() {
 }
 
 function suspectCard(suspect, index) {
+  const copies = (suspect.other_labels || []).length ? `the same bytes are also under ${suspect.other_labels.join(", ")}` : "";
   const why = suspect.kind === "disagrees"
-    ? `cross-validated prediction: ${suspect.suggested} (${percent(suspect.probability)})`
-    : `the same bytes are also under ${suspect.other_labels.join(", ")}`;
+    ? `cross-validated prediction: ${suspect.suggested} (${percent(suspect.probability)})${copies ? `; ${copies}` : ""}`
+    : copies;
   const moveTo = suspect.suggested || (suspect.other_labels || [])[0];
   return el("article", { class: `card${index === state.suspectSelected ? " selected" : ""}`, "data-id": suspect.id,
                          onclick: () => { state.suspectSelected = index; renderSuspects(); } },
@@ -221,8 +222,9 @@ async function loadModel() {
   const figures = el("div", { class: "figures" },
     figure("target precision", percent(trust.target_precision)),
     figure("expected coverage", percent(trust.expected_coverage)),
-    figure("calibration error (ECE) before → after", `${calibration.before ?? "–"} → ${calibration.after ?? "–"}`),
-    figure("novelty threshold", (trust.novelty || {}).threshold?.toFixed?.(2) ?? "–"),
+    figure(`calibration error (ECE, ${(trust.calibration || {}).test ? "test" : "out-of-fold"}) before → after`,
+      `${calibration.before?.toFixed?.(3) ?? "–"} → ${calibration.after?.toFixed?.(3) ?? "–"}`),
+    figure("novelty threshold", (trust.novelty || {}).threshold?.toFixed?.(1) ?? "–"),
     figure("review threshold", trust.confidence_threshold === undefined ? "–" :
       trust.confidence_threshold === null ? "everything to review" : percent(trust.confidence_threshold)));
   const splits = el("table", {}, el("tr", {}, el("th", {}, "split"), el("th", {}, "accuracy"), el("th", {}, `vs ${previous.version ?? "–"}`)),
