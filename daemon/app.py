@@ -103,6 +103,8 @@ class App:
     def _build(self, config: Config, progress: Progress) -> None:
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
+        if getattr(self.backbone, "fell_back_from", None) is not None:  # logged where it happened
+            self.metrics.internal_error("engine_fallback")
         self.store = Store(state / STORE_FILE)
         self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
