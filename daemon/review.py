@@ -182,13 +182,21 @@ class Review:
     def reject(self, item_ids: list[str]) -> int:
         """Move review images to `rejected/` beside an error record saying a reviewer rejected them."""
         paths = [self.item(i).path for i in item_ids]
-        plan = Plan(moves=plan_moves([(p, self._config.folder("rejected")) for p in paths], "reviewed"))
+        plan = self._to_rejected(paths, {"reason": "rejected_by_reviewer",
+                                         "error": "a reviewer rejected it from the review queue"})
         plan.removed = _existing_texts(sidecar_of(p) for p in paths)
+        return self.actions.carry_out("reject", plan)
+
+    def _to_rejected(self, sources: list[Path], record: dict[str, Any],
+                     subject: dict[str, Any] | None = None) -> Plan:
+        """Moves of `sources` into `rejected/`, each beside `<name>.error.json` holding `record` (plus the
+        file's name there and the time), as the daemon records every file it rejects."""
+        plan = Plan(moves=plan_moves([(s, self._config.folder("rejected")) for s in sources], "reviewed"),
+                    subject=subject or {})
         for _, destination in plan.moves:
             plan.written[error_record_of(destination)] = json.dumps(
-                {"file": os.fsdecode(destination.name), "reason": "rejected_by_reviewer",
-                 "error": "a reviewer rejected it from the review queue", "time": now_iso()})
-        return self.actions.carry_out("reject", plan)
+                {"file": os.fsdecode(destination.name), **record, "time": now_iso()})
+        return plan
 
     # -- suspects ----------------------------------------------------------------------------------------
 
@@ -249,13 +257,9 @@ class Review:
                 moves=plan_moves([(source, self._config.folder("classes") / target)], "reviewed"),
                 subject={"path": suspect["path"], "label": target}))
         if action == "remove":
-            plan = Plan(moves=plan_moves([(source, self._config.folder("rejected"))], "reviewed"),
-                        subject={"path": suspect["path"]})
-            for _, destination in plan.moves:
-                plan.written[error_record_of(destination)] = json.dumps(
-                    {"file": os.fsdecode(destination.name), "reason": "removed_from_training",
-                     "label": suspect["label"], "error": "a reviewer removed it from the training set",
-                     "time": now_iso()})
+            plan = self._to_rejected([source], {"reason": "removed_from_training", "label": suspect["label"],
+                                                "error": "a reviewer removed it from the training set"},
+                                     {"path": suspect["path"]})
             return self.actions.carry_out("remove", plan)
         raise ActionRefused(f"action {action!r}: use move, keep or remove")
 
