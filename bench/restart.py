@@ -29,8 +29,8 @@ import numpy as np
 LABELS = ("animals", "food", "household", "plants", "town", "vehicles")
 
 
-def write_images(classes: Path, n: int) -> list[tuple[str, str, str, int, int]]:
-    """N distinct 16×16 PNGs; returns their catalog rows (path, label, sha256, size, mtime_ns)."""
+def write_images(classes: Path, n: int) -> list[tuple[str, str, str, int, int, int, int]]:
+    """N distinct 16×16 PNGs; returns their catalog rows (path, label, sha256, size, mtime_ns, ctime_ns, inode)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -44,7 +44,7 @@ def write_images(classes: Path, n: int) -> list[tuple[str, str, str, int, int]]:
         path.write_bytes(buffer.getvalue())
         st = os.stat(path)
         rows.append((f"{label}/{path.name}", label, hashlib.sha256(buffer.getvalue()).hexdigest(), st.st_size,
-                     st.st_mtime_ns))
+                     st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     return rows
 
 
@@ -67,7 +67,8 @@ def setup(root: Path, n: int, args: argparse.Namespace, publish: bool = True) ->
         vectors = np.abs(centres[np.arange(start, start + len(part)) % len(LABELS)] + noise)
         app.store.put_bottlenecks(backbone.id, ((row[2], ORIGINAL, v) for row, v in zip(part, vectors)))
     with sqlite3.connect(config.folder("state") / "store.sqlite") as db:  # setup only: one transaction
-        db.executemany("INSERT INTO files VALUES (?,?,?,?,?,1)", rows)
+        db.executemany("INSERT INTO files (path, label, sha256, size, mtime_ns, ctime_ns, inode, ok) "
+                       "VALUES (?,?,?,?,?,?,?,1)", rows)
     version = app.trainer.train_once() if publish else None
     app.stop()
     assert version is not None or not publish, "the setup could not publish a model"

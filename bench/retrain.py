@@ -73,7 +73,7 @@ def fill_store(root: Path, n: int, dim: int, labels: int) -> None:
     store.close()
     rows = [(f"label{y[i]:02d}/img{i:07d}.jpg", f"label{y[i]:02d}", sha, 1000, 0, 1) for i, sha in enumerate(shas)]
     with sqlite3.connect(root / "state" / "store.sqlite") as db:
-        db.executemany("INSERT INTO files VALUES (?,?,?,?,?,?)", rows)
+        db.executemany("INSERT INTO files (path, label, sha256, size, mtime_ns, ok) VALUES (?,?,?,?,?,?)", rows)
 
 
 def setup(root: Path, n: int, dim: int, labels: int) -> dict[str, float]:

@@ -3,6 +3,7 @@ exit stops them (pipeline first, so in-flight work finishes) and joins them all.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from daemon import trust
 from daemon.augment import Augmenter, VariantCache
 from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
@@ -26,17 +28,21 @@ from daemon.http.server import HttpServer
 from daemon.ignore import IgnoreRules
 from daemon.inbox import InboxProcessor
 from daemon.indexer import TrainingIndexer
+from daemon.instance_lock import InstanceLock
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import Hooks
 from daemon.publish import Publisher, repositories
 from daemon.registry import ModelRegistry, ModelVersion
+from daemon.review import Review
+from daemon.review_actions import ReviewActions
 from daemon.scanner import walk_files
 from daemon.serving import ServingModel
 from daemon.split import SPLITS
 from daemon.store import STORE_FILE, Store
 from daemon.trainer import Trainer
+from daemon.trust import Trust, load_trust
 from daemon.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -86,8 +92,19 @@ class App:
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         check_state_dir(config)
+        self.lock = InstanceLock(config.folder("state"), config.data_root)
+        self.lock.acquire()  # before anything reads or writes the data: one daemon per data root
+        try:
+            self._build(config, progress or NoProgress())
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: Config, progress: Progress) -> None:
         state = config.folder("state")
         self.backbone = build_backbone(self.hooks, config)
+        if getattr(self.backbone, "fell_back_from", None) is not None:  # logged where it happened
+            self.metrics.internal_error("engine_fallback")
         self.store = Store(state / STORE_FILE)
         self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
@@ -104,8 +121,9 @@ class App:
         self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
                                self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.journal, self.metrics, self.watcher.rescan_needed, progress or NoProgress(),
+                                 self.journal, self.metrics, self.watcher.rescan_needed, progress,
                                  self.trainer.set_backlog)
+        self.review_actions = ReviewActions(self.store, self.metrics)
         self.publisher = self._publisher()
         self.batcher: Batcher | None = None
         self.http: HttpServer | None = None
@@ -116,8 +134,10 @@ class App:
         config = self.config
         urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
         self.batcher = Batcher(urgent, config.http.batching, self.metrics)
+        review = Review(config, self.store, self.serving, self.registry, self.review_actions, self.backbone.id)
         self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
-                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate)
+                       self.trainer.request_if_changed, self.health, lambda: self.serving.candidate, review,
+                       lambda version: dataclasses.replace(version, trust=self._trust_of(version)))
         self.http = HttpServer(make_app(self.api, read_token(config.http)), config.http)
 
     def _publisher(self) -> Publisher | None:
@@ -151,6 +171,7 @@ class App:
         self.events.put(MODEL_CHANGED)
 
     def _show(self, version: ModelVersion) -> None:
+        self.metrics.known_labels(version.labels)
         self.metrics.model_version.set(version.number)
         self.metrics.model_info.clear()
         self.metrics.model_info.labels(version=str(version.number), backbone=version.backbone).set(1)
@@ -160,6 +181,7 @@ class App:
             value = version.metrics.get("accuracy", {}).get(split)
             if value is not None:
                 self.metrics.accuracy.labels(split=split).set(value)
+        trust.show(self.metrics, version)
 
     def _load_current(self) -> None:
         """Serve the published model if it was trained on this backbone. Whether the data or settings moved
@@ -172,9 +194,23 @@ class App:
             self.metrics.internal_error("model_load")
             version = None
         if version is not None and version.backbone == self.backbone.id:
+            version = dataclasses.replace(version, trust=self._trust_of(version))
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
+
+    def _trust_of(self, version: ModelVersion) -> Trust | None:
+        """The version's calibrator and novelty score; None (everything goes to review until a retrain, which
+        `_load_current` asks for) when it predates them or they cannot be loaded."""
+        try:
+            found = load_trust(version, self.hooks)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.error("model %d: its calibration cannot be loaded (%s); retraining", version.number, exc)
+            return None
+        if found is None:
+            log.warning("model %d has no calibration (made by an older retraind); every image goes to review "
+                        "until it is retrained", version.number)
+        return found
 
     def start(self) -> None:
         warm_up(self.backbone)  # before a model is served: /readyz and READY mean the first image is fast
@@ -182,6 +218,8 @@ class App:
         recovered = self.journal.recover()
         if recovered:
             log.info("finished %d inbox moves a stop interrupted", recovered)
+        if finished := self.review_actions.recover():
+            log.info("finished %d review decisions a stop interrupted", finished)
         self.watcher.start()  # before the scan (the pipeline's first turn), so nothing falls between the two
         if next(walk_files(self.config.folder("classes"), IgnoreRules(self.config.watch.ignore).name), None) is None:
             log.info("no training images yet: put images in %s/<label>/ (two labels or more)",
@@ -219,6 +257,7 @@ class App:
             self.batcher.stop()
         self.extractor.close()
         self.store.close()
+        self.lock.release()
 
     def __enter__(self) -> Self:
         try:

@@ -10,6 +10,9 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 TMP_PREFIX = ".retraind-tmp-"
+#: Bytes a published file's name leaves free for the longest record suffix written beside it (`.error.json`)
+RECORD_ROOM = len(".error.json")
+_SUFFIX_BYTES = 16  # a longer "extension" is part of the name, not a file type
 
 
 def _fsync(path: Path, flags: int = 0) -> None:
@@ -65,8 +68,9 @@ def move_atomic(src: Path, dst: Path) -> None:
 
 
 def _place(dst: Path, make: Callable[[Path], object]) -> None:
-    """Make a temporary entry beside `dst` and rename it into place; no partial entry is left behind."""
-    tmp = dst.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}")
+    """Make a temporary entry beside `dst` and rename it into place; no partial entry is left behind. The
+    temporary name is 46 bytes whatever `dst` is called, so any name the file system takes can be published."""
+    tmp = dst.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}")
     try:
         make(tmp)
         os.replace(tmp, dst)
@@ -75,12 +79,42 @@ def _place(dst: Path, make: Callable[[Path], object]) -> None:
             tmp.unlink()
 
 
-def free_name(folder: Path, name: str, tag: str, taken: Collection[Path] = ()) -> Path:
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that `folder`'s file system takes (NAME_MAX, 255 on Linux's)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _cut(raw: bytes, size: int) -> bytes:
+    """At most `size` bytes of `raw`, never ending inside a UTF-8 character."""
+    if len(raw) <= size:
+        return raw
+    size = max(size, 0)
+    while size and (raw[size] & 0xC0) == 0x80:
+        size -= 1
+    return raw[:size]
+
+
+def free_name(folder: Path, name: str, tag: str, room: int = RECORD_ROOM, taken: Collection[Path] = ()) -> Path:
     """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name (or it is
-    in `taken`: names given to a batch's files not moved yet)."""
-    stem, suffix = os.path.splitext(name)
-    candidate, n = folder / name, 1
-    while os.path.lexists(candidate) or candidate in taken:
-        candidate = folder / f"{stem}-{tag}{f'-{n}' if n > 1 else ''}{suffix}"
+    in `taken`: names given to a batch's files not moved yet) or when the name would not leave `room` bytes of
+    the folder's NAME_MAX for a record's suffix (its stem is then cut to fit)."""
+    limit = name_max(folder) - room
+
+    def free(candidate: Path) -> bool:
+        return candidate not in taken and not os.path.lexists(candidate)
+
+    if len(os.fsencode(name)) <= limit and free(folder / name):
+        return folder / name
+    stem, suffix = os.path.splitext(os.fsencode(name))
+    if len(suffix) > _SUFFIX_BYTES:
+        stem, suffix = stem + suffix, b""
+    n = 1
+    while True:
+        tail = os.fsencode(f"-{tag}{f'-{n}' if n > 1 else ''}") + suffix
+        candidate = folder / os.fsdecode(_cut(stem, limit - len(tail)) + tail)
+        if free(candidate):
+            return candidate
         n += 1
-    return candidate

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.indexer import Indexing, TrainingIndexer
-from daemon.metrics import Metrics
+from daemon.logs import short
+from daemon.metrics import InternalErrorPlace, Metrics
 
 if TYPE_CHECKING:
     from daemon.pipeline import Progress
@@ -118,23 +119,29 @@ class Backfill(threading.Thread):
         return []
 
 
-def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path], metrics: Metrics) -> list[Path]:
+def guarded(work: Callable[[list[Path]], list[Path]], paths: list[Path], metrics: Metrics,
+            attempts: Mapping[Path, int] | None = None) -> list[Path]:
     """Run `work` on a batch, then alone on each file of a batch that failed; returns the files to retry:
-    those `work` returned and those that failed alone. Failures are counted in `metrics`."""
+    those `work` returned and those that failed alone. Failures are counted in `metrics`. A file that fails
+    again (`attempts`: its failures in a row so far) logs one short line; the traceback only the first time."""
     try:
         return work(paths)
-    except Exception:
-        log.exception("a batch of %d files failed; %s", len(paths),
-                      "trying them one by one" if len(paths) > 1 else "retried later")
-        metrics.internal_error("pipeline_batch")
+    except Exception as exc:
         if len(paths) == 1:
+            _failed(paths[0], exc, metrics, "pipeline_batch", traceback=not (attempts or {}).get(paths[0], 0))
             return list(paths)
+        log.exception("a batch of %d files failed; trying them one by one", len(paths))
+        metrics.internal_error("pipeline_batch")
     retry: list[Path] = []
     for path in paths:
         try:
             retry += work([path])
         except Exception as exc:  # noqa: BLE001 - the batch's traceback is logged just before
-            log.error("%s: failed (%s: %s); retried later", path, type(exc).__name__, exc)
-            metrics.internal_error("pipeline_file")
+            _failed(path, exc, metrics, "pipeline_file", traceback=False)
             retry.append(path)
     return retry
+
+
+def _failed(path: Path, exc: Exception, metrics: Metrics, where: InternalErrorPlace, traceback: bool) -> None:
+    log.error("%s: failed (%s); retried later", path, short(exc), exc_info=traceback)
+    metrics.internal_error(where)

@@ -1,6 +1,7 @@
 """`retraind` command line: parses the arguments and dispatches; the running service is `daemon/service.py`.
 User mistakes (config, missing weights) print one line and exit 78 (EX_CONFIG); no
-model yet exits 1, no daemon answering (status excepted, which falls back to the state dir) exits 69."""
+model yet exits 1, no daemon answering (status excepted, which falls back to the state dir) exits 69, a
+second `run` on a data root another daemon holds exits 75 (EX_TEMPFAIL)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from daemon.bulk_cli import EX_DATAERR, add_commands
 from daemon.bulk_sources import SourceError
 from daemon.config import EX_CONFIG, Config, ConfigError, load_config
 from daemon.export import ExportError
+from daemon.instance_lock import EX_TEMPFAIL, AlreadyRunning
 from daemon.logs import foreign_output_as_debug, quiet_tensorflow
 from daemon.oneshot import NoModel
 from daemon.status import DaemonUnavailable
@@ -166,6 +168,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except (ConfigError, BackboneUnavailable) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except AlreadyRunning as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (NoModel, ExportError) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return 1

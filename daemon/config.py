@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,18 @@ class AugmentationConfig:
 
 @dataclass(frozen=True)
 class ClassifyConfig:
+    """Which predictions are filed without asking (see daemon/trust.py).
+
+    `target_precision`: the share of filed known-class images that must be right; each model version derives
+    its review threshold from it. `confidence_threshold`: an explicit threshold on the calibrated top-1 score
+    that overrides the derived one (1 sends every image to review); `None` (YAML `null` or the key left out)
+    means "not set". `novelty`: also
+    send images unlike every taught class to review (reason `unfamiliar`)."""
+
     top_k: int = 5
-    confidence_threshold: float = 0.5
+    target_precision: float = 0.9
+    confidence_threshold: float | None = None
+    novelty: bool = True
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "augmentation.variants_per_image": (0, 100),
     "augmentation.seed": (0, 2**63 - 1),
     "classify.top_k": (1, 1000),
+    "classify.target_precision": (0.5, 0.999),
     "classify.confidence_threshold": (0, 1),
     "watch.settle_seconds": (0, 3600),
     "watch.rescan_interval_seconds": (0, 86400 * 7),
@@ -240,6 +252,9 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # `X | None`: null means "not set"
+        (inner,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        return None if value is None else _convert(key, inner, value)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -269,7 +284,7 @@ def _check(key: str, value: Any) -> None:
                 raise ConfigError(problem)
     if key in _ALL_OR_COUNT and value == 0:
         raise ConfigError(f"{key}: 0 evaluates no images; use -1 for all of them or a positive count")
-    if key in _RANGES:
+    if key in _RANGES and value is not None:
         low, high = _RANGES[key]
         if not low <= value <= high:
             raise ConfigError(f"{key}: {value!r} is out of range [{low}, {high}]")

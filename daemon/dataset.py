@@ -1,4 +1,4 @@
-"""The training set as matrices: cached bottlenecks of catalog files, split by retrain.py's stable name hash,
+"""The training set as matrices: cached bottlenecks of catalog files, split by content (`daemon/split.py`),
 plus the cached distorted variants of the training images (daemon/augment.py) as extra train rows."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from daemon.config import SplitConfig
-from daemon.split import SPLITS, TRAIN, split_of
+from daemon.split import SPLITS, TRAIN, split_key, split_of
 from daemon.store import CatalogEntry
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,18 @@ class Part:
 
 
 @dataclass(frozen=True)
+class LabelConflict:
+    """One content (sha256) found under more than one label: training rows that contradict each other."""
+
+    sha256: str
+    paths: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    def record(self) -> dict[str, object]:
+        return {"sha256": self.sha256, "labels": list(self.labels), "paths": list(self.paths)}
+
+
+@dataclass(frozen=True)
 class Dataset:
     labels: tuple[str, ...]
     parts: dict[str, Part]
@@ -37,6 +49,8 @@ class Dataset:
     borrowed: tuple[str, ...] = field(default=())
     #: distorted variants of train images, `paths` naming their source; fitted on, never evaluated or counted
     variants: Part | None = None
+    #: the same bytes under two or more labels, by sha256
+    conflicts: tuple[LabelConflict, ...] = field(default=())
 
     @property
     def train(self) -> Part:
@@ -71,6 +85,28 @@ def manifest_of(entries: list[CatalogEntry]) -> str:
     return digest.hexdigest()
 
 
+def content_splits(entries: list[CatalogEntry], split: SplitConfig) -> np.ndarray:
+    """Each entry's split. Identical bytes share one: a content's key is the least `split_key` of its files
+    (all the same, its sha256, unless some are named with `_nohash_`)."""
+    key_of: dict[str, str] = {}
+    for entry in entries:
+        sha = entry.sha256 or entry.path
+        key = split_key(PurePosixPath(entry.path).name, sha)
+        key_of[sha] = min(key_of.get(sha, key), key)
+    return np.array([split_of(key_of[entry.sha256 or entry.path], split.validation_percentage,
+                              split.testing_percentage) for entry in entries])
+
+
+def label_conflicts(entries: list[CatalogEntry]) -> tuple[LabelConflict, ...]:
+    """Contents that lie under more than one label, by sha256."""
+    found: dict[str, list[CatalogEntry]] = {}
+    for entry in entries:
+        if entry.sha256:
+            found.setdefault(entry.sha256, []).append(entry)
+    return tuple(LabelConflict(sha, tuple(e.path for e in group), tuple(sorted({e.label for e in group})))
+                 for sha, group in sorted(found.items()) if len({e.label for e in group}) > 1)
+
+
 def _permute_rows(matrix: np.ndarray, order: np.ndarray) -> None:
     """`matrix[i] = old matrix[order[i]]`, in place, one spare row at a time (cycle by cycle)."""
     done = np.zeros(len(order), dtype=bool)
@@ -85,14 +121,13 @@ def _permute_rows(matrix: np.ndarray, order: np.ndarray) -> None:
 
 
 def build_dataset(entries: list[CatalogEntry], matrix: np.ndarray, split: SplitConfig) -> Dataset:
-    """Split catalog rows (aligned with `matrix`) into train/validation/test by file name.
+    """Split catalog rows (aligned with `matrix`) into train/validation/test by content.
 
     `matrix` is reordered in place so that each split is a contiguous block and each part's `x` a view of
     it: a 50k-row training set costs one matrix in memory, not the matrix plus a copy of every split."""
     labels = tuple(sorted({entry.label for entry in entries}))
     index = {label: i for i, label in enumerate(labels)}
-    names = [PurePosixPath(e.path).name for e in entries]
-    splits = np.array([split_of(n, split.validation_percentage, split.testing_percentage) for n in names])
+    splits = content_splits(entries, split)
     y = np.array([index[e.label] for e in entries], dtype=np.int64)
     train_mask = splits == TRAIN
     borrowed = tuple(label for label in labels if not np.any(train_mask & (y == index[label])))
@@ -108,4 +143,4 @@ def build_dataset(entries: list[CatalogEntry], matrix: np.ndarray, split: SplitC
         rows = rows_of[name]
         parts[name] = Part(matrix[start : start + len(rows)], y[rows], tuple(entries[i].path for i in rows))
         start += len(rows)
-    return Dataset(labels, parts, manifest_of(entries), borrowed)
+    return Dataset(labels, parts, manifest_of(entries), borrowed, conflicts=label_conflicts(entries))

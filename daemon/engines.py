@@ -85,7 +85,9 @@ def select_engine(config: BackboneConfig, cache_dir: Path, backbone_id: str,
         raise  # the weights themselves are missing: no engine can help
     except Exception:
         log.exception("the TFLite engine failed for %s; running the Keras engine", backbone_id)
-    return build_keras()
+    keras = build_keras()
+    keras.fell_back_from = "tflite"  # the daemon counts it (retraind_internal_errors_total{where="engine_fallback"})
+    return keras
 
 
 def warm_up(backbone: Backbone, batch: int = 1) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 from daemon.dataset import Dataset, Part
 from daemon.head import Head, accuracy
 from daemon.registry import ModelVersion
-from daemon.split import TEST, VALIDATION
+from daemon.split import SPLIT_RULE, TEST, VALIDATION
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,12 @@ class GateVerdict:
 def gate(current: ModelVersion | None, dataset: Dataset, new_accuracy: float | None, backbone_id: str,
          tolerance: float) -> GateVerdict:
     """Compare the new head's validation accuracy with the serving model's on the same images. A serving
-    model with another label set or backbone is another task, and is never compared; nor is anything
-    without validation images. The new head may be up to `tolerance` (a fraction) worse."""
+    model with another label set, backbone or split rule (each would be scored on images the other trained on)
+    is another task, and is never compared; nor is anything without validation images. The new head may be up
+    to `tolerance` (a fraction) worse."""
     validation = dataset.parts[VALIDATION]
-    if current is None or current.labels != dataset.labels or current.backbone != backbone_id:
+    if (current is None or current.labels != dataset.labels or current.backbone != backbone_id
+            or current.metrics.get("split_rule") != SPLIT_RULE):
         return GateVerdict(True)
     if not len(validation.y):
         return GateVerdict(True)

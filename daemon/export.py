@@ -5,7 +5,7 @@ load, for when one machine is not enough.
   in its `assets/`. Both signatures take `image_bytes`, a batch of encoded files (JPEG, PNG, GIF, BMP, WebP),
   decoded and resized inside the graph like the daemon's Pillow decoder does (bilinear with antialiasing,
   transparency flattened on white; EXIF orientation is not applied):
-  `serving_default` → `probabilities` [N, labels] in `labels.txt` order;
+  `serving_default` → `probabilities` [N, labels] in `labels.txt` order, calibrated as the daemon's are;
   `classify` → `classes` and `scores` [N, labels], best first (TF Serving's classification output names).
 - `<out>/<name>-<version>.tflite` with `<out>/<name>-<version>.labels.txt`: uint8 RGB pixels already resized
   to the backbone's input size → `probabilities` (TFLite has no image decoders).
@@ -29,6 +29,8 @@ from PIL import Image
 
 from daemon.atomic import TMP_PREFIX, write_atomic
 from daemon.backbone import Backbone, BackboneUnavailable
+from daemon.calibration import TemperatureScaling
+from daemon.head import Head
 from daemon.keras_engine import KerasBackbone
 from daemon.registry import LABELS_FILE, ModelVersion
 from daemon.tflite_engine import convert
@@ -73,8 +75,22 @@ def _classifier(version: ModelVersion, backbone: KerasBackbone) -> Any:
     head = keras.layers.Dense(len(version.labels), activation="softmax", name="probabilities")
     outputs = {"probabilities": head(backbone.network(pixels))}  # a dict names the TFLite output
     model = keras.Model(pixels, outputs, name=f"retraind_{version.number}")
-    head.set_weights([version.head.weights, version.head.bias])
+    calibrated = calibrated_head(version)
+    head.set_weights([calibrated.weights, calibrated.bias])
     return model
+
+
+def calibrated_head(version: ModelVersion) -> Head:
+    """A head whose plain softmax gives the daemon's calibrated scores: temperature scaling folds into the
+    weights (softmax((xW + b) / T) = softmax(x(W/T) + b/T)); another calibrator cannot be exported."""
+    calibrator = version.trust.calibrator if version.trust is not None else None
+    if calibrator is None:
+        return version.head
+    if not isinstance(calibrator, TemperatureScaling):
+        raise ExportError(f"model {version.number}: its calibrator {calibrator.name!r} cannot be folded into an "
+                          "exported network (only temperature scaling can)")
+    t = np.float32(calibrator.temperature)
+    return Head(version.head.weights / t, version.head.bias / t)
 
 
 def _module(version: ModelVersion, classifier: Any, size: tuple[int, int]) -> Any:
@@ -118,7 +134,7 @@ def _check(saved_model: Path, version: ModelVersion, backbone: KerasBackbone) ->
     Image.fromarray(pixels).save(png, format="PNG")
     loaded = tf.saved_model.load(str(saved_model))
     got = loaded.signatures["serving_default"](image_bytes=tf.constant([png.getvalue()]))["probabilities"]
-    want = version.head.probabilities(backbone.embed(pixels[None]))
+    want = calibrated_head(version).probabilities(backbone.embed(pixels[None]))
     if not np.allclose(np.asarray(got), want, atol=TOLERANCE):
         raise ExportError(f"the exported network differs from the daemon's: {np.asarray(got)} vs {want}")
 

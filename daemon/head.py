@@ -18,8 +18,12 @@ class Head:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Unnormalised scores (n, classes) of bottlenecks (n, dim)."""
+        return np.asarray(x, dtype=np.float32) @ self.weights + self.bias  # type: ignore[no-any-return]
+
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        logits = np.asarray(x, dtype=np.float32) @ self.weights + self.bias  # no copy of float32 input
+        logits = self.logits(x)  # no copy of float32 input
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]

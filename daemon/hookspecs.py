@@ -20,10 +20,12 @@ import pluggy
 if TYPE_CHECKING:
     from daemon.augment import Distortion
     from daemon.backbone import Backbone
+    from daemon.calibration import Calibrator
     from daemon.config import AugmentationConfig, BackboneConfig, Config, TrainingConfig
     from daemon.dataset import Dataset
     from daemon.events import FileEvent
     from daemon.head import Head
+    from daemon.novelty import NoveltyScore
     from daemon.registry import ModelVersion
     from daemon.results import ClassificationResult
     from daemon.retrain_policy import RetrainState
@@ -130,6 +132,50 @@ def retraind_register_distortions(config: AugmentationConfig) -> list[Distortion
     """
 
 
+@hookspec(firstresult=True)
+def retraind_fit_calibrator(logits: np.ndarray, labels: np.ndarray) -> Calibrator | None:
+    """Fit a calibrator (`daemon.calibration.Calibrator`) on out-of-fold `logits` (n, classes) float32 with
+    true label indices `labels` (n,) int64: predictions of heads that did not see those images.
+
+    Called on the trainer thread once per training run, before the version is published; the calibrator's
+    `save` then writes into the version folder and its `name` is recorded in `metrics.json`. Stops at the
+    first non-None result; the built-in `temperature_scaling` plugin (`trylast`) fits one temperature.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_load_calibrator(name: str, directory: Path) -> Calibrator | None:
+    """Load the calibrator called `name` that a fitted calibrator saved into the version folder `directory`,
+    or return None when this plugin does not make calibrators of that name.
+
+    Called on the main thread at start-up and on one-shot commands, when a published version is loaded.
+    Stops at the first non-None result; the built-in `temperature_scaling` plugin (`trylast`) loads
+    `temperature`.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_fit_novelty(x: np.ndarray, labels: np.ndarray) -> NoveltyScore | None:
+    """Fit a novelty score (`daemon.novelty.NoveltyScore`: higher = less like the training images) on
+    bottlenecks `x` (n, dim) float32 with label indices `labels` (n,) int64.
+
+    Called on the trainer thread several times per training run: once per fold (known images scored
+    out-of-fold), once per class left out (leave-one-class-out, that class standing in for the unknown),
+    and once on all train and validation images for serving. Stops at the first non-None result; the
+    built-in `mahalanobis_novelty` plugin (`trylast`) fits the class-conditional Mahalanobis distance.
+    """
+
+
+@hookspec(firstresult=True)
+def retraind_load_novelty(name: str, directory: Path) -> NoveltyScore | None:
+    """Load the novelty score called `name` saved into the version folder `directory`, or return None when
+    this plugin does not make scores of that name.
+
+    Called on the main thread at start-up, when a published version is loaded. Stops at the first non-None
+    result; the built-in `mahalanobis_novelty` plugin (`trylast`) loads `class_mahalanobis`.
+    """
+
+
 @hookspec
 def retraind_write_model_artifacts(version: ModelVersion, directory: Path, dataset: Dataset,
                                    config: Config) -> None:
@@ -158,7 +204,9 @@ def retraind_route_result(result: ClassificationResult, config: Config) -> Path 
     """Choose the folder an inbox image moves to once classified (it is moved atomically by the core).
 
     Called on the pipeline worker thread. Stops at the first non-None result; the built-in router
-    (`trylast`) picks `outbox/<label>/`, or `review/` below `classify.confidence_threshold`.
+    (`trylast`) picks `review/` when `result.review_reason` is set (`low_confidence`: the calibrated top-1
+    score is below the review threshold; `unfamiliar`: the novelty score is above the version's novelty
+    threshold), else `outbox/<label>/`.
     """
 
 

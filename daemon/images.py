@@ -1,14 +1,32 @@
-"""Reading image files safely: every failure becomes an `ImageRejected` with a short reason for metrics."""
+"""Reading image files safely: every failure becomes an `ImageRejected` with a short reason for metrics, and
+only an allow-list of image formats is ever parsed."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+from PIL import Image
+
+#: Every reason a file can be rejected for (a `retraind_rejected_files_total` series each, exported at 0).
+REJECT_REASONS = ("empty", "corrupt", "unsupported", "too_large", "unreadable")
+
+#: The formats Pillow may parse (by content, whatever the name). Nothing else is opened: Pillow knows ~40
+#: formats, some of them run external programs (EPS runs Ghostscript) or are rarely-exercised parsers. MPO
+#: (camera JPEGs with a second picture) is opened by the JPEG entry; HEIF by pillow-heif, registered here.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "HEIF")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG chunks that hold text (XMP, comments, ImageMagick's raw profiles) and never pixels
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 
 #: The decoder hook's shape: (encoded bytes, (width, height), max pixels) → uint8 RGB, or None for "not mine".
 Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
@@ -47,6 +65,60 @@ def read_image_file(path: Path, max_bytes: int) -> ImageFile:
     return ImageFile(path, data, hashlib.sha256(data).hexdigest())
 
 
+@functools.cache
+def _register_heif() -> None:
+    """pillow-heif's opener, registered once and explicitly (nothing is imported for its side effects)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener(thumbnails=False)
+
+
+def png_without_text(data: bytes) -> bytes:
+    """PNG bytes with their text chunks left out; anything else unchanged.
+
+    Metadata size is not pixel size: Pillow inflates every text chunk while opening a PNG and raises on one
+    above 1 MiB (`PngImagePlugin.MAX_TEXT_CHUNK`), so a sound picture carrying a large XMP packet (Photoshop
+    histories reach tens of MB) would be refused. Pillow has no switch to skip text without also accepting
+    truncated pixels (`LOAD_TRUNCATED_IMAGES`), and retraind reads no PNG text, so the chunks are dropped
+    before Pillow sees the file. A damaged chunk table is passed on as it is, for Pillow to judge."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return data
+    kept, position = [data[:8]], 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        end = position + 12 + length
+        if kind not in _PNG_TEXT_CHUNKS or end > len(data):
+            kept.append(data[position:end])
+        position = end
+    kept.append(data[position:])
+    return b"".join(kept)
+
+
+def jpeg_without_exif(data: bytes) -> bytes:
+    """JPEG bytes without their EXIF segments (APP1 `Exif`); anything else unchanged.
+
+    Pillow parses a JPEG's EXIF while opening it (for its resolution) and a truncated or garbled EXIF block
+    makes the whole open fail: the decoder tries again without it, so a camera picture is never refused for
+    its metadata. Segments before the scan are walked by their length fields; the scan itself is copied."""
+    if not data.startswith(b"\xff\xd8"):
+        return data
+    kept, position = [data[:2]], 2
+    while position + 4 <= len(data) and data[position] == 0xFF and data[position + 1] != 0xDA:
+        (length,) = struct.unpack_from(">H", data, position + 2)
+        end = position + 2 + length
+        if not (data[position + 1] == 0xE1 and data[position + 4 : position + 10] == b"Exif\0\0"):
+            kept.append(data[position:end])
+        position = end
+    kept.append(data[position:])
+    return b"".join(kept)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open encoded image bytes with Pillow, trying only `IMAGE_FORMATS`; raises what `Image.open` raises
+    (`PIL.UnidentifiedImageError` for content of any other format). Decoding happens later, on `load()`."""
+    _register_heif()
+    fp: IO[bytes] = io.BytesIO(png_without_text(data))
+    return Image.open(fp, formats=IMAGE_FORMATS)
 def check_size(path: object, size: int, max_bytes: int) -> None:
     """The daemon's size limits, before a byte is read: empty files and files above `watch.max_file_bytes`."""
     if size == 0:

@@ -26,14 +26,18 @@ from daemon.config import Config
 from daemon.extractor import Extraction, Extractor
 from daemon.images import ImageFile, ImageRejected, read_image_file
 from daemon.journal import InboxJournal
-from daemon.metrics import Metrics
+from daemon.logs import short
+from daemon.metrics import OUTCOMES, Metrics
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
 from daemon.store import JournalEntry
+from daemon.trust import judge
 
 log = logging.getLogger(__name__)
+CLASSIFIED, REVIEW = OUTCOMES
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -56,6 +60,8 @@ class PreparedBatch:
     files: list[ImageFile] = field(default_factory=list)
     unreadable: dict[Path, ImageRejected] = field(default_factory=dict)
     extraction: Extraction = field(default_factory=Extraction)
+    #: files whose name an open journal entry still holds: tried again once recovery has finished that entry
+    journaled: list[Path] = field(default_factory=list)
 
 
 class InboxProcessor:
@@ -68,7 +74,8 @@ class InboxProcessor:
         self._lines = BurstLog(log, "inbox files classified")
 
     def process(self, paths: list[Path]) -> InboxOutcome:
-        """Classify `paths` (files already in the journal belong to `recover` and are left alone)."""
+        """Classify `paths`. A file whose name an open journal entry still holds belongs to recovery until that
+        entry is finished: it is tried again later (it may be a new file dropped under the same name)."""
         return self.finish(self.prepare(paths))
 
     def prepare(self, paths: list[Path]) -> PreparedBatch:
@@ -80,7 +87,10 @@ class InboxProcessor:
         journaled = self._journal.open_sources()
         batch = PreparedBatch(list(paths), version)
         for path in paths:
-            if path in journaled or not os.path.lexists(path):
+            if not os.path.lexists(path):
+                continue
+            if path in journaled:
+                batch.journaled.append(path)
                 continue
             try:
                 batch.files.append(read_image_file(path, self._config.watch.max_file_bytes))
@@ -93,7 +103,7 @@ class InboxProcessor:
         """Journal, move and record each file of a prepared batch (the pipeline thread)."""
         if batch.version is None:
             return InboxOutcome(waiting=batch.paths)
-        outcome = InboxOutcome()
+        outcome = InboxOutcome(retry=list(batch.journaled))
         for path, unreadable in batch.unreadable.items():
             self._reject(path, unreadable, outcome)
         routed: list[tuple[ClassificationResult, float]] = []
@@ -124,7 +134,7 @@ class InboxProcessor:
                 move_atomic(result.source, result.destination)
             except OSError as exc:
                 log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
-                          result.source, result.destination.parent, exc)
+                          result.source, result.destination.parent, short(exc))
                 self._metrics.internal_error("inbox_move")
                 self._journal.schedule_recovery()
                 continue
@@ -142,10 +152,10 @@ class InboxProcessor:
                 taken: set[Path]) -> ClassificationResult | None:
         """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
         and counted) when that folder cannot be made."""
-        (top_k,) = self._serving.top_k(version, vector[None, :], self._config.classify.top_k)
+        (judged,) = judge(version, vector[None, :], self._config.classify)
         result = ClassificationResult(
-            id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=top_k, model_version=version.number,
-            backbone=version.backbone, time=_now(),
+            id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=judged.top_k, model_version=version.number,
+            backbone=version.backbone, time=_now(), review_reason=judged.review_reason, novelty=judged.novelty,
         )
         folder = self._hooks.route_result(result, self._config)
         if folder is None:
@@ -153,26 +163,30 @@ class InboxProcessor:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", f.path, folder, exc)
+            log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", f.path, folder, short(exc))
             self._metrics.internal_error("inbox_folder")
             return None
-        destination = free_name(folder, f.path.name, f.sha256[:12], taken)
+        destination = free_name(folder, f.path.name, f.sha256[:12], taken=taken)
         taken.add(destination)
         return dataclasses.replace(result, destination=destination)
 
     def _count(self, result: ClassificationResult, folder: Path, started: float) -> None:
-        outcome = "review" if folder == self._config.folder("review") else "classified"
+        outcome = REVIEW if folder == self._config.folder("review") else CLASSIFIED
+        if outcome == REVIEW and result.review_reason is not None:
+            self._metrics.reviews.labels(reason=result.review_reason).inc()
         self._metrics.classifications.labels(label=result.label, outcome=outcome).inc()
         self._metrics.confidence.observe(result.confidence)
         self._metrics.classification_seconds.labels(stage="route").observe(time.perf_counter() - started)
         self._announce(result)
 
     def _announce(self, result: ClassificationResult) -> None:
-        """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg`, summed up per destination during a burst."""
+        """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg` (`(0.412, low_confidence)` for a review), summed up
+        per destination during a burst."""
         root, destination = self._config.data_root, result.destination or result.source
         shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
-        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f) -> %s", result.source.name, result.label,
-                         result.confidence, shown)
+        why = f", {result.review_reason}" if result.review_reason else ""
+        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f%s) -> %s", result.source.name, result.label,
+                         result.confidence, why, shown)
 
     def flush_log(self) -> None:
         """Log the summary of a burst whose window has ended (the pipeline calls this every loop)."""
@@ -203,7 +217,7 @@ class InboxProcessor:
             write_atomic(record_path, json.dumps(record).encode())
             move_atomic(path, destination)
         except OSError as exc:
-            log.error("%s: cannot move to %s (%s); it stays in the inbox and is retried", path, folder, exc)
+            log.error("%s: cannot move to %s (%s); it stays in the inbox and is retried", path, folder, short(exc))
             self._metrics.internal_error("inbox_reject")
             if record_path is not None:
                 record_path.unlink(missing_ok=True)

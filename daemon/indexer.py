@@ -13,7 +13,7 @@ from pathlib import Path
 from daemon.extractor import Extractor, Job
 from daemon.images import ImageRejected, read_image_file
 from daemon.metrics import Metrics
-from daemon.store import CatalogEntry, Store
+from daemon.store import CatalogEntry, Store, file_signature
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ class _Planned:
     path: Path
     rel: str
     label: str
-    size: int
-    mtime_ns: int
+    st: os.stat_result
     known: CatalogEntry | None
     has_vector: bool
 
@@ -102,7 +101,7 @@ class TrainingIndexer:
             key = str(p.path)
             sha = extraction.hashes.get(key)
             problem = extraction.rejected.get(key)
-            entry = CatalogEntry(p.rel, p.label, sha, p.size, p.mtime_ns, problem is None)
+            entry = CatalogEntry.seen(p.rel, p.label, sha, p.st, problem is None)
             chunk.writes.append(entry)
             if problem is not None:
                 chunk.lost |= self._skipped(entry, problem)
@@ -132,9 +131,9 @@ class TrainingIndexer:
             return None
         has_vector = bool(known and known.ok and known.sha256 and not self._store.missing_bottlenecks(
             self._extractor.backbone.id, [known.sha256]))
-        if known and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) and (has_vector or not known.ok):
+        if known and known.signature == file_signature(st) and (has_vector or not known.ok):
             return None
-        return _Planned(path, rel, label, st.st_size, st.st_mtime_ns, known, has_vector)
+        return _Planned(path, rel, label, st, known, has_vector)
 
     def _skipped(self, entry: CatalogEntry, problem: ImageRejected) -> bool:
         """Log and count an unusable file; True if its catalog entry was usable until now."""

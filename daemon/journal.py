@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemon.atomic import fsync_dir, move_atomic
 from daemon.config import Config
+from daemon.logs import short
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks
 from daemon.results import ClassificationResult
@@ -34,6 +35,15 @@ def _stored(path: Path) -> str:
 
 def _loaded(text: str) -> Path:
     return Path(json.loads(text))
+
+
+def file_identity(path: Path) -> str:
+    """(st_dev, st_ino, st_ctime_ns) of the entry itself, as JSON; "" when it cannot be stat'ed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ""
+    return json.dumps([st.st_dev, st.st_ino, st.st_ctime_ns])
 
 
 def _sha256_of(path: Path) -> str | None:
@@ -62,7 +72,7 @@ class InboxJournal:
         for result in results:
             assert result.destination is not None, "a journal entry needs the destination"
             entries.append(JournalEntry(result.id, _stored(result.source), _stored(result.destination),
-                                        json.dumps(result.record()), "moving"))
+                                        json.dumps(result.record()), "moving", file_identity(result.source)))
         self._store.journal_begin_many(entries)
         return entries
 
@@ -77,7 +87,7 @@ class InboxJournal:
         errors = self._hooks.on_result(result, self._config)
         if any(isinstance(exc, OSError) for exc in errors):
             log.error("%s: a result record could not be written (%s); retried later", result.destination,
-                      "; ".join(str(exc) for exc in errors))
+                      "; ".join(short(exc) for exc in errors))
             self.schedule_recovery()
             return False
         return True
@@ -99,8 +109,9 @@ class InboxJournal:
         for entry in entries:
             try:
                 finished += self._recover_one(entry)
-            except Exception:
-                log.exception("%s: recovery failed; retried later", _loaded(entry.source))
+            except Exception as exc:
+                log.error("%s: recovery failed (%s); retried later", _loaded(entry.source), short(exc))
+                log.debug("recovery failure", exc_info=True)
                 self._metrics.internal_error("journal_recovery")
         if finished == len(entries):
             self._recover_delay = _RECOVER_FIRST_SECONDS
@@ -119,8 +130,10 @@ class InboxJournal:
             self._store.journal_finish(entry.id)
             return True
         # a copy across file systems may have landed without its source being removed: remove it now, or the
-        # next scan would classify the same file a second time
-        left_behind = moved and os.path.lexists(source) and _sha256_of(source) == record["sha256"]
+        # next scan would classify the same file a second time. Only that very file (device, inode, ctime as
+        # journaled): a new file dropped under its name is never deleted without a record.
+        left_behind = (moved and bool(entry.source_stat) and file_identity(source) == entry.source_stat
+                       and _sha256_of(source) == record["sha256"])
         if (not moved and not self._redo_move(source, destination)) or (
                 left_behind and not self._remove_copied_source(source, destination)):
             return False
@@ -130,7 +143,7 @@ class InboxJournal:
         try:
             move_atomic(source, destination)
         except OSError as exc:
-            log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, exc)
+            log.error("%s: cannot move to %s (%s); retried later", source, destination.parent, short(exc))
             self._metrics.internal_error("journal_recovery")
             return False
         return True
@@ -141,7 +154,7 @@ class InboxJournal:
             fsync_dir(source.parent)
         except OSError as exc:
             log.error("%s: already moved to %s but cannot be removed (%s); retried later", source,
-                      destination.parent, exc)
+                      destination.parent, short(exc))
             self._metrics.internal_error("journal_recovery")
             return False
         return True

@@ -29,6 +29,8 @@ class KerasBackbone:
     """
 
     def __init__(self, model: Any, backbone_id: str, scale: float, offset: float) -> None:
+        #: the engine `backbone.engine: auto` meant to run when it ran this one instead (it failed), else None
+        self.fell_back_from: str | None = None
         silence_tensorflow()
         import keras
         import tensorflow as tf

@@ -94,3 +94,9 @@ def _is_fd2(stream: TextIO) -> bool:
         return stream.fileno() == 2
     except (OSError, ValueError):  # a stream without a descriptor (pytest's capture): not the process's stderr
         return False
+
+
+def short(exc: BaseException) -> str:
+    """One short phrase for a log line: an OSError's text without its (possibly very long) file names."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {text[:200]}"

@@ -16,6 +16,7 @@ from daemon.images import ImageRejected, read_image_file
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.serving import ServingModel
+from daemon.trust import load_trust
 
 
 class NoModel(Exception):
@@ -44,7 +45,7 @@ def load_published(config: Config, plugins: Iterable[object] = (), engine: str |
     if backbone.id != version.backbone:
         raise ConfigError(f"backbone.name: model {version.number} was trained on {version.backbone}, but the "
                           f"config builds {backbone.id}; set backbone.name/weights to match or let it retrain")
-    return Published(version, backbone, hooks)
+    return Published(dataclasses.replace(version, trust=load_trust(version, hooks)), backbone, hooks)
 
 
 def classify_files(

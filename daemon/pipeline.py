@@ -280,7 +280,7 @@ class Pipeline(threading.Thread):
 
     def _guarded(self, work: Callable[[list[Path]], list[Path]], paths: list[Path]) -> None:
         """Run `work` on a batch (file by file if it fails); retry what is left."""
-        retry = guarded(work, paths, self._metrics)
+        retry = guarded(work, paths, self._metrics, self._attempts)
         for path in set(paths) - set(retry):
             self._attempts.pop(path, None)
         self._retry(retry, self._pending["inbox"])

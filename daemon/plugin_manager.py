@@ -18,11 +18,13 @@ from daemon.hookspecs import PROJECT
 if TYPE_CHECKING:
     from daemon.augment import Distortion
     from daemon.backbone import Backbone
+    from daemon.calibration import Calibrator
     from daemon.config import AugmentationConfig, BackboneConfig, Config, TrainingConfig
     from daemon.dataset import Dataset
     from daemon.events import FileEvent
     from daemon.head import Head
     from daemon.metrics import Metrics
+    from daemon.novelty import NoveltyScore
     from daemon.registry import ModelVersion
     from daemon.results import ClassificationResult
     from daemon.retrain_policy import RetrainState
@@ -42,6 +44,8 @@ DEFAULT_PLUGINS = (
     "plugins.plots",
     "plugins.distortions",
     "plugins.tensorboard_summaries",
+    "plugins.temperature_scaling",
+    "plugins.mahalanobis_novelty",
 )
 
 
@@ -107,12 +111,27 @@ def _refuse_wrappers_of_isolated_hooks(pm: pluggy.PluginManager) -> None:
                     "isolation; it cannot be a wrapper or hookwrapper")
 
 
+def _subject(kwargs: dict[str, Any]) -> str:
+    """What a notification was about, for a log line: the file or model, never the whole config."""
+    if "result" in kwargs:
+        return str(kwargs["result"].source)
+    if "event" in kwargs:
+        return str(kwargs["event"].path)
+    if "version" in kwargs:
+        return f"model {kwargs['version'].number}"
+    return str(kwargs.get("path", "-"))
+
+
 class Hooks:
     """Typed calls into the plugins; notification hooks are isolated so one failing plugin stops nothing."""
 
     def __init__(self, pm: pluggy.PluginManager, metrics: Metrics | None = None) -> None:
         self.pm = pm
         self._metrics = metrics
+        self._failures_seen: set[tuple[str, str, str, str]] = set()
+        if metrics is not None:
+            metrics.known_plugins([(name, impl.plugin_name) for name in ISOLATED_HOOKS
+                                   for impl in getattr(pm.hook, name).get_hookimpls()])
 
     @classmethod
     def of(cls, config: Config, extra: Iterable[object] = (), metrics: Metrics | None = None) -> Hooks:
@@ -127,12 +146,25 @@ class Hooks:
         for impl in reversed(caller.get_hookimpls()):
             try:
                 impl.function(*(kwargs[arg] for arg in impl.argnames))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged by _log_failure (traceback the first time), counted
                 errors.append(exc)
-                log.exception("plugin %s failed in %s (%s)", impl.plugin_name, hook_name, kwargs)
+                self._log_failure(hook_name, impl.plugin_name, kwargs, exc)
                 if self._metrics is not None:
                     self._metrics.plugin_errors.labels(hook=hook_name, plugin=impl.plugin_name).inc()
         return errors
+
+    def _log_failure(self, hook_name: str, plugin: str, kwargs: dict[str, Any], exc: Exception) -> None:
+        """One line naming the file; the traceback only the first time a plugin fails this way (a failing sink
+        is retried, and each retry must not repeat it)."""
+        kind = (hook_name, plugin, type(exc).__name__, str(exc))
+        first = kind not in self._failures_seen
+        if first:
+            if len(self._failures_seen) > 1000:
+                self._failures_seen.clear()
+            self._failures_seen.add(kind)
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.error("plugin %s failed in %s for %s: %s: %s", plugin, hook_name, _subject(kwargs),
+                  type(exc).__name__, text[:200], exc_info=first)
 
     def make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         return self.pm.hook.retraind_make_backbone(config=config, cache_dir=cache_dir)  # type: ignore[no-any-return]
@@ -148,6 +180,32 @@ class Hooks:
 
     def train_head(self, dataset: Dataset, config: TrainingConfig) -> Head | None:
         return self.pm.hook.retraind_train_head(dataset=dataset, config=config)  # type: ignore[no-any-return]
+
+    def fit_calibrator(self, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
+        found: Calibrator = self._required("retraind_fit_calibrator", "temperature_scaling", logits=logits,
+                                           labels=labels)
+        return found
+
+    def load_calibrator(self, name: str, directory: Path) -> Calibrator:
+        found: Calibrator = self._required("retraind_load_calibrator", f"calibrator {name!r}", name=name,
+                                           directory=directory)
+        return found
+
+    def fit_novelty(self, x: np.ndarray, labels: np.ndarray) -> NoveltyScore:
+        found: NoveltyScore = self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
+        return found
+
+    def load_novelty(self, name: str, directory: Path) -> NoveltyScore:
+        found: NoveltyScore = self._required("retraind_load_novelty", f"novelty score {name!r}", name=name,
+                                             directory=directory)
+        return found
+
+    def _required(self, hook_name: str, provider: str, **kwargs: Any) -> Any:
+        """A firstresult hook that some plugin must answer; RuntimeError naming `provider` when none did."""
+        result = getattr(self.pm.hook, hook_name)(**kwargs)
+        if result is None:
+            raise RuntimeError(f"{hook_name}: no plugin answered (is the plugin for {provider} disabled?)")
+        return result
 
     def route_result(self, result: ClassificationResult, config: Config) -> Path | None:
         return self.pm.hook.retraind_route_result(result=result, config=config)  # type: ignore[no-any-return]

@@ -9,11 +9,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.atomic import TMP_PREFIX, fsync_tree, write_atomic
 from daemon.config import Config
 from daemon.head import Head
+
+if TYPE_CHECKING:
+    from daemon.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,8 @@ TRAINING_CURVE_FILE, CONFUSION_MATRIX_FILE = "training_curve.png", "confusion_ma
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """A published (or being published) model: the head, its labels in output order, and its metrics."""
+    """A published (or being published) model: the head, its labels in output order, and its metrics;
+    `trust` (calibrator, novelty score, thresholds) is attached by whoever serves it (daemon/trust.py)."""
 
     number: int
     directory: Path
@@ -32,6 +36,7 @@ class ModelVersion:
     backbone: str
     head: Head
     metrics: dict[str, Any]
+    trust: Trust | None = None
 
 
 class ModelRegistry:

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from daemon.atomic import write_atomic
+from daemon.images import open_image
 from daemon.registry import CONFUSION_MATRIX_FILE, TRAINING_CURVE_FILE, ModelVersion
 from daemon.split import SPLITS
-from daemon.status import percent
+from daemon.status import percent, trust_lines
 
 THUMBNAIL_PIXELS = 160
 
@@ -42,7 +43,7 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def _thumbnail(path: Path) -> str | None:
     try:
-        with Image.open(path) as image:
+        with open_image(path.read_bytes()) as image:
             image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=85)
@@ -80,6 +81,13 @@ def _mistakes(mistakes: list[dict[str, Any]], classes_root: Path) -> str:
     return f'{legend}<div class="mistakes">{"".join(figures)}</div>'
 
 
+def _conflicts(conflicts: list[dict[str, Any]]) -> str:
+    if not conflicts:
+        return '<p class="muted">None: no two labels hold the same bytes.</p>'
+    return _table(["labels", "files", "sha256"], [[", ".join(c["labels"]), " | ".join(c["paths"]), c["sha256"][:12]]
+                                                  for c in conflicts])
+
+
 def render(version: ModelVersion, classes_root: Path) -> str:
     m = version.metrics
     accuracy = m.get("accuracy", {})
@@ -98,6 +106,8 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 {len(version.labels)} labels, dataset <code>{html.escape(str(m.get("manifest_sha256", "?"))[:12])}</code></p>
 <h2>Accuracy</h2>
 {_table(["split", "accuracy"], [[s, percent(accuracy.get(s))] for s in SPLITS])}
+<h2>Filing</h2>
+{_table(["", ""], [[name, text] for name, text in trust_lines(m.get("trust"))])}
 <h2>Labels</h2>
 {_table(["label", *(f"{s} images" for s in SPLITS), f"accuracy ({split})"], label_rows)}
 <h2>Training curve</h2>
@@ -107,6 +117,8 @@ def render(version: ModelVersion, classes_root: Path) -> str:
 {_plot(version.directory, CONFUSION_MATRIX_FILE, "confusion matrix")}
 <h2>Most confident mistakes ({html.escape(split)} split)</h2>
 {_mistakes(m.get("mistakes", []), classes_root)}
+<h2>The same image under two labels</h2>
+{_conflicts(m.get("label_conflicts", []))}
 </body></html>
 """
 

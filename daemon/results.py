@@ -9,7 +9,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ClassificationResult:
-    """`destination` is where the image lies once moved (None while still being routed)."""
+    """`destination` is where the image lies once moved (None while still being routed). Scores in `top_k`
+    are calibrated probabilities; `novelty` is the version's novelty score (higher: less like the training
+    images); `review_reason` is why it goes to review (`low_confidence`, `unfamiliar`), None when filed."""
 
     id: str
     source: Path
@@ -19,6 +21,8 @@ class ClassificationResult:
     backbone: str
     time: str
     destination: Path | None = None
+    review_reason: str | None = None
+    novelty: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -38,6 +42,8 @@ class ClassificationResult:
             "label": self.label,
             "confidence": self.confidence,
             "top_k": [{"label": label, "score": score} for label, score in self.top_k],
+            "review_reason": self.review_reason,
+            "novelty": self.novelty,
             "model_version": self.model_version,
             "backbone": self.backbone,
             "sha256": self.sha256,
@@ -51,7 +57,8 @@ class ClassificationResult:
         `source` and `destination` come from the journal, which keeps them exactly (odd bytes included)."""
         top_k = tuple((item["label"], float(item["score"])) for item in record["top_k"])
         known = {"id", "file", "destination", "label", "confidence", "top_k", "model_version", "backbone",
-                 "sha256", "time"}
+                 "sha256", "time", "review_reason", "novelty"}
         return cls(id=record["id"], source=source, sha256=record["sha256"], top_k=top_k,
                    model_version=record["model_version"], backbone=record["backbone"], time=record["time"],
-                   destination=destination, extra={k: v for k, v in record.items() if k not in known})
+                   destination=destination, review_reason=record.get("review_reason"),
+                   novelty=record.get("novelty"), extra={k: v for k, v in record.items() if k not in known})

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from daemon.events import EventKind, FileEvent
-from daemon.store import Store
+from daemon.store import Store, file_signature
 
 
 def _nothing(name: str) -> bool:
@@ -26,9 +26,10 @@ def walk_files(root: Path, ignored: Callable[[str], bool] = _nothing) -> Iterato
 
 
 def scan_classes(root: Path, store: Store, backbone: str, ignored: Callable[[str], bool]) -> Iterator[FileEvent]:
-    """Files whose size or mtime differ from the catalog or that lack a vector for `backbone`, and catalog
-    entries whose file is gone (or is now `ignored`). A generator: the pipeline takes a slice of it per turn, so
-    a scan of a large tree never holds up inbox files. The catalog is read once, as it was when the scan began."""
+    """Files whose size, mtime, ctime or inode differ from the catalog (`file_signature`) or that lack a vector
+    for `backbone`, and catalog entries whose file is gone (or is now `ignored`). One stat per file. A
+    generator: the pipeline takes a slice of it per turn, so a scan of a large tree never holds up inbox files.
+    The catalog is read once, as it was when the scan began."""
     known = store.catalog_signatures()
     for rel in store.paths_missing_bottleneck(backbone):
         known.pop(rel, None)
@@ -38,7 +39,7 @@ def scan_classes(root: Path, store: Store, backbone: str, ignored: Callable[[str
             st = os.stat(path)
         except OSError:
             st = None
-        if signature is None or st is None or signature != (st.st_size, st.st_mtime_ns):
+        if signature is None or st is None or signature != file_signature(st):
             yield FileEvent(EventKind.SCANNED, path)
     for rel in known:
         yield FileEvent(EventKind.DELETED, root / rel)

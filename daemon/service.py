@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from daemon.app import App, DaemonStatus
 from daemon.backbone import BackboneUnavailable
 from daemon.config import Config, ConfigError, load_config
+from daemon.instance_lock import AlreadyRunning
 from daemon.logs import setup_logging
 from daemon.notify import SystemdNotifier
 
@@ -117,7 +118,7 @@ class Service:
                 progress = ServiceProgress()
                 try:
                     app = App(config, self._plugins, progress)
-                except (ConfigError, BackboneUnavailable) as exc:
+                except (ConfigError, BackboneUnavailable, AlreadyRunning) as exc:
                     if running is None:
                         raise
                     self._refuse_reload(f"going back to the running config: {exc}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from daemon import trust
 from daemon.registry import ModelVersion
 
 
@@ -22,8 +23,8 @@ class ServingModel:
 
     @staticmethod
     def top_k(version: ModelVersion, vectors: np.ndarray, k: int) -> list[tuple[tuple[str, float], ...]]:
-        """Best `k` (label, score) pairs per row, highest first, scored by `version`'s head."""
-        probabilities = version.head.probabilities(vectors)
+        """Best `k` (label, score) pairs per row, highest first, scored by `version`'s head and calibrator."""
+        probabilities = trust.probabilities(version, vectors)
         order = np.argsort(-probabilities, axis=1)[:, :k]
         return [
             tuple((version.labels[int(i)], round(float(row[i]), 6)) for i in idx)

@@ -53,8 +53,9 @@ def request(config: Config, path: str, method: str = "GET") -> tuple[int, bytes]
         raise DaemonUnavailable(f"no daemon answers at {api_url(config)} ({reason}); is it running?") from exc
 
 
-def _model(version: int, backbone: str, labels: list[str], accuracy: dict[str, Any]) -> dict[str, Any]:
-    return {"version": version, "backbone": backbone, "labels": labels, "accuracy": accuracy}
+def _model(version: int, backbone: str, labels: list[str], accuracy: dict[str, Any],
+           trust: dict[str, Any] | None) -> dict[str, Any]:
+    return {"version": version, "backbone": backbone, "labels": labels, "accuracy": accuracy, "trust": trust}
 
 
 def from_daemon(config: Config) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def from_daemon(config: Config) -> dict[str, Any]:
     return {
         "source": f"daemon at {api_url(config)}",
         "model": meta and _model(int(meta["model_spec"]["version"]), meta["backbone"], meta["labels"],
-                                 meta["accuracy"]),
+                                 meta["accuracy"], meta.get("trust")),
         "images": images or (meta or {}).get("images") or {},
         "inbox_pending": int(samples.get("retraind_inbox_pending_files", [({}, 0.0)])[0][1]),
         "last_training": last or None,
@@ -86,7 +87,8 @@ def from_state(config: Config) -> dict[str, Any]:
     inbox = [p for p in walk_files(config.folder("inbox"), ignored) if not p.name.startswith(TMP_PREFIX)]
     return {
         "source": f"state dir {config.folder('state')} (no daemon answers at {api_url(config)})",
-        "model": version and _model(version.number, version.backbone, list(version.labels), m.get("accuracy", {})),
+        "model": version and _model(version.number, version.backbone, list(version.labels), m.get("accuracy", {}),
+                                    m.get("trust")),
         "images": m.get("images", {}),
         "inbox_pending": len(inbox),
         "last_training": m.get("created"),
@@ -106,6 +108,25 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * float(value):.1f}%"
 
 
+def trust_lines(trust: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(name, text) lines about a version's filing: target precision, threshold and expected coverage,
+    calibration error before → after, novelty threshold; or why everything goes to review."""
+    if not trust:
+        return [("filing", "every image goes to review: this model version has no calibration (retrain it)")]
+    calibration = trust["calibration"]
+    errors = "  ".join(f"{split} {percent(pair['before'])} → {percent(pair['after'])}"
+                       for split, pair in calibration.items() if isinstance(pair, dict) and "before" in pair
+                       and pair["before"] is not None)
+    if trust["confidence_threshold"] is None:
+        filing = f"suspended: {trust['reason']}"
+    else:
+        filing = (f"target precision {percent(trust['target_precision'])}, review below calibrated score "
+                  f"{trust['confidence_threshold']:.3f}, expected coverage {percent(trust['expected_coverage'])}")
+    return [("filing", filing),
+            ("calibration", f"{calibration['method']} {calibration['parameters']}, error (ECE) {errors}"),
+            ("novelty", f"{trust['novelty']['method']}, review above {trust['novelty']['threshold']:g}")]
+
+
 def _ago(timestamp: float) -> str:
     seconds = max(0, int(time.time() - timestamp))
     span = f"{seconds} s" if seconds < 120 else f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
@@ -121,6 +142,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"model:         version {model['version']}, {len(model['labels'])} labels, "
                      f"backbone {model['backbone']}")
         lines.append("accuracy:      " + "  ".join(f"{s} {percent(model['accuracy'].get(s))}" for s in SPLITS))
+        lines += [f"{name + ':':<15}{text}" for name, text in trust_lines(model.get("trust"))]
     if status["last_training"]:
         lines.append(f"last training: {_ago(status['last_training'])}")
     if status["training_runs"] is not None:

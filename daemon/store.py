@@ -6,6 +6,8 @@ CRC32 checked on read, and a vector that fails it is treated as missing and reco
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sqlite3
 import threading
 import time
@@ -24,14 +26,32 @@ CREATE TABLE IF NOT EXISTS bottlenecks (
     PRIMARY KEY (sha256, backbone, variant)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, label TEXT NOT NULL, sha256 TEXT, size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, ok INTEGER NOT NULL) WITHOUT ROWID;
+    mtime_ns INTEGER NOT NULL, ok INTEGER NOT NULL, ctime_ns INTEGER NOT NULL DEFAULT 0,
+    inode INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (
     id TEXT PRIMARY KEY, source TEXT NOT NULL, destination TEXT NOT NULL, record TEXT NOT NULL,
-    state TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID;
+    state TEXT NOT NULL, created REAL NOT NULL, source_stat TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS review_actions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, plan TEXT NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL);
 """
+#: Columns added since a table was first made: a store written by an older version gains them at open (their
+#: defaults make every catalog file look changed once, so it is hashed again, never run through the backbone)
+_ADDED_COLUMNS = {
+    "files": {"ctime_ns": "INTEGER NOT NULL DEFAULT 0", "inode": "INTEGER NOT NULL DEFAULT 0"},
+    "journal": {"source_stat": "TEXT NOT NULL DEFAULT ''"},
+}
+_FILE_COLUMNS = "path, label, sha256, size, mtime_ns, ok, ctime_ns, inode"
 
 ORIGINAL = ""  # the `variant` of an undistorted image's bottleneck
 STORE_FILE = "store.sqlite"  # its name in the state dir
+
+
+def file_signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells that a file may have changed: size, mtime, ctime and inode. An mtime can be put back
+    (`touch -r`, `cp -p`, `rsync -t`, a photo tool that keeps dates) but the ctime is set by the kernel on
+    every write and metadata change, and a file replaced by a rename has another inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,31 @@ class CatalogEntry:
     size: int
     mtime_ns: int
     ok: bool
+    ctime_ns: int = 0
+    inode: int = 0
+
+    @classmethod
+    def seen(cls, path: str, label: str, sha256: str | None, st: os.stat_result, ok: bool) -> CatalogEntry:
+        return cls(path, label, sha256, st.st_size, st.st_mtime_ns, ok, st.st_ctime_ns, st.st_ino)
+
+    @property
+    def signature(self) -> tuple[int, int, int, int]:
+        """`file_signature` of the file when this entry was made."""
+        return self.size, self.mtime_ns, self.ctime_ns, self.inode
+
+    def unusable(self) -> CatalogEntry:
+        return dataclasses.replace(self, ok=False)
+
+
+@dataclass(frozen=True)
+class ReviewActionRow:
+    """A reviewer's decision (`daemon/review_actions.py`): `plan` is its JSON (the moves and the records to
+    write or restore); `state` goes `doing` → `done` → `undoing` → `undone`."""
+
+    seq: int
+    kind: str
+    plan: str
+    state: str
 
 
 @dataclass(frozen=True)
@@ -55,6 +100,9 @@ class JournalEntry:
     destination: str
     record: str
     state: str
+    #: the source's (st_dev, st_ino, st_ctime_ns) as JSON when the move was decided: recovery removes a source
+    #: left behind by a copy only if it is still that very file, never a new one dropped under its name
+    source_stat: str = ""
 
 
 class Store:
@@ -67,6 +115,15 @@ class Store:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._db().executescript(_SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        db = self._db()
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -170,10 +227,10 @@ class Store:
 
     def upsert_files(self, entries: Iterable[CatalogEntry]) -> None:
         """Add or replace catalog entries in one transaction (one commit per chunk of files, not per file)."""
-        rows = [(e.path, e.label, e.sha256, e.size, e.mtime_ns, int(e.ok)) for e in entries]
+        rows = [(e.path, e.label, e.sha256, e.size, e.mtime_ns, int(e.ok), e.ctime_ns, e.inode) for e in entries]
         if rows:
             with self._tx() as db:
-                db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", rows)
+                db.executemany(f"INSERT OR REPLACE INTO files ({_FILE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
 
     def remove_files(self, path: str) -> int:
         """Forget `path` and everything below it (a deleted folder); returns how many entries went."""
@@ -185,10 +242,8 @@ class Store:
             return cur.rowcount
 
     def catalog_entry(self, path: str) -> CatalogEntry | None:
-        row = self._db().execute(
-            "SELECT path, label, sha256, size, mtime_ns, ok FROM files WHERE path = ?", (path,)
-        ).fetchone()
-        return None if row is None else CatalogEntry(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+        row = self._db().execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (path,)).fetchone()
+        return None if row is None else _entry(row)
 
     def paths_missing_bottleneck(self, backbone: str) -> list[str]:
         """Usable catalog files with no vector for `backbone` (after a backbone switch)."""
@@ -197,15 +252,15 @@ class Store:
             "b.sha256 = f.sha256 AND b.backbone = ? AND b.variant = ?)", (backbone, ORIGINAL)).fetchall()
         return [r[0] for r in rows]
 
-    def catalog_signatures(self) -> dict[str, tuple[int, int]]:
-        """(size, mtime_ns) of every catalog file by path: what a reconcile scan compares (lighter than
-        `catalog()` on a large tree)."""
-        return {path: (size, mtime) for path, size, mtime in
-                self._db().execute("SELECT path, size, mtime_ns FROM files")}
+    def catalog_signatures(self) -> dict[str, tuple[int, int, int, int]]:
+        """`file_signature` of every catalog file as last seen, by path: what a reconcile scan compares
+        (lighter than `catalog()` on a large tree)."""
+        return {path: (size, mtime, ctime, inode) for path, size, mtime, ctime, inode in
+                self._db().execute("SELECT path, size, mtime_ns, ctime_ns, inode FROM files")}
 
     def catalog(self) -> dict[str, CatalogEntry]:
-        rows = self._db().execute("SELECT path, label, sha256, size, mtime_ns, ok FROM files").fetchall()
-        return {r[0]: CatalogEntry(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
+        rows = self._db().execute(f"SELECT {_FILE_COLUMNS} FROM files").fetchall()
+        return {row[0]: _entry(row) for row in rows}
 
     def training_matrix(self, backbone: str, dim: int) -> tuple[list[CatalogEntry], np.ndarray]:
         """Usable catalog entries (path order) with a valid bottleneck, and their vectors as one matrix.
@@ -248,8 +303,11 @@ class Store:
         """Write journal entries in one transaction (an inbox batch: one commit, not one per file)."""
         now = time.time()
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO journal VALUES (?,?,?,?,?,?)",
-                           [(e.id, e.source, e.destination, e.record, e.state, now) for e in entries])
+            db.executemany(
+                "INSERT OR REPLACE INTO journal (id, source, destination, record, state, created, source_stat) "
+                "VALUES (?,?,?,?,?,?,?)",
+                [(e.id, e.source, e.destination, e.record, e.state, now, e.source_stat) for e in entries],
+            )
 
     def journal_finish(self, entry_id: str) -> None:
         self.journal_finish_many([entry_id])
@@ -260,5 +318,31 @@ class Store:
             db.executemany("DELETE FROM journal WHERE id = ?", [(i,) for i in entry_ids])
 
     def journal_open(self) -> list[JournalEntry]:
-        rows = self._db().execute("SELECT id, source, destination, record, state FROM journal").fetchall()
+        rows = self._db().execute(
+            "SELECT id, source, destination, record, state, source_stat FROM journal").fetchall()
         return [JournalEntry(*r) for r in rows]
+
+    # -- review actions ----------------------------------------------------------------------------------
+
+    def review_begin(self, kind: str, plan: str) -> int:
+        """Journal a reviewer's action before its files move; returns its sequence number."""
+        with self._tx() as db:
+            cursor = db.execute("INSERT INTO review_actions (kind, plan, state, created) VALUES (?,?,?,?)",
+                                (kind, plan, "doing", time.time()))
+            return int(cursor.lastrowid or 0)
+
+    def review_set_state(self, seq: int, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE review_actions SET state = ? WHERE seq = ?", (state, seq))
+
+    def review_actions(self, states: tuple[str, ...]) -> list[ReviewActionRow]:
+        """Actions in any of `states`, newest first."""
+        marks = ",".join("?" * len(states))
+        rows = self._db().execute(f"SELECT seq, kind, plan, state FROM review_actions WHERE state IN ({marks}) "
+                                  "ORDER BY seq DESC", states).fetchall()
+        return [ReviewActionRow(*r) for r in rows]
+
+def _entry(row: tuple[object, ...]) -> CatalogEntry:
+    path, label, sha, size, mtime, ok, ctime, inode = row
+    return CatalogEntry(str(path), str(label), None if sha is None else str(sha), int(str(size)), int(str(mtime)),
+                        bool(ok), int(str(ctime)), int(str(inode)))

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from daemon.augment import VariantCache
@@ -20,10 +21,24 @@ from daemon.plugin_manager import Hooks
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.retrain_policy import RetrainState
 from daemon.serving import ServingModel
-from daemon.split import SPLITS, VALIDATION
+from daemon.split import SPLIT_RULE, SPLITS, VALIDATION
 from daemon.store import Store
+from daemon.trust import fit_trust
 
 log = logging.getLogger(__name__)
+
+
+_CONFLICTS_LOGGED = 10
+
+
+def _log_conflicts(dataset: Dataset) -> None:
+    """The same bytes under two labels teach the head both answers for one picture: say where, every run."""
+    for conflict in dataset.conflicts[:_CONFLICTS_LOGGED]:
+        log.warning("the same image is under labels %s: %s (sha256 %s)", ", ".join(conflict.labels),
+                    ", ".join(conflict.paths), conflict.sha256[:12])
+    if len(dataset.conflicts) > _CONFLICTS_LOGGED:
+        log.warning("... and %d more images under two labels (metrics.json: label_conflicts)",
+                    len(dataset.conflicts) - _CONFLICTS_LOGGED)
 
 
 #: `training` settings that do not change the head a run fits: a change of these needs no retraining
@@ -85,12 +100,13 @@ class Trainer(threading.Thread):
 
     def trained_on_current(self, version: ModelVersion) -> bool:
         """`version` was trained on this backbone, on exactly the training images in the catalog now, with the
-        augmentation and head settings in force now."""
+        augmentation, head settings and target precision in force now, and its calibration is loaded."""
         entries = sorted((e for e in self._store.catalog().values() if e.ok), key=lambda e: e.path)
         m = version.metrics
-        return (version.backbone == self._backbone.id and m.get("manifest_sha256") == manifest_of(entries)
+        return (version.trust is not None and version.backbone == self._backbone.id and m.get("manifest_sha256") == manifest_of(entries)
                 and m.get("augmentation") == self._variants.augmenter.summary
-                and m.get("training_settings") == self._head_settings())
+                and m.get("training_settings") == self._head_settings()
+                and (m.get("trust") or {}).get("target_precision") == self._config.classify.target_precision)
 
     def _head_settings(self) -> dict[str, Any]:
         """The `training` settings that shape the head (not when, how often, or what is kept and shown)."""
@@ -138,8 +154,8 @@ class Trainer(threading.Thread):
         must not delay serving the last model."""
         version = self._serving.version
         if version is not None and not self.trained_on_current(version):
-            log.info("model %d was trained on other images, another backbone or other settings; retraining",
-                     version.number)
+            log.info("model %d was trained on other images, another backbone or other settings, or has no "
+                     "calibration; retraining", version.number)
             self.notify_change()
         elif version is None and any(e.ok for e in self._store.catalog().values()):
             self.notify_change()
@@ -200,6 +216,7 @@ class Trainer(threading.Thread):
         entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
         dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
         self._update_image_gauges(dataset)
+        _log_conflicts(dataset)
         if len(dataset.labels) < 2:
             log.info("training waits for images of two labels or more (have: %s): put them in %s/<label>/",
                      ", ".join(dataset.labels) or "none", self._config.folder("classes"))
@@ -208,15 +225,29 @@ class Trainer(threading.Thread):
         return self._variants.attach(dataset, entries, lambda: self._stopping)
 
     def _publish(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> ModelVersion:
-        version = self._registry.publish(
-            head, dataset.labels, metrics,
-            lambda v, d: self._hooks.write_model_artifacts(v, d, dataset, self._config),
-        )
+        """Calibrate the head and derive its thresholds (daemon/trust.py), then publish and serve it."""
+        sha256_of = {entry.path: entry.sha256 for entry in self._store.catalog().values()}
+        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify, sha256_of)
+        metrics["trust"] = fitted.summary
+
+        def artifacts(version: ModelVersion, directory: Path) -> None:
+            fitted.save(directory)
+            self._hooks.write_model_artifacts(version, directory, dataset, self._config)
+
+        version = dataclasses.replace(self._registry.publish(head, dataset.labels, metrics, artifacts),
+                                      trust=fitted.trust)
+        if fitted.summary["reason"]:
+            log.warning("model %d: %s", version.number, fitted.summary["reason"])
         self._serving.swap(version)
         self._serving.candidate = None  # its number is taken now; the promoted version supersedes it
         self._metrics.training_runs.labels(result="promoted").inc()
-        log.info("model %d published: %d labels, accuracy %s", version.number, len(version.labels),
-                 metrics["accuracy"])
+        trust = fitted.summary
+        log.info("model %d published: %d labels, accuracy %s; review threshold %s for precision %.2f, expected "
+                 "coverage %s, calibration error %s -> %s (out-of-fold), novelty threshold %s", version.number,
+                 len(version.labels), metrics["accuracy"], trust["confidence_threshold"],
+                 trust["target_precision"], trust["expected_coverage"],
+                 trust["calibration"]["out_of_fold"]["before"], trust["calibration"]["out_of_fold"]["after"],
+                 trust["novelty"]["threshold"])
         return version
 
     def _metrics_for(self, head: Head, dataset: Dataset, seconds: float) -> dict[str, Any]:
@@ -224,6 +255,7 @@ class Trainer(threading.Thread):
             **evaluate(head, dataset), "backbone": self._backbone.id, "labels": list(dataset.labels),
             "images": dataset.counts(), "manifest_sha256": dataset.manifest_sha256,
             "labels_without_training_split": list(dataset.borrowed), "hyperparameters": head.hyperparameters,
+            "split_rule": SPLIT_RULE, "label_conflicts": [conflict.record() for conflict in dataset.conflicts],
             "augmentation": self._variants.augmenter.summary,
             "training_settings": self._head_settings(),
             "variant_rows": 0 if dataset.variants is None else len(dataset.variants.y),
@@ -231,6 +263,7 @@ class Trainer(threading.Thread):
         }
 
     def _update_image_gauges(self, dataset: Dataset) -> None:
+        self._metrics.label_conflicts.set(len(dataset.conflicts))
         self._metrics.images.clear()
         for label, per_split in dataset.counts().items():
             for split in SPLITS:

@@ -20,7 +20,7 @@ _TIME = re.compile(rb'"time": "([^"]+)"')
 
 @hookimpl(trylast=True)
 def retraind_route_result(result: ClassificationResult, config: Config) -> Path:
-    if result.confidence < config.classify.confidence_threshold:
+    if result.review_reason is not None:
         return config.folder("review")
     return config.folder("outbox") / result.label
 

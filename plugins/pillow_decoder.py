@@ -1,32 +1,77 @@
-"""Default decoder: Pillow detects the format from content (JPEG, PNG, GIF, BMP, WebP, TIFF, ...), applies EXIF
-orientation, flattens alpha on white, converts any mode (CMYK, 16-bit, greyscale, palette) to 8-bit RGB, and
-refuses decompression bombs before allocating them. Whatever Pillow raises on damaged content becomes an
-`ImageRejected`, so no input can fail more than its own file."""
+"""Default decoder: Pillow detects the format from content among an allow-list (JPEG, PNG, GIF, BMP, WebP,
+TIFF, AVIF, HEIF; see `daemon.images.IMAGE_FORMATS`), applies EXIF orientation, flattens any transparency on
+white, converts any mode (CMYK, 16-bit, greyscale, palette) to 8-bit RGB, and refuses decompression bombs
+before allocating them. Metadata is never a reason to refuse pixels: text chunks are skipped and a malformed
+EXIF block only loses its orientation. Whatever Pillow raises on damaged content becomes an `ImageRejected`,
+so no input can fail more than its own file."""
 
 from __future__ import annotations
 
-import io
+import logging
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from daemon.hookspecs import hookimpl
-from daemon.images import ImageRejected
+from daemon.images import IMAGE_FORMATS, ImageRejected, jpeg_without_exif, open_image
+
+log = logging.getLogger(__name__)
 
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_ORIENTATION = 0x0112
+#: EXIF orientation -> the transpose that displays the picture upright (EXIF 2.3, tag 274)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+            7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_WHITE = (255, 255, 255, 255)
 
 
 def _open(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
+    """Open and decode; a JPEG that fails is tried once more without its EXIF block (metadata only)."""
+    try:
+        return _load(data, size, max_pixels)
+    except (ImageRejected, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise
+    except Exception as exc:
+        bare = jpeg_without_exif(data)
+        if len(bare) == len(data):
+            raise
+        log.debug("opening failed with the EXIF block (%s: %s); trying without it", type(exc).__name__, exc)
+        return _load(bare, size, max_pixels)
+
+
+def _load(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
     if image.width * image.height > max_pixels:
         raise ImageRejected(
             "too_large", f"{image.width}x{image.height} pixels is above watch.max_image_pixels={max_pixels}")
     image.draft("RGB", size)  # JPEG: libjpeg decodes at a reduced scale, far cheaper for big photos
     image.load()
     return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 when absent). Only this one tag is read: any other tag may be malformed (a
+    rational with a zero denominator, a wrong type) without costing the picture, and an unreadable EXIF
+    block only loses its orientation."""
+    try:
+        value = image.getexif().get(_ORIENTATION, 1)
+    except Exception as exc:  # noqa: BLE001 - a damaged EXIF block raises almost anything
+        log.debug("EXIF block unreadable (%s: %s); orientation not applied", type(exc).__name__, exc)
+        return 1
+    if value not in _UPRIGHT and value != 1:
+        log.debug("EXIF orientation %r is not 1-8; ignored", value)
+        return 1
+    return int(value)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    method = _UPRIGHT.get(_orientation(image))
+    return image if method is None else image.transpose(method)
 
 
 def _full_scale(mode: str, peak: float) -> float:
@@ -38,29 +83,40 @@ def _full_scale(mode: str, peak: float) -> float:
     return max(peak, 1.0)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    image = ImageOps.exif_transpose(image)
+def _narrow(image: Image.Image) -> Image.Image:
+    """16-bit and float greys as 8-bit, keeping their brightness; a transparent colour key becomes an alpha
+    channel first (Pillow's own conversion would clip the values and drop the key)."""
+    array = np.asarray(image, dtype=np.float64)
+    scaled = np.clip(array / _full_scale(image.mode, float(array.max(initial=0.0))), 0.0, 1.0) * 255.0
+    grey = Image.fromarray(np.round(scaled).astype(np.uint8))
+    key = image.info.get("transparency")
+    if not isinstance(key, (int, float)):
+        return grey
+    alpha = Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (grey, alpha))
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """RGB with any transparency (an alpha channel, a palette's or a colour key's tRNS, in any mode) laid on
+    one white background, so one picture gives one array whatever way its transparency was stored."""
     if image.mode in _WIDE_MODES:
-        array = np.asarray(image, dtype=np.float64)
-        scaled = np.clip(array / _full_scale(image.mode, float(array.max(initial=0.0))), 0.0, 1.0) * 255.0
-        image = Image.fromarray(np.round(scaled).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        image = _narrow(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
     return image.convert("RGB")
 
 
 @hookimpl(trylast=True)
 def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
     try:
-        rgb = _to_rgb(_open(data, size, max_pixels)).resize(size, Image.Resampling.BILINEAR)
+        rgb = _flatten(_upright(_open(data, size, max_pixels))).resize(size, Image.Resampling.BILINEAR)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_large", f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageRejected("unsupported", "not an image format Pillow can read") from exc
+        raise ImageRejected("unsupported", f"not an image in a format retraind reads ({', '.join(IMAGE_FORMATS)})") from exc
     except Exception as exc:  # damaged data makes Pillow raise almost anything (struct.error, IndexError...)
         raise ImageRejected("corrupt", f"image data is damaged: {type(exc).__name__}: {exc}") from exc
     return np.asarray(rgb, dtype=np.uint8)

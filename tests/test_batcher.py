@@ -9,19 +9,15 @@ import json
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from daemon.app import App
-from daemon.backbone import Backbone
 from daemon.batcher import Batcher, BatcherStopped, QueueFull
-from daemon.config import BackboneConfig, BatchingConfig
-from daemon.hookspecs import hookimpl
+from daemon.config import BatchingConfig
 from daemon.metrics import Metrics
-from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
+from tests.conftest import image_bytes, seed_classes, wait_for, write_image
 from tests.test_http_api import MODEL, call
 from tests.tiny_backbone import TinyBackbonePlugin
 
@@ -145,34 +141,10 @@ def test_the_inbox_is_served_under_http_load(tmp_path: Any, run_app: Any) -> Non
         assert set(answered) == {200}
 
 
-class RecordingTiny(TinyBackbonePlugin):
-    """The tiny backbone, recording each forward pass: (batch size, all black?)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, bool]] = []
-
-    @hookimpl(tryfirst=True)
-    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
-        inner = super().retraind_make_backbone(config, cache_dir)
-        calls = self.calls
-
-        class Recording:
-            id, input_size, dim = inner.id, inner.input_size, inner.dim  # type: ignore[union-attr]
-
-            def embed(self, images: np.ndarray) -> np.ndarray:
-                calls.append((len(images), not images.any()))
-                return inner.embed(images)  # type: ignore[union-attr]
-
-        return Recording()
-
-
-def test_the_engine_is_warm_before_the_server_answers(tmp_path: Path) -> None:
+def test_the_engine_is_warm_before_the_server_answers(run_app: Any, tiny: TinyBackbonePlugin) -> None:
     """The engine runs a black image and a full batch of them before the HTTP server starts, so /readyz never
     says ready while the first forward pass of a batch size (set-up, buffers) is still to come."""
-    recording = RecordingTiny()
-    with App(make_config(tmp_path, http={"port": 0, "batching": {"max_batch_size": 8}}),
-             extra_plugins=(recording,)) as app:
-        assert recording.calls[:2] == [(1, True), (8, True)]
+    with run_app(http={"port": 0, "batching": {"max_batch_size": 8}}) as app:
+        assert tiny.warm_ups == [1, 8]
         code, _, body = call(app, "GET", "/readyz")
         assert (code, body) == (503, {"ready": False, "model_version": 0})  # no model yet

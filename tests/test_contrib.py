@@ -24,6 +24,7 @@ HISTOGRAMS = {
     "retraind_prediction_confidence",
     "retraind_http_request_duration_seconds",
     "retraind_batch_size",
+    "retraind_publish_duration_seconds",
 }
 OTHER_METRICS = {
     "retraind_build_info",
@@ -44,6 +45,8 @@ OTHER_METRICS = {
     "retraind_batch_queued_images",
     "retraind_batch_rejections_total",
     "retraind_internal_errors_total",
+    "retraind_published_model_version",
+    "retraind_publish_failures_total",
     "up",
 }
 KNOWN_METRICS = OTHER_METRICS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_count", "_sum")}
@@ -130,6 +133,7 @@ def test_alert_rules_expected_set() -> None:
         "RetraindRejectsRising",
         "RetraindAccuracyDropped",
         "RetraindInternalErrors",
+        "RetraindServingFleetBehind",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
@@ -146,7 +150,7 @@ def test_alert_rule_uses_known_metrics(rule: dict[str, Any]) -> None:
 def test_promtool_check_rules() -> None:
     proc = run_promtool("check", "rules", str(ALERTS), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 # Alert behaviour, run by `promtool test rules` on a copy without annotations (promtool would
@@ -214,6 +218,20 @@ RULE_TESTS: list[dict[str, Any]] = [
                 "severity": "warning", "job": "retraind", "instance": "a"}}]},
         ],
     },
+    {  # the first burst: 300 rejects at once, then none. The daemon exports every reason at 0 from its start
+        # (instance a), so rate() sees the jump and the alert fires; a counter first exported at its first
+        # increment (instance b, the series missing before) hides the whole burst from rate().
+        "input_series": [
+            {"series": f'retraind_rejected_files_total{{reason="corrupt",{A}}}', "values": "0x10 300x30"},
+            {"series": 'retraind_rejected_files_total{reason="corrupt",job="retraind",instance="b"}',
+             "values": "_x10 300x30"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "10m", "alertname": "RetraindRejectsRising", "exp_alerts": []},
+            {"eval_time": "17m", "alertname": "RetraindRejectsRising", "exp_alerts": [{"exp_labels": {
+                "severity": "warning", "job": "retraind", "instance": "a"}}]},
+        ],
+    },
     {  # 0.9 -> 0.85 is within 80% of the best, 0.9 -> 0.6 is not
         "input_series": [
             {"series": f'retraind_model_accuracy_ratio{{split="validation",{A}}}', "values": "0.9x60 0.85x60"},
@@ -236,6 +254,18 @@ RULE_TESTS: list[dict[str, Any]] = [
             {"eval_time": "3m", "alertname": "RetraindInternalErrors", "exp_alerts": []},
             {"eval_time": "6m", "alertname": "RetraindInternalErrors", "exp_alerts": [{"exp_labels": {
                 "severity": "warning", "where": "pipeline_file", "job": "retraind", "instance": "a"}}]},
+        ],
+    },
+    {  # a repository stuck at version 1 while model 2 serves fires after 30 minutes; one in step does not
+        "input_series": [
+            {"series": f"retraind_model_version{{{A}}}", "values": "2x60"},
+            {"series": f'retraind_published_model_version{{repository="triton",{A}}}', "values": "1x60"},
+            {"series": f'retraind_published_model_version{{repository="tf_serving",{A}}}', "values": "2x60"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "RetraindServingFleetBehind", "exp_alerts": []},
+            {"eval_time": "40m", "alertname": "RetraindServingFleetBehind", "exp_alerts": [{"exp_labels": {
+                "severity": "warning", "repository": "triton", "job": "retraind", "instance": "a"}}]},
         ],
     },
 ]  # fmt: skip

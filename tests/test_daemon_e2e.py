@@ -78,7 +78,10 @@ def test_low_confidence_goes_to_review_and_garbage_to_rejected(tmp_path: Path, r
         wait_for(lambda: (data / "rejected" / "notes.jpg").exists(), what="rejected")
         error = json.loads((data / "rejected" / "notes.jpg.error.json").read_text())
         assert error["reason"] == "unsupported" and "image" in error["error"]
-        metrics = scrape(app)
+        # the counters move just after the files do: wait for them rather than race them
+        metrics = wait_for(lambda: (m := scrape(app))["retraind_rejected_files_total{reason=unsupported}"] == 1
+                           and m["retraind_classifications_total{label=red,outcome=review}"] == 1 and m,
+                           what="the reject and review counted")
     assert metrics["retraind_rejected_files_total{reason=unsupported}"] == 1
     assert metrics["retraind_classifications_total{label=red,outcome=review}"] == 1
 

@@ -4,7 +4,7 @@ only, stored beside the original, re-made when the recipe changes, and dropped w
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,9 +13,10 @@ import pytest
 from daemon.app import App
 from daemon.augment import Augmenter
 from daemon.config import AugmentationConfig
+from daemon.dataset import content_splits
 from daemon.hookspecs import hookimpl
 from daemon.plugin_manager import Hooks, make_plugin_manager
-from daemon.split import TRAIN, split_of
+from daemon.split import TRAIN
 from plugins.distortions import Brightness, CropScale, FlipLeftRight
 from tests.conftest import image_bytes, seed_classes, wait_for
 from tests.tiny_backbone import TinyBackbonePlugin
@@ -123,10 +124,8 @@ def test_third_party_distortions_run_before_the_builtins() -> None:
 
 
 def train_shas(app: App) -> set[str]:
-    split = app.config.split
-    return {str(e.sha256) for e in app.store.catalog().values()
-            if e.ok and split_of(PurePosixPath(e.path).name, split.validation_percentage,
-                                 split.testing_percentage) == TRAIN}
+    entries = [e for e in app.store.catalog().values() if e.ok]
+    return {str(e.sha256) for e, split in zip(entries, content_splits(entries, app.config.split)) if split == TRAIN}
 
 
 def variant_rows(app: App) -> set[tuple[str, str]]:

@@ -173,6 +173,7 @@ def test_engines_that_disagree_are_refused_or_fall_back(tmp_path: Path, caplog: 
 
     assert chosen is loud
     assert "running the Keras engine" in caplog.text or sees_gpu()
+    assert chosen.fell_back_from == ("tflite" if not sees_gpu() else None)
 
 
 def test_engine_choice(tmp_path: Path) -> None:
@@ -217,8 +218,8 @@ def test_daemon_runs_on_the_tflite_engine(tmp_path: Path, run_app: Any) -> None:
 
 
 def test_the_daemon_warms_its_engine_before_it_is_ready(run_app: Any, tiny: TinyBackbonePlugin) -> None:
-    with run_app(http={"enabled": False}):  # no images at all, no HTTP batcher: one warm-up forward
-        assert (tiny.warm_ups, tiny.images_embedded) == (1, 0)
+    with run_app(http={"enabled": False}):  # no images at all: the one forward is the warm-up
+        assert tiny.warm_ups == [1] and tiny.images_embedded == 0
 
 
 def test_efficientnet_lite0_tflite_equals_keras_and_tf_lite(lite0_conversion: Lite0Conversion) -> None:
@@ -238,3 +239,23 @@ def test_efficientnet_lite0_tflite_equals_keras_and_tf_lite(lite0_conversion: Li
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
     model = cache_path(lite0_conversion.weights, converted.id).read_bytes()
     np.testing.assert_allclose(got, _tf_interpreter_embed(model, photos), rtol=0, atol=INTERPRETER_TOLERANCE)
+
+
+class LoudEnginePlugin:
+    """A network whose TFLite conversion disagrees with Keras, offered with the real engine choice."""
+
+    @hookimpl
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        if config.name != "loud":
+            return None
+        return select_engine(config, cache_dir, "loud/v1", _loud_backbone, cpu_engine="tflite")
+
+
+def test_the_daemon_counts_an_engine_fallback(run_app: Any) -> None:
+    """KIND: a failure logged and survived at start-up (`auto` runs Keras because TFLite failed) is counted too."""
+    if sees_gpu():
+        pytest.skip("with a GPU, auto runs the Keras engine by choice, not as a fallback")
+    with run_app(backbone={"name": "loud", "engine": "auto"}, extra=(LoudEnginePlugin(),)) as app:
+        assert app.backbone.fell_back_from == "tflite"  # type: ignore[attr-defined]
+        assert app.metrics.registry.get_sample_value("retraind_internal_errors_total",
+                                                     {"where": "engine_fallback"}) == 1

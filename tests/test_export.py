@@ -18,6 +18,7 @@ from PIL import Image
 from daemon.backbone import Backbone
 from daemon.cli import main
 from daemon.config import BackboneConfig
+from daemon.export import calibrated_head
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
 from tests.conftest import image_bytes, seed_classes, wait_for
@@ -110,7 +111,7 @@ def test_export_serves_the_daemons_answers(tmp_path: Path, run_app: Any, capsys:
         assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(max(probabilities))
         assert dict(zip(classes, scores)) == pytest.approx(dict(top), abs=0.02), name
     assert isinstance(keras_tiny.backbone, KerasBackbone)
-    expected = version.head.probabilities(keras_tiny.backbone.embed(pixels))
+    expected = calibrated_head(version).probabilities(keras_tiny.backbone.embed(pixels))
     np.testing.assert_allclose(exported["tflite"], expected, atol=1e-4)
 
 

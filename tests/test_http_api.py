@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from daemon.app import App
 from daemon.hookspecs import hookimpl
@@ -190,7 +190,7 @@ def test_openapi_documents_every_route(served: App) -> None:
                   for method, op in methods.items()}
     assert len(operations) == sum(len(m) for m in doc["paths"].values())  # ids are unique
     for route in routes():
-        assert isinstance(route, Route)
+        assert isinstance(route, (Route, Mount))
         assert any(op.startswith(route.name) for op in operations), route.name
     assert operations["tfserving_predict_by_version"] == ("/v1/models/{model}/versions/{version}:predict", "post")
     assert operations["tfserving_predict_by_label"] == ("/v1/models/{model}/labels/{label}:predict", "post")

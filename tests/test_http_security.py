@@ -133,9 +133,14 @@ def test_expect_100_continue_is_answered_at_once(served: App) -> None:
         sock.sendall(head.format(len(image)).encode())
         assert _interim(sock, 0.5).startswith(b"HTTP/1.1 100 Continue\r\n")
         sock.sendall(image)
+        sock.settimeout(30)  # the answer itself may take a while on a busy machine; only the interim must be quick
         response = http.client.HTTPResponse(sock)
-        response.begin()
-        assert response.status == 200 and json.loads(response.read())["predictions"][0]["top_k"][0]["label"] == "red"
+        try:
+            response.begin()
+            assert response.status == 200
+            assert json.loads(response.read())["predictions"][0]["top_k"][0]["label"] == "red"
+        finally:
+            response.close()
     with socket.create_connection(("127.0.0.1", served.http.port), timeout=5) as sock:
         sock.sendall(head.format(17_000_000).encode())  # and no body: it must not be waited for
         reply = _until_closed(sock, 0.5)

@@ -41,8 +41,9 @@ def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **options: Any
     return buffer.getvalue()
 
 
-def png(width: int, height: int, bit_depth: int, colour_type: int, rows: Iterable[bytes]) -> bytes:
-    """A PNG written by hand, for what Pillow will not write: 16-bit RGB, and a 30000×30000 bomb."""
+def png(width: int, height: int, bit_depth: int, colour_type: int, rows: Iterable[bytes], trns: bytes = b"") -> bytes:
+    """A PNG written by hand, for what Pillow will not write: 16-bit RGB (with a `trns` colour key), and a
+    30000×30000 bomb."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -50,7 +51,8 @@ def png(width: int, height: int, bit_depth: int, colour_type: int, rows: Iterabl
     packer = zlib.compressobj(1)
     idat = b"".join(packer.compress(b"\0" + row) for row in rows) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    transparency = chunk(b"tRNS", trns) if trns else b""
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + transparency + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def png16(colour: str, seed: int, grey: bool = False) -> bytes:
@@ -224,6 +226,7 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
     import hashlib
     import json as json_
 
+    from daemon.journal import file_identity
     from daemon.store import JournalEntry, Store
 
     data = tmp_path / "data"
@@ -241,7 +244,7 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
               "backbone": "tiny", "sha256": hashlib.sha256(content).hexdigest(), "time": "2026-01-01T00:00:00"}
     store = Store(data / "state" / "store.sqlite")
     store.journal_begin(JournalEntry("r1", json_.dumps(str(source)), json_.dumps(str(destination)),
-                                     json_.dumps(record), "moving"))
+                                     json_.dumps(record), "moving", file_identity(source)))
     store.close()
     with run_app() as app:
         wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from daemon import trust
 from daemon.app import App
 from daemon.export import export_model
 from tests.conftest import image_bytes, seed_classes, wait_for, write_image
@@ -150,7 +151,7 @@ def test_versions_and_labels(tmp_path: Path, run_app: Any) -> None:
         assert answers["/versions/2"] == answers["/labels/stable"] == answers[""]
         assert answers["/versions/1"] != answers["/versions/2"] != answers["/labels/candidate"]
         np.testing.assert_allclose(answers["/versions/1"]["predictions"],
-                                   first.head.probabilities(app.extractor.embed(app.extractor.decode(
+                                   trust.probabilities(first, app.extractor.embed(app.extractor.decode(
                                        image_bytes("blue", 8))[None])), atol=1e-6)
         assert second.number == 2
         assert_error(call(app, "GET", f"{MODEL}/versions/9"), 404, "version 9 is not kept (kept: 1, 2)")

@@ -26,17 +26,18 @@ def build_tiny() -> Backbone:
 
 
 class TinyBackbonePlugin:
-    """Counts forward calls so tests can prove what was (not) recomputed."""
+    """Counts forward calls so tests can prove what was (not) recomputed: `images_embedded` counts the images
+    of the test, `warm_ups` the sizes of the engine's all-black warm-up batches, in order."""
 
     def __init__(self) -> None:
         self.backbone: Backbone | None = None
         self.images_embedded = 0
-        self.warm_ups = 0
+        self.warm_ups: list[int] = []
 
     def __getstate__(self) -> dict[str, object]:
         """Sent to `retraind bulk`'s Ray workers without its network (a traced graph cannot be pickled): each
         worker builds its own, and counts only its own forward passes."""
-        return {"backbone": None, "images_embedded": 0, "warm_ups": 0}
+        return {"backbone": None, "images_embedded": 0, "warm_ups": []}
 
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
@@ -50,10 +51,10 @@ class TinyBackbonePlugin:
             id, input_size, dim = self.backbone.id, self.backbone.input_size, self.backbone.dim
 
             def embed(self, images):  # type: ignore[no-untyped-def]
-                if images.any():  # the engine's warm-up batches are all zeros: not images of the test
+                if images.any():
                     plugin.images_embedded += len(images)
                 else:
-                    plugin.warm_ups += 1
+                    plugin.warm_ups.append(len(images))
                 return plugin.backbone.embed(images)  # type: ignore[union-attr]
 
         return Counting()

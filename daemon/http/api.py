@@ -12,6 +12,7 @@ from http import HTTPStatus
 
 import numpy as np
 
+from daemon import trust
 from daemon.batcher import Batcher, BatcherStopped, QueueFull
 from daemon.config import Config
 from daemon.extractor import Extractor
@@ -20,6 +21,7 @@ from daemon.http.errors import ApiError
 from daemon.images import ImageRejected
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion
+from daemon.review import Review
 from daemon.serving import ServingModel
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,12 @@ class Api:
         self, config: Config, metrics: Metrics, serving: ServingModel, registry: ModelRegistry,
         extractor: Extractor, batcher: Batcher, retrain: Callable[[], ModelVersion | None],
         health: Callable[[], dict[str, object]],
-        candidate: Callable[[], ModelVersion | None],
+        candidate: Callable[[], ModelVersion | None], review: Review,
+        with_trust: Callable[[ModelVersion], ModelVersion] = lambda version: version,
     ) -> None:
         self.config, self.metrics, self.serving, self.registry = config, metrics, serving, registry
         self.extractor, self.batcher, self.retrain, self.health = extractor, batcher, retrain, health
-        self.candidate = candidate
+        self.candidate, self.with_trust, self.review = candidate, with_trust, review  # a kept version loaded with its calibrator
         # decoding (and parsing big JSON bodies) off the event loop; Pillow releases the GIL while decoding
         self.pool = ThreadPoolExecutor(max_workers=_DECODERS, thread_name_prefix="retraind-http-decode")
         self._loaded: dict[int, ModelVersion] = {}
@@ -94,7 +97,7 @@ class Api:
                            f"version {number} is not kept (kept: {', '.join(map(str, kept)) or 'none'})")
         if number not in self._loaded:
             try:
-                self._loaded[number] = self.registry.load(number)
+                self._loaded[number] = self.with_trust(self.registry.load(number))
             except (OSError, ValueError, KeyError) as exc:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} cannot be loaded: {exc}") from exc
         version = self._loaded[number]
@@ -130,8 +133,8 @@ class Api:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), {"Retry-After": "5"}) from exc
 
     async def probabilities(self, payloads: Sequence[bytes], version: ModelVersion) -> np.ndarray:
-        """Probabilities [N, labels] in `version.labels` order."""
-        return version.head.probabilities(await self.bottlenecks(payloads))
+        """Calibrated probabilities [N, labels] in `version.labels` order."""
+        return trust.probabilities(version, await self.bottlenecks(payloads))
 
     def _decode(self, index: int, data: bytes, count: int) -> np.ndarray:
         try:

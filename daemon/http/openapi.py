@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from daemon import __version__
 from daemon.http.security import StateChangingRoute
@@ -75,6 +75,12 @@ def _operation(route: Route, method: str, path: str) -> dict[str, Any]:
 def document(routes: list[BaseRoute]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
+        if isinstance(route, Mount):  # static files (the review page): one GET per mount
+            paths[f"{route.path}/{{file}}"] = {"get": {
+                "operationId": route.name, "summary": f"static files under {route.path}/ (index.html at {route.path}/)",
+                "tags": ["retraind"], "x-retraind-extension": True,
+                "responses": {"200": {"description": "the file"}, "404": {"description": "no such file"}}}}
+            continue
         if not isinstance(route, Route):
             continue
         for path in _paths(route.path):

@@ -10,13 +10,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from daemon.http import kserve, ops, tfserving
+from daemon.http import kserve, ops, review, tfserving
 from daemon.http.api import Api
 from daemon.http.errors import EXCEPTION_HANDLERS, CatchErrors
 from daemon.http.observe import RequestMetrics
 from daemon.http.security import Guard
 
-ROUTE_GROUPS: tuple[list[BaseRoute], ...] = (ops.ROUTES, tfserving.ROUTES, kserve.ROUTES)
+ROUTE_GROUPS: tuple[list[BaseRoute], ...] = (ops.ROUTES, tfserving.ROUTES, kserve.ROUTES, review.ROUTES)
 
 
 def routes() -> list[BaseRoute]:

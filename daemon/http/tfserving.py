@@ -2,7 +2,8 @@
 a TF Serving fleet works unchanged, with the exported SavedModel's signatures (daemon/export.py):
 
 - `GET /v1/models/retraind[/versions/N|/labels/L]`: version status (every kept version, or the one addressed);
-- `GET .../metadata`: `model_spec` and `metadata.signature_def`, plus our labels, backbone and accuracy;
+- `GET .../metadata`: `model_spec` and `metadata.signature_def`, plus our labels, backbone, accuracy and `trust`
+  (target precision, thresholds, expected coverage, calibration error: daemon/trust.py);
 - `POST ...:predict`: `signature_name` `serving_default` (→ `probabilities` [N, labels] in `labels.txt` order)
   or `classify` (→ `classes`, `scores` [N, labels], best first); row requests answer `predictions`, columnar
   ones `outputs`, as TF Serving does;
@@ -92,7 +93,8 @@ async def metadata(request: Request) -> JSONResponse:
         "metadata": {"signature_def": signature_def(len(version.labels))},
         "labels": list(version.labels), "backbone": version.backbone, "accuracy": m.get("accuracy"),
         "per_class_accuracy": m.get("per_class_accuracy"), "manifest_sha256": m.get("manifest_sha256"),
-        "images": m.get("images"), "created": m.get("created"),
+        "images": m.get("images"), "created": m.get("created"), "trust": m.get("trust"),
+        "label_conflicts": m.get("label_conflicts", []),
     })
 
 

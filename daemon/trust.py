@@ -1,0 +1,292 @@
+"""Trustworthy filing, per model version: calibrated scores, a review threshold derived from the precision the
+user chose, and a novelty gate that sends images of untaught classes to review.
+
+All of it is fitted on data the head did not fit. The train and validation images are dealt into `FOLDS` folds
+by a hash of their path; a head is trained (through `retraind_train_head`, at the served head's L2 strength)
+on all folds but one and predicts the one left out, so every image gets an out-of-fold prediction. On those:
+- the calibrator (`retraind_fit_calibrator`, built in: temperature scaling, daemon/calibration.py);
+- the review threshold on the calibrated top-1 score (selection with guaranteed risk, daemon/selective.py);
+- the novelty threshold: known images scored out-of-fold, stand-in unknowns by leave-one-class-out
+  (`retraind_fit_novelty`, built in: class-conditional Mahalanobis, daemon/novelty.py).
+
+The out-of-fold predictions are kept with the version as `out_of_fold.jsonl`, one JSON object per training
+or validation image: `path` (under classes/), `sha256`, `label` (its folder), `predicted` (out-of-fold
+top-1), `probability` (its calibrated score), `label_probability` (the calibrated score of its folder's
+label), `novelty` (its out-of-fold novelty score) and `fold`. A "suspect" is a row whose `predicted` differs
+from `label` with a high `probability`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from daemon.calibration import Calibrator, expected_calibration_error, softmax
+from daemon.config import ClassifyConfig, TrainingConfig
+from daemon.dataset import Dataset, Part
+from daemon.head import Head
+from daemon.novelty import MAX_LOCO_CLASSES, NoveltyScore, auroc, spread, youden_threshold
+from daemon.selective import DELTA, sgr_threshold
+from daemon.split import TEST, TRAIN, VALIDATION
+
+if TYPE_CHECKING:
+    from daemon.metrics import Metrics
+    from daemon.plugin_manager import Hooks
+    from daemon.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+FOLDS = 5
+#: The most train+validation images the out-of-fold run uses (a sample by path hash, the same every run): 5
+#: fold heads and the novelty fits on 50k rows took 80 s; on 10k they take a few seconds, and 10k held-out
+#: predictions bound a threshold's precision within about a percentage point.
+MAX_HELD_OUT = 10_000
+OUT_OF_FOLD_FILE = "out_of_fold.jsonl"
+LOW_CONFIDENCE, UNFAMILIAR = "low_confidence", "unfamiliar"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What serving needs: the calibrator, the novelty score, and the two thresholds (None: no confidence
+    threshold reaches the target, so everything goes to review)."""
+
+    calibrator: Calibrator
+    novelty: NoveltyScore
+    confidence_threshold: float | None
+    novelty_threshold: float
+
+    def save(self, directory: Path) -> None:
+        self.calibrator.save(directory)
+        self.novelty.save(directory)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One image's calibrated top-k, novelty score, and why it goes to review (None: it is filed)."""
+
+    top_k: tuple[tuple[str, float], ...]
+    novelty: float | None
+    review_reason: str | None
+
+
+def probabilities(version: ModelVersion, vectors: np.ndarray) -> np.ndarray:
+    """Class probabilities (n, classes) of bottlenecks (n, dim): calibrated when the version has a calibrator."""
+    logits = version.head.logits(vectors)
+    return version.trust.calibrator.probabilities(logits) if version.trust else softmax(logits)
+
+
+def judge(version: ModelVersion, vectors: np.ndarray, classify: ClassifyConfig) -> list[Judgement]:
+    """Score bottlenecks (n, dim) and decide filing: `unfamiliar` when the novelty gate is on and the score is
+    above the version's novelty threshold, else `low_confidence` when the calibrated top-1 score is below the
+    threshold (`classify.confidence_threshold` when set, else the version's derived one; a threshold of 1
+    reviews every image, even one whose calibrated score rounds to exactly 1)."""
+    probs = probabilities(version, vectors)
+    trust = version.trust
+    novelty = trust.novelty.score(vectors) if trust else np.full(len(probs), np.nan)
+    threshold = classify.confidence_threshold
+    if threshold is None and trust is not None:
+        threshold = trust.confidence_threshold
+    order = np.argsort(-probs, axis=1)[:, : classify.top_k]
+    judgements = []
+    for row, idx, score in zip(probs, order, novelty):
+        reason = None
+        if classify.novelty and trust is not None and score > trust.novelty_threshold:
+            reason = UNFAMILIAR
+        elif threshold is None or row[idx[0]] < threshold or threshold >= 1.0:  # 1: review everything
+            reason = LOW_CONFIDENCE
+        top_k = tuple((version.labels[int(i)], round(float(row[i]), 6)) for i in idx)
+        judgements.append(Judgement(top_k, None if np.isnan(score) else round(float(score), 4), reason))
+    return judgements
+
+
+# -- fitting --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FittedTrust:
+    trust: Trust
+    summary: dict[str, Any]  # metrics.json's "trust"
+    out_of_fold: list[dict[str, Any]]
+
+    def save(self, directory: Path) -> None:
+        """Write the calibrator, the novelty score and `out_of_fold.jsonl` into a version folder."""
+        self.trust.save(directory)
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.out_of_fold)
+        (directory / OUT_OF_FOLD_FILE).write_text(lines, encoding="utf-8")
+
+
+def _hash_ranks(paths: tuple[str, ...]) -> np.ndarray:
+    """Each path's rank (n,) when sorted by a hash of the path: a shuffle independent of the files' order."""
+    keys = [hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest() for path in paths]
+    ranks = np.empty(len(paths), dtype=np.int64)
+    ranks[sorted(range(len(paths)), key=keys.__getitem__)] = np.arange(len(paths))
+    return ranks
+
+
+def folds_of(paths: tuple[str, ...]) -> np.ndarray:
+    """Fold numbers (n,): images ranked by a hash of their catalog path, dealt round-robin, so every fold is
+    non-empty and the folds are a shuffle that does not depend on the order of the files."""
+    return _hash_ranks(paths) % min(FOLDS, len(paths))
+
+
+def _empty(part: Part) -> Part:
+    return Part(part.x[:0], part.y[:0], ())
+
+
+def _held_out_pool(dataset: Dataset) -> Part:
+    """Train and validation images, at most MAX_HELD_OUT of them (those ranked first by path hash)."""
+    train, validation = dataset.parts[TRAIN], dataset.parts[VALIDATION]
+    paths = train.paths + validation.paths
+    if len(paths) <= MAX_HELD_OUT:
+        return Part(np.concatenate([train.x, validation.x]), np.concatenate([train.y, validation.y]), paths)
+    rows = np.flatnonzero(_hash_ranks(paths) < MAX_HELD_OUT)
+    cut = len(train.y)
+    inside, beyond = rows[rows < cut], rows[rows >= cut] - cut
+    return Part(np.concatenate([train.x[inside], validation.x[beyond]]),
+                np.concatenate([train.y[inside], validation.y[beyond]]), tuple(paths[i] for i in rows))
+
+
+def _fold_dataset(dataset: Dataset, pool: Part, rows: np.ndarray) -> Dataset:
+    """A dataset whose train split is `pool[rows]` plus the distorted variants of exactly those images."""
+    part = Part(pool.x[rows], pool.y[rows], tuple(pool.paths[i] for i in rows))
+    variants = dataset.variants
+    if variants is not None and len(variants.y):
+        sources = set(part.paths)
+        keep = np.array([path in sources for path in variants.paths], dtype=bool)
+        part = Part(np.concatenate([part.x, variants.x[keep]]), np.concatenate([part.y, variants.y[keep]]), ())
+    return Dataset(dataset.labels, {TRAIN: part, VALIDATION: _empty(pool), TEST: _empty(pool)},
+                   dataset.manifest_sha256)
+
+
+def _out_of_fold(head: Head, dataset: Dataset, pool: Part, folds: np.ndarray, hooks: Hooks,
+                 training: TrainingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold logits (n, classes) and novelty scores (n,) for every row of `pool`."""
+    if "l2" in head.hyperparameters:  # the served head's strength: one fit per fold, not one per candidate
+        training = dataclasses.replace(training, l2=[float(head.hyperparameters["l2"])])
+    logits = np.zeros((len(pool.y), len(dataset.labels)), dtype=np.float32)
+    novelty = np.zeros(len(pool.y), dtype=np.float32)
+    for k in np.unique(folds):
+        inside, outside = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        fold_head = hooks.train_head(_fold_dataset(dataset, pool, inside), training)
+        if fold_head is None:
+            raise RuntimeError("no plugin trained a head for an out-of-fold prediction")
+        logits[outside] = fold_head.logits(pool.x[outside])
+        novelty[outside] = hooks.fit_novelty(pool.x[inside], pool.y[inside]).score(pool.x[outside])
+    return logits, novelty
+
+
+def _stand_in_unknowns(pool: Part, hooks: Hooks) -> np.ndarray:
+    """Novelty scores of each class's images under a score fitted without that class (leave-one-class-out)."""
+    classes = np.unique(pool.y)
+    scores = [hooks.fit_novelty(pool.x[pool.y != c], pool.y[pool.y != c]).score(pool.x[pool.y == c])
+              for c in classes[spread(len(classes), MAX_LOCO_CLASSES)]] if len(classes) > 1 else []
+    return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
+
+
+def _rounded(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
+              sha256_of: Mapping[str, str | None]) -> FittedTrust:
+    """Calibrate `head`, derive its review and novelty thresholds, and describe them for `metrics.json`.
+
+    Costs `FOLDS` extra head fits and FOLDS + (classes, at most MAX_LOCO_CLASSES) + 1 novelty fits.
+    Raises ValueError when the train and validation splits hold fewer than 2 images. BLAS runs on one thread
+    throughout, as in the head's own fit: two OpenBLAS copies (numpy's, scipy's) fighting over the cores made
+    the covariance and head fits several times slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_trust(head, dataset, hooks, training, classify, sha256_of)
+
+
+def _fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
+               sha256_of: Mapping[str, str | None]) -> FittedTrust:
+    pool = _held_out_pool(dataset)
+    if len(pool.y) < 2:
+        raise ValueError("calibration needs at least 2 train or validation images")
+    folds = folds_of(pool.paths)
+    oof_logits, known = _out_of_fold(head, dataset, pool, folds, hooks, training)
+    calibrator = hooks.fit_calibrator(oof_logits, pool.y)
+    calibrated = calibrator.probabilities(oof_logits)
+    predicted, confidence = calibrated.argmax(axis=1), calibrated.max(axis=1)
+    unknown = _stand_in_unknowns(pool, hooks)
+    novelty_threshold = youden_threshold(known, unknown)
+    selected = sgr_threshold(confidence, predicted == pool.y, classify.target_precision)
+    trust = Trust(calibrator, hooks.fit_novelty(pool.x, pool.y),
+                  None if selected is None else selected.threshold, novelty_threshold)
+    filed = (confidence >= (np.inf if selected is None else selected.threshold)) & (known <= novelty_threshold)
+    test = dataset.parts[TEST]
+    test_logits = head.logits(test.x)
+    summary = {
+        "target_precision": classify.target_precision, "delta": DELTA,
+        "confidence_threshold": trust.confidence_threshold,  # unrounded: serving reads it back
+        "expected_coverage": _rounded(float(filed.mean())),
+        "expected_precision": _rounded(float(np.mean(predicted[filed] == pool.y[filed])) if filed.any() else None),
+        "precision_bound": _rounded(None if selected is None else selected.precision_bound),
+        "reason": None if selected is not None else _unreachable(classify.target_precision, pool, predicted),
+        "calibration": {
+            "method": calibrator.name, "parameters": calibrator.parameters, "bins": 10,
+            "out_of_fold": {"before": _rounded(expected_calibration_error(softmax(oof_logits), pool.y)),
+                            "after": _rounded(expected_calibration_error(calibrated, pool.y))},
+            TEST: {"before": _rounded(expected_calibration_error(softmax(test_logits), test.y)),
+                   "after": _rounded(expected_calibration_error(calibrator.probabilities(test_logits), test.y))},
+        },
+        "novelty": {"method": trust.novelty.name, "threshold": novelty_threshold,
+                    "known_flagged": _rounded(float(np.mean(known > novelty_threshold))),
+                    "stand_in_unknowns_kept": _rounded(float(np.mean(unknown <= novelty_threshold))
+                                                       if len(unknown) else None),
+                    "loco_auroc": _rounded(auroc(known, unknown))},
+        "out_of_fold": {"folds": len(np.unique(folds)), "images": len(pool.y),
+                        "accuracy": _rounded(float(np.mean(predicted == pool.y))), "file": OUT_OF_FOLD_FILE},
+    }
+    labels = dataset.labels
+    rows = [{"path": path, "sha256": sha256_of.get(path), "label": labels[pool.y[i]],
+             "predicted": labels[predicted[i]], "probability": round(float(confidence[i]), 6),
+             "label_probability": round(float(calibrated[i, pool.y[i]]), 6), "novelty": round(float(known[i]), 4),
+             "fold": int(folds[i])} for i, path in enumerate(pool.paths)]
+    return FittedTrust(trust, summary, rows)
+
+
+def _unreachable(target: float, pool: Part, predicted: np.ndarray) -> str:
+    return (f"no review threshold reaches precision {target:.0%} (with {1 - DELTA:.0%} confidence) on "
+            f"{len(pool.y)} held-out predictions (out-of-fold accuracy {np.mean(predicted == pool.y):.1%}); "
+            "every image goes to review until more images are taught or classify.confidence_threshold is set")
+
+
+def load_trust(version: ModelVersion, hooks: Hooks) -> Trust | None:
+    """The version's calibrator and novelty score from its folder; None for a version made before them."""
+    summary = version.metrics.get("trust")
+    if not summary:
+        return None
+    calibrator = hooks.load_calibrator(summary["calibration"]["method"], version.directory)
+    novelty = hooks.load_novelty(summary["novelty"]["method"], version.directory)
+    return Trust(calibrator, novelty, summary["confidence_threshold"], float(summary["novelty"]["threshold"]))
+
+
+def show(metrics: Metrics, version: ModelVersion) -> None:
+    """Set the per-version trust gauges from the version's `metrics.json`."""
+    summary = version.metrics.get("trust") or {}
+    metrics.calibration_error.clear()
+    for split, pair in (summary.get("calibration") or {}).items():
+        if isinstance(pair, dict) and "before" in pair:
+            for scores, key in (("raw", "before"), ("calibrated", "after")):
+                if pair[key] is not None:
+                    metrics.calibration_error.labels(split=split, scores=scores).set(pair[key])
+    metrics.target_precision.set(summary.get("target_precision") or 0)
+    metrics.expected_coverage.set(summary.get("expected_coverage") or 0)
+    metrics.review_threshold.clear()
+    if summary.get("confidence_threshold") is not None:
+        metrics.review_threshold.labels(score="confidence").set(summary["confidence_threshold"])
+    if summary.get("novelty"):
+        metrics.review_threshold.labels(score="novelty").set(summary["novelty"]["threshold"])
+    metrics.filing_suspended.set(1 if summary.get("reason") or not summary else 0)

@@ -1,0 +1,176 @@
+"""The review API over real HTTP on a real daemon: the queue ordered by doubt with near-duplicates grouped,
+decisions as journalled moves that the next training run learns from, undo, suspects, thumbnails, and the
+same protection as every state-changing route."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from daemon.app import App
+from daemon.review_actions import Plan
+from tests.conftest import image_bytes, seed_classes, wait_for, write_image
+from tests.test_http_api import JSON, assert_error, call
+
+ALL_TO_REVIEW = {"classify": {"confidence_threshold": 1.0}}  # every inbox image waits for a person
+
+
+def post(app: App, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
+    return call(app, "POST", path, json.dumps(body or {}).encode(), JSON)
+
+
+def in_review(app: App, count: int) -> dict[str, Any]:
+    """The queue once `count` images and their records are in review/."""
+    review = app.config.folder("review")
+    wait_for(lambda: len(list(review.glob("*.json"))) == count, what=f"{count} records in review")
+    return call(app, "GET", "/v1/review")[2]  # type: ignore[no-any-return]
+
+
+def first_model(app: App) -> int:
+    return wait_for(lambda: app.serving.version, what="first model").number  # type: ignore[no-any-return]
+
+
+def test_queue_is_ordered_by_doubt_and_groups_identical_content(tmp_path: Path, run_app: Any) -> None:
+    """Kind: a reviewer's time goes first to what the model is least sure of, and one decision covers copies."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        inbox = app.config.folder("inbox")
+        same = image_bytes("red", 900)
+        (inbox / "copy-a.jpg").write_bytes(same)
+        (inbox / "copy-b.jpg").write_bytes(same)
+        write_image(inbox / "blue-1.jpg", "blue", 901)
+        write_image(inbox / "green-1.jpg", "green", 902)
+        page = in_review(app, 4)
+        assert page["labels"] == ["blue", "red"]
+        margins = [group[0]["margin"] for group in page["groups"]]
+        assert margins == sorted(margins), "most doubtful (smallest margin) first"
+        grouped = [group for group in page["groups"] if len(group) == 2]
+        assert len(grouped) == 1 and {item["name"] for item in grouped[0]} == {"copy-a.jpg", "copy-b.jpg"}
+        assert grouped[0][0]["duplicates"] == [grouped[0][1]["id"]]
+        for group in page["groups"]:
+            item = group[0]
+            assert item["reason"] in ("low_confidence", "unfamiliar")
+            assert [s["label"] for s in item["suggestions"]] and abs(sum(s["score"] for s in item["suggestions"]) - 1) < 1e-3
+        paged = call(app, "GET", "/v1/review?offset=1&limit=1")[2]
+        assert paged["total_groups"] == 3 and paged["groups"] == page["groups"][1:2]
+
+
+def test_label_teaches_and_undo_restores(tmp_path: Path, run_app: Any) -> None:
+    """Kind: a decision is the daemon's own journalled move; the next training run learns from it (a new
+    label included); undo puts the file and its record back."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        version = first_model(app)
+        write_image(app.config.folder("inbox") / "leaf.jpg", "green", 7)
+        (group,) = in_review(app, 1)["groups"]
+        review = app.config.folder("review")
+        record = (review / "leaf.jpg.json").read_text()
+        code, _, answer = post(app, f"/v1/review/{group[0]['id']}:label", {"label": "green", "group": True})
+        assert code == 200, answer
+        taught = app.config.folder("classes") / "green" / "leaf.jpg"
+        assert taught.exists() and not (review / "leaf.jpg").exists() and not (review / "leaf.jpg.json").exists()
+        newer = wait_for(lambda: app.serving.version.number > version and app.serving.version, what="a retrain")
+        assert "green" in newer.labels
+        code, _, answer = post(app, "/v1/review:undo")
+        assert code == 200 and answer["undone"]["kind"] == "label"
+        assert (review / "leaf.jpg").exists() and not taught.exists()
+        assert (review / "leaf.jpg.json").read_text() == record
+        assert_error(post(app, "/v1/review:undo"), 404, "nothing to undo")
+        assert app.metrics.registry.get_sample_value("retraind_review_actions_total", {"action": "undo"}) == 1
+
+
+def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
+    """Kind: a rejected image ends in rejected/ with a record; bad labels, unknown ids, cross-site callers and
+    non-JSON bodies are refused with a JSON error and nothing moves."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        write_image(app.config.folder("inbox") / "x.jpg", "red", 11)
+        (group,) = in_review(app, 1)["groups"]
+        item = group[0]["id"]
+        for label in ("../etc", ".hidden", "", " padded", "a/b", 7):
+            assert_error(post(app, f"/v1/review/{item}:label", {"label": label}), 400, "label")
+        assert_error(post(app, "/v1/review/0123456789abcdef:label", {"label": "red"}), 404, "no such item")
+        assert_error(call(app, "POST", f"/v1/review/{item}:label", b'{"label": "red"}',
+                          {"Content-Type": "text/plain"}), 415, "application/json")
+        assert_error(call(app, "POST", f"/v1/review/{item}:label", b'{"label": "red"}',
+                          {**JSON, "Origin": "http://evil.example"}), 403, "cross-site")
+        assert (app.config.folder("review") / "x.jpg").exists()
+        assert post(app, f"/v1/review/{item}:reject")[0] == 200
+        rejected = app.config.folder("rejected")
+        assert (rejected / "x.jpg").exists()
+        assert json.loads((rejected / "x.jpg.error.json").read_text())["reason"] == "rejected_by_reviewer"
+        assert post(app, "/v1/review:undo")[0] == 200
+        assert (app.config.folder("review") / "x.jpg").exists() and not (rejected / "x.jpg.error.json").exists()
+
+
+def test_suspects_duplicates_keep_and_undo(tmp_path: Path, run_app: Any) -> None:
+    """Kind: the same bytes under two labels are shown as suspects; keep hides them, undo shows them again,
+    move puts the copy under the other label."""
+    seed_classes(tmp_path)
+    classes = tmp_path / "data" / "classes"
+    shutil.copy(classes / "red" / "red-0.jpg", classes / "blue" / "looks-red.jpg")
+    with run_app() as app:
+        first_model(app)
+        found = wait_for(lambda: [s for s in call(app, "GET", "/v1/suspects")[2]["suspects"]
+                                  if s.get("other_labels")], what="suspects with copies under another label")
+        # one card per image: the copy under blue may also be a confident out-of-fold disagreement
+        assert sorted(s["path"] for s in found) == ["blue/looks-red.jpg", "red/red-0.jpg"]
+        copy = next(s for s in found if s["path"] == "blue/looks-red.jpg")
+        assert copy["other_labels"] == ["red"]
+        assert post(app, f"/v1/suspects/{copy['id']}:keep")[0] == 200
+        assert "blue/looks-red.jpg" not in {s["path"] for s in call(app, "GET", "/v1/suspects")[2]["suspects"]}
+        assert post(app, "/v1/review:undo")[0] == 200
+        assert post(app, f"/v1/suspects/{copy['id']}:move", {"label": "red"})[0] == 200
+        assert (classes / "red" / "looks-red.jpg").exists() and not (classes / "blue" / "looks-red.jpg").exists()
+        assert_error(post(app, f"/v1/suspects/{copy['id']}:move", {"label": "red"}), 404, "no such item")
+
+
+def test_thumbnails_by_content_and_the_model_view(tmp_path: Path, run_app: Any) -> None:
+    """Kind: thumbnails are cached by content hash (never stale), and the model view has the figures."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        write_image(app.config.folder("inbox") / "t.jpg", "red", 3)
+        (group,) = in_review(app, 1)["groups"]
+        sha = group[0]["sha256"]
+        assert app.http is not None
+        import http.client
+        connection = http.client.HTTPConnection("127.0.0.1", app.http.port, timeout=10)
+        connection.request("GET", f"/v1/thumbnails/{sha}")
+        response = connection.getresponse()
+        body = response.read()
+        connection.close()
+        assert response.status == 200 and response.getheader("content-type") == "image/jpeg" and body[:2] == b"\xff\xd8"
+        assert (app.config.folder("state") / "thumbnails" / f"{sha}.jpg").read_bytes() == body
+        assert_error(call(app, "GET", "/v1/thumbnails/not-a-hash"), 400, "sha256")
+        assert_error(call(app, "GET", f"/v1/thumbnails/{'0' * 64}"), 404, "no such item")
+        model = call(app, "GET", "/v1/review/model")[2]
+        assert model["version"] == app.serving.version.number and model["labels"] == ["blue", "red"]
+        assert len(model["confusion_matrix"]) == 2 and set(model["per_class_accuracy"]) == {"blue", "red"}
+        paths = call(app, "GET", "/openapi.json")[2]["paths"]
+        assert {"/v1/review", "/v1/review/{item_id}:label", "/v1/review:undo", "/v1/suspects"} <= set(paths)
+
+
+def test_a_decision_interrupted_by_a_stop_is_finished_at_start(tmp_path: Path, run_app: Any) -> None:
+    """Kind: a crash between the journal and the move never loses the decision: it is carried out at start."""
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    (data / "review").mkdir(parents=True)
+    write_image(data / "review" / "late.jpg", "red", 5)
+    (data / "review" / "late.jpg.json").write_text("{}")
+    from daemon.store import Store
+    store = Store(data / "state" / "store.sqlite")
+    plan = Plan(moves=[(data / "review" / "late.jpg", data / "classes" / "red" / "late.jpg")],
+                removed={data / "review" / "late.jpg.json": "{}"})
+    store.review_begin("label", plan.to_json())
+    store.close()
+    with run_app() as app:
+        assert (data / "classes" / "red" / "late.jpg").exists()
+        assert not os.path.lexists(data / "review" / "late.jpg.json")
+        assert post(app, "/v1/review:undo")[0] == 200
+        assert (data / "review" / "late.jpg").exists()

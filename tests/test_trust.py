@@ -1,0 +1,140 @@
+"""Calibration, the SGR review threshold and the novelty score, on data whose answer is known; and the hooks
+that let a plugin replace the calibrator and the novelty score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from daemon.calibration import TemperatureScaling, expected_calibration_error, softmax
+from daemon.config import ClassifyConfig, ConfigError, TrainingConfig, parse_config
+from daemon.dataset import Dataset, Part
+from daemon.hookspecs import hookimpl
+from daemon.novelty import ClassMahalanobis, auroc, youden_threshold
+from daemon.plugin_manager import Hooks, make_plugin_manager
+from daemon.selective import risk_upper_bound, sgr_threshold
+from daemon.trust import fit_trust
+
+RNG = np.random.default_rng(0)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # bin 0.6-0.7: scores 0.65, 0.65, both right -> |1 - 0.65| = 0.35 over half the rows; bin 0.9-1.0: 0.95
+    # and 0.95, one right -> |0.5 - 0.95| = 0.45 over the other half
+    p = np.array([[0.65, 0.35], [0.35, 0.65], [0.95, 0.05], [0.05, 0.95]])
+    assert expected_calibration_error(p, np.array([0, 1, 0, 0])) == pytest.approx(0.5 * 0.35 + 0.5 * 0.45)
+    assert expected_calibration_error(p[:0], np.array([], dtype=np.int64)) is None
+
+
+def test_temperature_scaling_recovers_the_temperature_that_made_the_labels() -> None:
+    logits = RNG.normal(0, 3, (4000, 5))
+    truth = softmax(logits / 2.0)
+    y = np.array([RNG.choice(5, p=row) for row in truth])
+    fitted = TemperatureScaling.fit(logits, y)
+    assert fitted.temperature == pytest.approx(2.0, rel=0.1)
+    assert expected_calibration_error(fitted.probabilities(logits), y) < expected_calibration_error(softmax(logits), y)
+    assert (fitted.probabilities(logits).argmax(axis=1) == logits.argmax(axis=1)).all()  # accuracy untouched
+
+
+def test_temperature_floor_keeps_perfect_predictions_below_certainty() -> None:
+    logits = np.array([[30.0, 0.0], [0.0, 30.0]] * 20)
+    fitted = TemperatureScaling.fit(logits, np.array([0, 1] * 20))
+    assert fitted.temperature == TemperatureScaling.LOWEST
+
+
+def test_clopper_pearson_bound() -> None:
+    assert risk_upper_bound(0, 10, 0.05) == pytest.approx(1 - 0.05 ** (1 / 10))
+    assert risk_upper_bound(10, 10, 0.05) == 1.0
+
+
+def test_sgr_threshold_keeps_its_precision_on_fresh_images() -> None:
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = RNG.uniform(0.3, 1.0, n)
+        return scores, RNG.uniform(0, 1, n) < scores  # a calibrated score: right with that probability
+
+    found = sgr_threshold(*draw(3000), target_precision=0.9)
+    assert found is not None and found.precision_bound >= 0.9 and 0.1 < found.coverage < 0.6
+    fresh, right = draw(100_000)
+    assert right[fresh >= found.threshold].mean() >= 0.9
+    assert sgr_threshold(np.ones(20), np.ones(20, dtype=bool), 0.9) is None  # 20 perfect images prove too little
+    assert sgr_threshold(np.ones(60), np.ones(60, dtype=bool), 0.9) is not None
+
+
+def test_mahalanobis_finds_the_unknown_cluster_and_round_trips(tmp_path: Path) -> None:
+    means = RNG.normal(0, 4, (3, 20))
+    y = np.repeat(np.arange(3), 100)
+    x = (means[y] + RNG.normal(0, 1, (300, 20))).astype(np.float32)
+    unknown = (RNG.normal(0, 4, 20) + RNG.normal(0, 1, (50, 20))).astype(np.float32)
+    score = ClassMahalanobis.fit(x[::2], y[::2])
+    held_out = score.score(x[1::2])
+    assert (auroc(held_out, score.score(unknown)) or 0) > 0.95
+    score.save(tmp_path)
+    assert np.allclose(ClassMahalanobis.load(tmp_path).score(unknown), score.score(unknown))
+
+
+def test_auroc_and_youden_by_hand() -> None:
+    assert auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
+    assert auroc(np.array([1.0, 3.0]), np.array([2.0, 2.0])) == 0.5
+    assert auroc(np.array([1.0, 2.0]), np.array([2.0])) == 0.75  # a tie counts half
+    assert youden_threshold(np.array([1.0, 2.0, 3.0, 6.0]), np.array([3.5, 4.0, 5.0])) == 3.0  # J = 3/4 - 0
+
+
+def test_confidence_threshold_null_means_not_set() -> None:
+    assert parse_config({"classify": {"confidence_threshold": None}}, Path("/tmp")).classify.confidence_threshold is None
+    assert parse_config({"classify": {"confidence_threshold": 0.7}}, Path("/tmp")).classify.confidence_threshold == 0.7
+    with pytest.raises(ConfigError, match=r"classify.confidence_threshold: expected float, got str"):
+        parse_config({"classify": {"confidence_threshold": "high"}}, Path("/tmp"))
+    with pytest.raises(ConfigError, match=r"classify.target_precision: 1.5 is out of range"):
+        parse_config({"classify": {"target_precision": 1.5}}, Path("/tmp"))
+
+
+class _Constant:
+    """A calibrator and a novelty score that a plugin contributes in place of the built-ins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.parameters: dict[str, Any] = {}
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros(len(x), dtype=np.float32)
+
+    def save(self, directory: Path) -> None:
+        (directory / self.name).write_text("")
+
+
+class _Replacing:
+    @hookimpl
+    def retraind_fit_calibrator(self, logits: np.ndarray, labels: np.ndarray) -> _Constant:
+        return _Constant("identity")
+
+    @hookimpl
+    def retraind_fit_novelty(self, x: np.ndarray, labels: np.ndarray) -> _Constant:
+        return _Constant("never_novel")
+
+
+def _dataset() -> Dataset:
+    y = np.repeat(np.arange(2), 60)
+    x = (np.array([[3.0, 0.0], [0.0, 3.0]])[y] + RNG.normal(0, 1, (120, 2))).astype(np.float32)
+    paths = tuple(f"{'ab'[label]}/{i}.jpg" for i, label in enumerate(y))
+    empty = Part(x[:0], y[:0], ())
+    return Dataset(("a", "b"), {"train": Part(x, y, paths), "validation": empty, "test": empty}, "manifest")
+
+
+def test_a_plugin_replaces_the_calibrator_and_the_novelty_score(tmp_path: Path) -> None:
+    dataset = _dataset()
+    for extra, (calibrator, novelty) in (((), ("temperature", "class_mahalanobis")),
+                                         ((_Replacing(),), ("identity", "never_novel"))):
+        hooks = Hooks(make_plugin_manager(extra=extra))
+        head = hooks.train_head(dataset, TrainingConfig())
+        assert head is not None
+        fitted = fit_trust(head, dataset, hooks, TrainingConfig(), ClassifyConfig(), {})
+        assert (fitted.summary["calibration"]["method"], fitted.summary["novelty"]["method"]) == (calibrator, novelty)
+        assert len(fitted.out_of_fold) == 120 and fitted.summary["out_of_fold"]["folds"] == 5
+        fitted.save(tmp_path)
+        assert (tmp_path / "out_of_fold.jsonl").read_text().count("\n") == 120
