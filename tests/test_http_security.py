@@ -99,8 +99,9 @@ def test_the_token_is_required_where_configured(tmp_path: Path, run_app: Any,
     with caplog.at_level(logging.INFO, logger="daemon"), \
             run_app(http={"port": 0, "token_file": "api.token"}) as app:
         assert app.http is not None
-        assert listening_lines(caplog) == [f"HTTP API listening on http://127.0.0.1:{app.http.port}/ (bearer token "
-                                           "of http.token_file required, except on /healthz, /readyz)"]
+        expected = (f"HTTP API listening on http://127.0.0.1:{app.http.port}/ (bearer token of http.token_file "
+                    "required, except on /healthz, /readyz)")
+        assert listening_lines(caplog) == [expected]
         for headers in ({}, {"Authorization": "Bearer wrong-token-of-some-length"}, {"Authorization": token},
                         {"Authorization": f"Basic {token}"}):
             code, reply_headers, body = call(app, "GET", MODEL, headers=headers)
