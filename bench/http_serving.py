@@ -78,10 +78,12 @@ def wait_ready(port: int, daemon: subprocess.Popen[bytes], root: Path) -> None:
 
 
 def ab(url: str, body: Path, concurrency: int, requests: int) -> dict[str, Any]:
-    """One ApacheBench run: requests/s, percentiles (ms), failures by kind, non-2xx answers."""
+    """One ApacheBench run: requests/s, percentiles (ms, from ab's CSV: its summary rounds to whole ms),
+    failures by kind, non-2xx answers."""
+    csv = body.with_name(f"percentiles-c{concurrency}.csv")
     done = subprocess.run(["ab", "-q", "-r", "-s", "30", "-t", "300", "-n", str(requests), "-c", str(concurrency),
-                           "-p", str(body), "-T", "image/jpeg", url], capture_output=True, text=True, timeout=400,
-                          check=False)
+                           "-e", str(csv), "-p", str(body), "-T", "image/jpeg", url], capture_output=True, text=True,
+                          timeout=400, check=False)
     out = done.stdout
     if "Requests per second" not in out:
         sys.exit(f"ab failed ({done.returncode}): {done.stderr[-2000:]}\n{out[-2000:]}")
@@ -89,13 +91,14 @@ def ab(url: str, body: Path, concurrency: int, requests: int) -> dict[str, Any]:
                        r"Exceptions: (\d+)\))?", out)
     assert failed is not None
     kinds = [int(x) if x else 0 for x in failed.groups()[1:]]
+    rows = (line.split(",") for line in csv.read_text().splitlines()[1:])
+    percentiles = {int(served): float(ms) for served, ms in rows}
     return {
         "rps": float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "complete": int(re.search(r"Complete requests:\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
         "failed": int(failed.group(1)), "connection_errors": kinds[0] + kinds[1] + kinds[3],
         "non_2xx": int(m.group(1)) if (m := re.search(r"Non-2xx responses:\s+(\d+)", out)) else 0,
-        "p50": float(re.search(r"\n\s+50%\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
-        "p99": float(re.search(r"\n\s+99%\s+(\d+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": percentiles[50], "p99": percentiles[99],
         "stderr": done.stderr.strip(),
     }
 
