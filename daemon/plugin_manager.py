@@ -198,6 +198,21 @@ class Hooks:
         found: NoveltyScore = self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
         return found
 
+    def score_held_out(self, name: str, x: np.ndarray, labels: np.ndarray,
+                       groups: list[np.ndarray]) -> list[np.ndarray]:
+        """Each group's rows scored by a novelty score fitted without them: the plugin's shortcut for `name`,
+        else one `fit_novelty` per group."""
+        found: list[np.ndarray] | None = self.pm.hook.retraind_score_held_out(name=name, x=x, labels=labels,
+                                                                              groups=groups)
+        if found is not None:
+            return found
+        scores = []
+        for group in groups:
+            keep = np.ones(len(labels), dtype=bool)
+            keep[group] = False
+            scores.append(self.fit_novelty(x[keep], labels[keep]).score(x[group]))
+        return scores
+
     def load_novelty(self, name: str, directory: Path) -> NoveltyScore:
         found: NoveltyScore = self._required("retraind_load_novelty", f"novelty score {name!r}", name=name,
                                              directory=directory)
