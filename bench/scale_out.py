@@ -80,8 +80,10 @@ def bulk_figures(args: argparse.Namespace) -> None:
 def import_figures(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from pyarrow.fs import LocalFileSystem
 
     from daemon.bulk import schema
+    from daemon.bulk_manifest import Manifest
     from daemon.config import load_config
     from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks
@@ -93,6 +95,7 @@ def import_figures(args: argparse.Namespace) -> None:
         rng = np.random.default_rng(0)
         folder = root / "parquet"
         folder.mkdir()
+        parts: dict[str, int] = {}
         for part, start in enumerate(range(0, args.rows, 25_000)):
             rows = min(25_000, args.rows - start)
             vectors = rng.random((rows, backbone.dim), dtype=np.float32)
@@ -103,6 +106,8 @@ def import_figures(args: argparse.Namespace) -> None:
                  pa.array([f"x/{s[-8:]}.jpg" for s in shas]), pa.array(["x"] * rows), pa.nulls(rows, pa.string())],
                 schema=schema(backbone.dim))
             pq.write_table(table, folder / f"part-{part}.parquet")
+            parts[f"part-{part}.parquet"] = rows
+        Manifest(backbone.id, backbone.dim, parts).write(LocalFileSystem(), str(folder))  # as `bulk embed` ends
         for what in ("import", "import_again"):
             started = time.perf_counter()
             if main(["--config", str(config), "import", str(folder)]):

@@ -36,11 +36,6 @@ class ImportReport:
                f"refused {self.refused}"
 
 
-def parquet_files(folders: Iterable[Path]) -> list[Path]:
-    """The `.parquet` files below each folder (or the file itself), sorted within each."""
-    return [f for folder in folders for f in ([folder] if folder.is_file() else sorted(folder.rglob("*.parquet")))]
-
-
 def row_count(files: Iterable[Path]) -> int:
     import pyarrow.parquet as pq
 

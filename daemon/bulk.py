@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from daemon.atomic import TMP_PREFIX
+from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
 from daemon.config import Config
 from daemon.engines import build_backbone
@@ -198,27 +199,41 @@ def _listed(config: Config, plugins: Sequence[object], sources: Sequence[str], a
 
 def embed(config: Config, plugins: Sequence[object], sources: Sequence[str], out: str, address: str | None = None,
           workers: int | None = None, cpus_per_worker: int = 1) -> BulkRun:
-    """Bottlenecks of every file under `sources` as Parquet files in the folder or URI `out`."""
-    build_backbone(Hooks.of(config, plugins), config)  # fails fast, converts once
+    """Bottlenecks of every file under `sources` as Parquet files in the folder or URI `out`, with the manifest
+    that `retraind import` requires written last (daemon/bulk_manifest.py): the parts are written into a
+    temporary folder inside `out` and moved in once the whole job has succeeded."""
+    from pyarrow.fs import FileType
+
+    backbone = build_backbone(Hooks.of(config, plugins), config)  # fails fast, converts once
     files = _listed(config, plugins, sources, "classes")
+    system, root = open_source(out)
+    if system.get_file_info(f"{root}/{MANIFEST}").type != FileType.NotFound:
+        raise SourceError(f"{out}: holds a finished `bulk embed` output already ({MANIFEST}); give another --out")
+    tmp = f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}"
     started = time.perf_counter()
     with ray_session(address) as ray:
         dataset, size = _dataset(ray, config, plugins, files, workers, cpus_per_worker, None)
-        dataset.write_parquet(out)
-    return BulkRun(len(files), _parquet_errors(out), time.perf_counter() - started, size)
+        dataset.write_parquet(tmp, ray_remote_args={"num_cpus": 0})  # writing must not wait for a worker's CPU
+    parts, errors = _parts(system, tmp)
+    for name in parts:
+        system.move(f"{tmp}/{name}", f"{root}/{name}")
+    Manifest(backbone.id, backbone.dim, parts).write(system, root)
+    system.delete_dir(tmp)
+    return BulkRun(len(files), errors, time.perf_counter() - started, size)
 
 
-def _parquet_errors(out: str) -> dict[str, int]:
-    """Errors by reason in the Parquet just written (only the `error` column is read)."""
+def _parts(system: Any, folder: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The Parquet parts just written to `folder` with their rows, and the errors among them by reason (only
+    the `error` column is read)."""
     import pyarrow.dataset as pads
 
-    system, root = open_source(out)
-    column = pads.dataset(root, filesystem=system, format="parquet").to_table(columns=["error"])["error"]
+    written = pads.dataset(folder, filesystem=system, format="parquet")
+    parts = {Path(fragment.path).name: fragment.metadata.num_rows for fragment in written.get_fragments()}
     counts: dict[str, int] = {}
-    for error in column.drop_null().to_pylist():
+    for error in written.to_table(columns=["error"])["error"].drop_null().to_pylist():
         reason = error.split(":", 1)[0]
         counts[reason] = counts.get(reason, 0) + 1
-    return counts
+    return parts, counts
 
 
 def classify(config: Config, plugins: Sequence[object], version: ModelVersion, sources: Sequence[str], out: str,
