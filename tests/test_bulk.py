@@ -39,8 +39,7 @@ TINY_ID, TINY_DIM = "tiny/seed7/v1", 16
 def ray_local() -> Iterator[None]:
     """One local Ray for the module (starting one costs seconds); the commands use it instead of their own."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
 
