@@ -14,7 +14,7 @@ import Ray Data and load the engine, Ray stops at the end). Each worker count ru
 t(small)), and the start-up is t(small) less the small set's share of the steady rate. The end-to-end rate, the
 whole job's wall time included, is the one the target is about. One worker runs on a quarter of the set.
 
-Usage: python bench/scale_out.py [--n 10075] [--small 64] [--rows 100000] [--publish-images 403]"""
+Usage: python bench/scale_out.py [--n 20150] [--small 64] [--rows 100000] [--publish-images 403]"""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def _wait_version(app: Any, number: int) -> Any:
 
 
 def main_bench() -> None:
-    args = harness.arguments(__doc__, n=10_075, small=64, rows=100_000, publish_images=403, batch=32,
+    args = harness.arguments(__doc__, n=20_150, small=64, rows=100_000, publish_images=403, batch=32,
                              parts="bulk,import,publish").parse_args()
     harness.header("scale_out", backbone=args.backbone, images=args.n, rows=args.rows)
     parts = args.parts.split(",")

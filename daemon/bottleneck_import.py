@@ -4,6 +4,7 @@ A file is refused whole, in one line, when its vectors are not of the configured
 name another backbone: vectors of another network would poison every model trained on them. Rows are read a
 batch at a time; a vector already stored (and passing its CRC) is skipped, so importing twice changes nothing;
 every written vector is read back through the store's CRC check and compared before it counts as imported.
+Which files are read at all (only those a finished run's manifest lists) is daemon/bulk_manifest.py's rule.
 """
 
 from __future__ import annotations
