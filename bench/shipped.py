@@ -228,13 +228,16 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     engine = bare_rate(bare, pixels)
     harness.emit("shipped.bare_engine_before_burst", engine, "img/s")
     classified = lambda: daemon.metric("retraind_classifications_total")
-    base, started = classified(), time.perf_counter()
+    base, started, forward_base = classified(), time.perf_counter(), forward()
     for _label, path in staged["burst"]:
         os.rename(path, inbox / path.name)
     done = wait_for(lambda: classified() >= base + a.burst, 1800, "the inbox burst", daemon,
                     progress=lambda: f"{classified() - base:.0f}/{a.burst}")
     rate = a.burst / (done - started)
     harness.emit("shipped.inbox_burst", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine_before_burst")
+    busy = forward() - forward_base
+    harness.note(f"burst: the forward pass took {busy:.1f} s of {done - started:.1f} s ({a.burst / busy:.0f} img/s "
+                 "while it ran)")
 
     # -- backfill with inbox files dropped meanwhile --------------------------------------------------------
     base, runs_before = computed(), runs()

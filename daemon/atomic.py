@@ -6,7 +6,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 TMP_PREFIX = ".retraind-tmp-"
@@ -97,12 +97,16 @@ def _cut(raw: bytes, size: int) -> bytes:
     return raw[:size]
 
 
-def free_name(folder: Path, name: str, tag: str, room: int = RECORD_ROOM) -> Path:
-    """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name or when
-    the name would not leave `room` bytes of the folder's NAME_MAX for a record's suffix (its stem is then
-    cut to fit)."""
+def free_name(folder: Path, name: str, tag: str, room: int = RECORD_ROOM, taken: Collection[Path] = ()) -> Path:
+    """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name (or it is
+    in `taken`: names given to a batch's files not moved yet) or when the name would not leave `room` bytes of
+    the folder's NAME_MAX for a record's suffix (its stem is then cut to fit)."""
     limit = name_max(folder) - room
-    if len(os.fsencode(name)) <= limit and not os.path.lexists(folder / name):
+
+    def free(candidate: Path) -> bool:
+        return candidate not in taken and not os.path.lexists(candidate)
+
+    if len(os.fsencode(name)) <= limit and free(folder / name):
         return folder / name
     stem, suffix = os.path.splitext(os.fsencode(name))
     if len(suffix) > _SUFFIX_BYTES:
@@ -111,6 +115,6 @@ def free_name(folder: Path, name: str, tag: str, room: int = RECORD_ROOM) -> Pat
     while True:
         tail = os.fsencode(f"-{tag}{f'-{n}' if n > 1 else ''}") + suffix
         candidate = folder / os.fsdecode(_cut(stem, limit - len(tail)) + tail)
-        if not os.path.lexists(candidate):
+        if free(candidate):
             return candidate
         n += 1

@@ -32,6 +32,7 @@ from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
+from daemon.store import JournalEntry
 from daemon.trust import judge
 
 log = logging.getLogger(__name__)
@@ -105,39 +106,50 @@ class InboxProcessor:
         outcome = InboxOutcome(retry=list(batch.journaled))
         for path, unreadable in batch.unreadable.items():
             self._reject(path, unreadable, outcome)
+        routed: list[tuple[ClassificationResult, float]] = []
+        taken: set[Path] = set()  # destinations given in this batch, before any of its files is moved
         for f in batch.files:
             problem = batch.extraction.rejected.get(str(f.path))
+            started = time.perf_counter()
+            result = None if problem else self._routed(f, batch.version, batch.extraction.vectors[f.sha256], taken)
             if problem is not None:
                 self._reject(f.path, problem, outcome)
-            elif not self._classify_one(f, batch.version, batch.extraction.vectors[f.sha256]):
-                outcome.retry.append(f.path)
+            elif result is None:
+                outcome.retry.append(f.path)  # its folder cannot be made
+            else:
+                routed.append((result, started))
+        self._move_and_record(routed)
         return outcome
 
-    def _classify_one(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> bool:
-        """Journal, move and sink one file; False when it must be tried again (its folder cannot be made)."""
-        started = time.perf_counter()
-        result = self._routed(f, version, vector)
-        if result is None:
-            return False
-        assert result.destination is not None
-        entry = self._journal.begin(result)
+    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]]) -> None:
+        """Journal the batch (one commit), move each file, run the sinks, close the entries (one commit). A
+        file that cannot be moved stays in the inbox with its entry open: recovery retries the move."""
+        if not routed:
+            return
+        entries = self._journal.begin([result for result, _ in routed])
+        moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
+        for entry, (result, started) in zip(entries, routed):
+            assert result.destination is not None
+            try:
+                move_atomic(result.source, result.destination)
+            except OSError as exc:
+                log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
+                          result.source, result.destination.parent, short(exc))
+                self._metrics.internal_error("inbox_move")
+                self._journal.schedule_recovery()
+                continue
+            moved.append((entry, result, started))
         try:
-            move_atomic(f.path, result.destination)
-        except OSError as exc:
-            log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
-                      f.path, result.destination.parent, short(exc))
-            self._metrics.internal_error("inbox_move")
-            self._journal.schedule_recovery()
-            return True
-        try:
-            self._journal.complete(entry, result)
+            self._journal.complete([(entry, result) for entry, result, _ in moved])
         except Exception:
             self._journal.schedule_recovery()
             raise
-        self._count(result, result.destination.parent, started)
-        return True
+        for _, result, started in moved:
+            assert result.destination is not None
+            self._count(result, result.destination.parent, started)
 
-    def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray) -> ClassificationResult | None:
+    def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray,
+                taken: set[Path]) -> ClassificationResult | None:
         """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
         and counted) when that folder cannot be made."""
         (judged,) = judge(version, vector[None, :], self._config.classify)
@@ -154,7 +166,9 @@ class InboxProcessor:
             log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", f.path, folder, short(exc))
             self._metrics.internal_error("inbox_folder")
             return None
-        return dataclasses.replace(result, destination=free_name(folder, f.path.name, f.sha256[:12]))
+        destination = free_name(folder, f.path.name, f.sha256[:12], taken=taken)
+        taken.add(destination)
+        return dataclasses.replace(result, destination=destination)
 
     def _count(self, result: ClassificationResult, folder: Path, started: float) -> None:
         outcome = REVIEW if folder == self._config.folder("review") else CLASSIFIED

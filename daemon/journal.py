@@ -66,24 +66,30 @@ class InboxJournal:
         """Inbox files whose journal entry is open: they belong to recovery, not to a new classification."""
         return {_loaded(entry.source) for entry in self._store.journal_open()}
 
-    def begin(self, result: ClassificationResult) -> JournalEntry:
-        """Journal `result` (its `destination` set) before its file is moved."""
-        assert result.destination is not None, "a journal entry needs the destination"
-        entry = JournalEntry(result.id, _stored(result.source), _stored(result.destination),
-                             json.dumps(result.record()), "moving", file_identity(result.source))
-        self._store.journal_begin(entry)
-        return entry
+    def begin(self, results: list[ClassificationResult]) -> list[JournalEntry]:
+        """Journal `results` (their `destination` set) in one transaction, before their files are moved."""
+        entries = []
+        for result in results:
+            assert result.destination is not None, "a journal entry needs the destination"
+            entries.append(JournalEntry(result.id, _stored(result.source), _stored(result.destination),
+                                        json.dumps(result.record()), "moving", file_identity(result.source)))
+        self._store.journal_begin_many(entries)
+        return entries
 
-    def complete(self, entry: JournalEntry, result: ClassificationResult) -> bool:
-        """Run the sinks, then close the entry; it stays open (and is retried) if a sink failed with an I/O
-        error. Returns whether it was closed."""
+    def complete(self, done: list[tuple[JournalEntry, ClassificationResult]]) -> list[bool]:
+        """Run the sinks of each moved file, then close the entries in one transaction; an entry stays open
+        (and is retried) if a sink failed with an I/O error. Returns, per entry, whether it was closed."""
+        closed = [self._sinks_ran(result) for _, result in done]
+        self._store.journal_finish_many([entry.id for (entry, _), ok in zip(done, closed) if ok])
+        return closed
+
+    def _sinks_ran(self, result: ClassificationResult) -> bool:
         errors = self._hooks.on_result(result, self._config)
         if any(isinstance(exc, OSError) for exc in errors):
             log.error("%s: a result record could not be written (%s); retried later", result.destination,
                       "; ".join(short(exc) for exc in errors))
             self.schedule_recovery()
             return False
-        self._store.journal_finish(entry.id)
         return True
 
     def schedule_recovery(self) -> None:
@@ -131,7 +137,7 @@ class InboxJournal:
         if (not moved and not self._redo_move(source, destination)) or (
                 left_behind and not self._remove_copied_source(source, destination)):
             return False
-        return self.complete(entry, ClassificationResult.from_record(record, source, destination))
+        return self.complete([(entry, ClassificationResult.from_record(record, source, destination))])[0]
 
     def _redo_move(self, source: Path, destination: Path) -> bool:
         try:

@@ -4,7 +4,8 @@ It owns the pending sets and the files waiting for a first model, and alone call
 files that are due go to the caching thread (`Backfill`), which indexes them in the background: an inbox
 file is never queued behind a backlog of training images (the two share the engine in turns). Its first
 turn is the reconcile scan, so a start-up is ready (the last model serving) before the scan has run. Each
-turn costs what changed: due files come off a deadline heap, counts are kept, not recounted. A `STOP`
+turn costs what changed: due files come off a deadline heap, counts are kept, not recounted; a flood of
+training-file events (10,000 files copied in) is handled a slice per turn, after the inbox's. A `STOP`
 sentinel on the queue ends it (and the caching thread) after the work in hand.
 
 A batch that fails (a bug, a full disk, a decoder that raises) is tried again file by file, so one bad file
@@ -13,13 +14,15 @@ failure is logged and mended by a rescan soon after: nothing ends the thread but
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -53,6 +56,8 @@ class _Retry:
 
 _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
+_SCAN_SLICE_SECONDS = 0.05  # of each turn a scan may take: inbox files go on meanwhile
+_LATER_PER_TURN = 500  # training-file events handled per turn (a flood of them must not hold up the inbox)
 
 
 class Progress(Protocol):
@@ -93,6 +98,8 @@ class Pipeline(threading.Thread):
         self._waiting: set[Path] = set()
         self._attempts: dict[Path, int] = {}  # failures in a row, for the retry delay
         self._next_rescan = math.inf
+        self._scanning: Iterator[FileEvent] | None = None  # the reconcile scan under way
+        self._later: collections.deque[FileEvent] = collections.deque()  # training-file events not handled yet
         self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
@@ -116,18 +123,28 @@ class Pipeline(threading.Thread):
         self._notify(_Retry(paths))
 
     def rescan(self) -> None:
-        """Queue every file a reconcile scan finds; also run at start-up."""
+        """Start a reconcile scan (also the first turn after start-up); each turn handles a slice of it."""
         self._rescan_needed.clear()
         interval = self._config.watch.rescan_interval_seconds
         self._next_rescan = time.monotonic() + interval if interval else math.inf
         ignored = self._ignore.name
-        for event in (scan_classes(self._classes, self._store, self._indexer.backbone_id, ignored)
-                      + scan_inbox(self._inbox_root, ignored)):
+        self._scanning = itertools.chain(scan_inbox(self._inbox_root, ignored),  # the small, urgent one first
+                                         scan_classes(self._classes, self._store, self._indexer.backbone_id, ignored))
+
+    def _scan_slice(self) -> None:
+        """Handle what the scan finds for up to `_SCAN_SLICE_SECONDS`, then let the turn go on."""
+        if self._scanning is None:
+            return
+        deadline = time.monotonic() + _SCAN_SLICE_SECONDS
+        for event in self._scanning:
             self._handle(event)
+            if time.monotonic() >= deadline:
+                return
+        self._scanning = None
 
     def run(self) -> None:
         try:
-            self._safely(self.rescan)
+            self.rescan()
             self._loop()
         finally:
             self._ahead.shutdown(wait=True, cancel_futures=True)
@@ -137,13 +154,17 @@ class Pipeline(threading.Thread):
     def _loop(self) -> None:
         stopping = False
         while not stopping:
-            for item in self._drain():
+            for item in self._drain():  # everything but training-file events, which wait in `_later`
                 if item is STOP:
                     stopping = True
                 else:
                     self._safely(self._dispatch, item)
+            self._safely(self._process_due)  # inbox files first: they never wait behind a flood of events
+            for _ in range(min(len(self._later), _LATER_PER_TURN)):
+                self._safely(self._dispatch, self._later.popleft())
             if self._rescan_needed.is_set() or time.monotonic() >= self._next_rescan:
                 self._safely(self.rescan)
+            self._safely(self._scan_slice)
             self._safely(self._process_due)
             if not self.backfill.outstanding():  # else the caching thread reports, once per chunk done
                 self._progress.went_round()
@@ -167,18 +188,22 @@ class Pipeline(threading.Thread):
             self._handle(item)
 
     def _drain(self) -> list[object]:
+        """Take everything queued; events of training files go to `_later` (handled a slice per turn, after
+        the inbox), the rest (inbox events, control items) is returned in order."""
         deadlines = [d for d in (p.next_deadline() for p in self._pending.values()) if d is not None]
-        timeout = min([0.5, *(max(d, 0.01) for d in deadlines)])
+        busy = self._scanning is not None or self._later
+        timeout = 0.0 if busy else min([0.5, *(max(d, 0.01) for d in deadlines)])
+        items: list[object] = []
         try:
-            items = [self._events.get(timeout=timeout)]
+            item = self._events.get(timeout=timeout)
+            while True:
+                if isinstance(item, FileEvent) and self._area(item.dest or item.path) == "classes":
+                    self._later.append(item)
+                else:
+                    items.append(item)
+                item = self._events.get_nowait()
         except queue.Empty:
-            return []
-        while len(items) < 10_000:
-            try:
-                items.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        return items
+            return items
 
     def _area(self, path: Path) -> str | None:
         if path.is_relative_to(self._classes) and path != self._classes:
@@ -224,7 +249,8 @@ class Pipeline(threading.Thread):
             self._journal.recover()  # finishes moves and records that failed before (full disk, read-only)
         self.inbox_waiting = len(self._pending["inbox"]) + len(self._waiting)
         self._metrics.inbox_pending.set(self.inbox_waiting)
-        backlog = len(self._pending["classes"]) + self.backfill.outstanding()
+        backlog = (len(self._pending["classes"]) + self.backfill.outstanding() + len(self._later)
+                   + (self._scanning is not None))
         self._on_backlog(backlog)
         if backlog or len(self._pending["inbox"]):
             self.idle.clear()

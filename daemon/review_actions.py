@@ -143,10 +143,10 @@ def plan_moves(pairs: list[tuple[Path, Path]], tag: str) -> list[tuple[Path, Pat
     """Each (source, destination folder) as a move to a free name in that folder (a name taken there gets
     `-<tag>[-n]`), with the names this plan already chose counted as taken."""
     moves: list[tuple[Path, Path]] = []
+    taken: set[Path] = set()
     for source, folder in pairs:
-        destination = free_name(folder, source.name, tag)
-        while any(destination == d for _, d in moves):
-            destination = free_name(folder, f"{destination.stem}-{len(moves)}{destination.suffix}", tag)
+        destination = free_name(folder, source.name, tag, taken=taken)
+        taken.add(destination)
         moves.append((source, destination))
     return moves
 

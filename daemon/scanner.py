@@ -25,25 +25,25 @@ def walk_files(root: Path, ignored: Callable[[str], bool] = _nothing) -> Iterato
                 yield Path(folder) / name
 
 
-def scan_classes(root: Path, store: Store, backbone: str, ignored: Callable[[str], bool]) -> list[FileEvent]:
+def scan_classes(root: Path, store: Store, backbone: str, ignored: Callable[[str], bool]) -> Iterator[FileEvent]:
     """Files whose size, mtime, ctime or inode differ from the catalog (`file_signature`) or that lack a vector
-    for `backbone`, and catalog entries whose file is gone (or is now `ignored`). One stat per file, as before
-    the ctime counted."""
-    catalog = store.catalog()
+    for `backbone`, and catalog entries whose file is gone (or is now `ignored`). One stat per file. A
+    generator: the pipeline takes a slice of it per turn, so a scan of a large tree never holds up inbox files.
+    The catalog is read once, as it was when the scan began."""
+    known = store.catalog_signatures()
     for rel in store.paths_missing_bottleneck(backbone):
-        catalog.pop(rel, None)
-    events: list[FileEvent] = []
+        known.pop(rel, None)
     for path in walk_files(root, ignored):
-        known = catalog.pop(path.relative_to(root).as_posix(), None)
+        signature = known.pop(path.relative_to(root).as_posix(), None)
         try:
             st = os.stat(path)
         except OSError:
             st = None
-        if known is None or st is None or known.signature != file_signature(st):
-            events.append(FileEvent(EventKind.SCANNED, path))
-    events.extend(FileEvent(EventKind.DELETED, root / rel) for rel in catalog)
-    return events
+        if signature is None or st is None or signature != file_signature(st):
+            yield FileEvent(EventKind.SCANNED, path)
+    for rel in known:
+        yield FileEvent(EventKind.DELETED, root / rel)
 
 
-def scan_inbox(root: Path, ignored: Callable[[str], bool]) -> list[FileEvent]:
-    return [FileEvent(EventKind.SCANNED, path) for path in walk_files(root, ignored)]
+def scan_inbox(root: Path, ignored: Callable[[str], bool]) -> Iterator[FileEvent]:
+    return (FileEvent(EventKind.SCANNED, path) for path in walk_files(root, ignored))

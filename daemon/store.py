@@ -252,6 +252,12 @@ class Store:
             "b.sha256 = f.sha256 AND b.backbone = ? AND b.variant = ?)", (backbone, ORIGINAL)).fetchall()
         return [r[0] for r in rows]
 
+    def catalog_signatures(self) -> dict[str, tuple[int, int, int, int]]:
+        """`file_signature` of every catalog file as last seen, by path: what a reconcile scan compares
+        (lighter than `catalog()` on a large tree)."""
+        return {path: (size, mtime, ctime, inode) for path, size, mtime, ctime, inode in
+                self._db().execute("SELECT path, size, mtime_ns, ctime_ns, inode FROM files")}
+
     def catalog(self) -> dict[str, CatalogEntry]:
         rows = self._db().execute(f"SELECT {_FILE_COLUMNS} FROM files").fetchall()
         return {row[0]: _entry(row) for row in rows}
@@ -291,17 +297,25 @@ class Store:
     # -- inbox journal -----------------------------------------------------------------------------------
 
     def journal_begin(self, entry: JournalEntry) -> None:
+        self.journal_begin_many([entry])
+
+    def journal_begin_many(self, entries: list[JournalEntry]) -> None:
+        """Write journal entries in one transaction (an inbox batch: one commit, not one per file)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO journal (id, source, destination, record, state, created, source_stat) "
                 "VALUES (?,?,?,?,?,?,?)",
-                (entry.id, entry.source, entry.destination, entry.record, entry.state, time.time(),
-                 entry.source_stat),
+                [(e.id, e.source, e.destination, e.record, e.state, now, e.source_stat) for e in entries],
             )
 
     def journal_finish(self, entry_id: str) -> None:
+        self.journal_finish_many([entry_id])
+
+    def journal_finish_many(self, entry_ids: list[str]) -> None:
+        """Close journal entries in one transaction."""
         with self._tx() as db:
-            db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+            db.executemany("DELETE FROM journal WHERE id = ?", [(i,) for i in entry_ids])
 
     def journal_open(self) -> list[JournalEntry]:
         rows = self._db().execute(

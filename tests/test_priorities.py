@@ -127,3 +127,75 @@ def test_ready_and_serving_before_the_scan(tmp_path: Path) -> None:
         assert not blocking.release.is_set() and entered < 10, "start-up waited for the scan"
         blocking.release.set()
         wait_for(lambda: "red/new-while-down.jpg" in app.store.catalog(), what="the scan's file cached")
+
+
+def test_one_batch_two_files_of_one_name(tmp_path: Path) -> None:
+    """An inbox batch is journalled, then moved: files of one name in one batch still get two destinations."""
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+        outside = tmp_path / "outside"
+        for i, folder in enumerate(("a", "b", "c")):
+            write_image(outside / folder / "same.jpg", "red", seed=6000 + i)
+        os.rename(outside, data / "inbox" / "batch")  # one folder renamed in: its files arrive together
+        wait_for(lambda: len(list(data.glob("outbox/*/same*.jpg.json"))) == 3, what="three results")
+    assert len({p.name for p in data.glob("outbox/*/same*.jpg")}) == 3
+
+
+class SlowTrainingEvents:
+    """Each event of a training file (the watcher's, or the scan's when `scanned`) costs `seconds` on the
+    pipeline thread, as on a slow NAS; counts them in `seen`."""
+
+    def __init__(self, classes: Path, seconds: float, scanned: bool) -> None:
+        self.classes, self.seconds, self.scanned, self.seen = classes, seconds, scanned, 0
+
+    @hookimpl
+    def retraind_on_file_event(self, event: FileEvent) -> None:
+        if event.path.is_relative_to(self.classes) and (event.kind is EventKind.SCANNED) == self.scanned:
+            time.sleep(self.seconds)
+            self.seen += 1
+
+
+def test_a_long_scan_does_not_hold_up_the_inbox(tmp_path: Path) -> None:
+    """The reconcile scan of a large tree (here 250 new files at 20 ms each: 5 s) runs a slice per turn: an
+    inbox file dropped during it gets its result before the scan is through."""
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+    tree = 250
+    content = (data / "classes" / "red" / "red-0.jpg").read_bytes()
+    for i in range(tree):
+        (data / "classes" / "red" / f"copied-while-down-{i}.jpg").write_bytes(content)
+    slow = SlowTrainingEvents(data / "classes", 0.02, scanned=True)
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(), slow)) as app:
+        wait_for(lambda: slow.seen >= 5, what="the scan under way")
+        write_image(tmp_path / "outside" / "query.jpg", "red", seed=9100)
+        os.rename(tmp_path / "outside" / "query.jpg", data / "inbox" / "query.jpg")
+        wait_for(lambda: result_of(data, "query.jpg"), what="the inbox file's result")
+        assert slow.seen < tree, "the inbox file waited for the whole scan"
+        wait_for(lambda: f"red/copied-while-down-{tree - 1}.jpg" in app.store.catalog(), what="the scan's end")
+
+
+def test_the_inbox_goes_before_a_flood_of_training_events(tmp_path: Path) -> None:
+    """1,500 training files renamed in at once (2 ms of work each on the pipeline thread: 3 s), then one inbox
+    file: its event is taken before the flood's, which is handled a slice per turn."""
+    seed_classes(tmp_path)
+    data = tmp_path / "data"
+    slow = SlowTrainingEvents(data / "classes", 0.002, scanned=False)
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(), slow)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+        flood, outside = 1500, tmp_path / "outside"
+        content = (data / "classes" / "blue" / "blue-0.jpg").read_bytes()
+        for i in range(flood):
+            (outside / "flood").mkdir(parents=True, exist_ok=True)
+            (outside / "flood" / f"flood-{i}.jpg").write_bytes(content)
+        write_image(outside / "query.jpg", "blue", seed=9200)
+        before = slow.seen
+        for i in range(flood):
+            os.rename(outside / "flood" / f"flood-{i}.jpg", data / "classes" / "blue" / f"flood-{i}.jpg")
+        os.rename(outside / "query.jpg", data / "inbox" / "query.jpg")
+        wait_for(lambda: result_of(data, "query.jpg"), what="the inbox file's result")
+        assert slow.seen - before < flood, "the inbox file waited for every training event"
+        wait_for(lambda: f"blue/flood-{flood - 1}.jpg" in app.store.catalog(), what="the flood cached")
