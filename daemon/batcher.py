@@ -1,7 +1,8 @@
 """Dynamic batching for inference requests: images from concurrent requests are gathered into engine batches,
 as TF Serving's `BasicBatchScheduler` does, with its knobs (`http.batching`):
 
-- `max_batch_size`: the most images one forward pass takes; a request with more is split across batches;
+- `max_batch_size`: the most images one batch (one engine turn) takes; a request with more is split across
+  batches;
 - `batch_timeout_micros`: how long the first image of a batch waits for others before the batch runs (0: run
   with whatever is queued; images that arrive while the engine is busy gather by themselves);
 - `max_enqueued_batches`: the queue holds at most this many full batches of images; a request that would go
