@@ -66,11 +66,14 @@ def header(bench: str, **facts: object) -> None:
 
 
 def emit(name: str, value: float, unit: str, device: str = "cpu", ratio: float | None = None,
-         vs: str = "") -> None:
+         vs: str = "", target: str = "", met: bool | None = None) -> None:
+    """One figure per line: `name value unit [device]`, then its ratio and its target (met / NOT met)."""
     text = f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
     line = f"{name} {text} {unit} [{device}]"
     if ratio is not None:
         line += f" ratio {ratio:.3g} vs {vs}"
+    if target:
+        line += f"; target {target}: {'met' if met else 'NOT met'}"
     print(line, flush=True)
 
 

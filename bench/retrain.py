@@ -5,7 +5,9 @@ cluster per label, non-negative like pooled ReLU features) and their catalog row
 `Store.training_matrix` alone; a second, fresh subprocess builds a real App on that store (a stand-in
 backbone that is never run) and times one `Trainer.train_once()`: load, split, fit, evaluate, gate, publish.
 `train_publish` runs until the new version serves; `train_publish_pictures` also includes the plots drawn
-after it. Peak memory is the growth of the process's maximum resident size during that call, set beside the
+after it. Of `train_publish`, `fit` is the served head's fit (metrics.json `hyperparameters.fit_seconds`) and
+`trust_fit` the calibration, review and novelty thresholds (`trust.fit_seconds`: the out-of-fold heads and
+the novelty fits, daemon/trust.py). Peak memory is the growth of the process's maximum resident size during that call, set beside the
 raw float32 matrix (N × dim × 4 bytes).
 
 Usage: python bench/retrain.py [--sizes 1000,10000,50000] [--dim 1280] [--labels 10]"""
@@ -116,6 +118,7 @@ def train(root: Path, dim: int, cache: Path) -> dict[str, Any]:
         sys.exit("the training run published nothing (see the log)")
     m = version.metrics
     return {"seconds": plugin.published - started, "with_pictures_seconds": seconds, "peak_growth_bytes": growth, "fit_seconds": m["hyperparameters"].get("fit_seconds"),
+            "trust_seconds": m["trust"].get("fit_seconds"),
             "until_metrics_seconds": m["training_seconds"],
             "head_bytes": (version.directory / "head.npz").stat().st_size, "version": version.number,
             "validation_accuracy": m["accuracy"].get("validation")}
@@ -148,7 +151,10 @@ def main() -> None:
         raw = n * args.dim * 4
         harness.emit(f"retrain.train_publish_{n}", result["seconds"], "s")
         harness.emit(f"retrain.train_publish_pictures_{n}", result["with_pictures_seconds"], "s")
-        harness.emit(f"retrain.fit_{n}", result["fit_seconds"] or float("nan"), "s")
+        harness.emit(f"retrain.fit_{n}", result["fit_seconds"] or float("nan"), "s", ratio=(result["fit_seconds"]
+                     or float("nan")) / result["seconds"], vs=f"retrain.train_publish_{n}")
+        harness.emit(f"retrain.trust_fit_{n}", result["trust_seconds"] or float("nan"), "s", ratio=(
+                     result["trust_seconds"] or float("nan")) / result["seconds"], vs=f"retrain.train_publish_{n}")
         harness.emit(f"retrain.gate_publish_{n}", result["seconds"] - result["until_metrics_seconds"], "s")
         harness.emit(f"retrain.load_matrix_{n}", loaded["load_seconds"], "s", ratio=loaded["load_seconds"] /
                      result["seconds"], vs=f"retrain.train_publish_{n}")

@@ -17,7 +17,7 @@ from daemon import trust
 from daemon.augment import Augmenter, VariantCache
 from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
-from daemon.engines import build_backbone, warm_up
+from daemon.engines import build_backbone, gains_from_batches, warm_up
 from daemon.extractor import Extractor
 from daemon.fstype import file_system
 from daemon.hookspecs import hookimpl
@@ -132,8 +132,8 @@ class App:
 
     def _build_http(self) -> None:
         config = self.config
-        urgent = functools.partial(self.extractor.embed, urgent=True)  # the engine's turns: HTTP is urgent work
-        self.batcher = Batcher(urgent, config.http.batching, self.metrics)
+        urgent = functools.partial(self.extractor.embed_parts, urgent=True)  # the engine's turns: HTTP is urgent
+        self.batcher = Batcher(urgent, config.http.batching, self.metrics, gains_from_batches(self.backbone))
         review = Review(config, self.store, self.serving, self.registry, self.review_actions, self.backbone.id)
         self.api = Api(config, self.metrics, self.serving, self.registry, self.extractor, self.batcher,
                        self.trainer.request_if_changed, self.health, lambda: self.serving.candidate, review,

@@ -84,6 +84,15 @@ class Extractor:
         with self.turns.turn(urgent), self._metrics.compute_seconds.time():
             return self.backbone.embed(images)
 
+    def embed_parts(self, parts: Sequence[np.ndarray], done: Callable[[int, np.ndarray], None],
+                    urgent: bool = False) -> None:
+        """Bottlenecks for each of `parts` (uint8 images (N_i, height, width, 3)), one after another in one engine
+        turn; `done(i, vectors)` is called as part i is finished, so whoever waits for it does not wait for the
+        parts after it (the HTTP batcher answers each request as soon as its images are through)."""
+        with self.turns.turn(urgent), self._metrics.compute_seconds.time():
+            for index, part in enumerate(parts):
+                done(index, self.backbone.embed(part))
+
     def extract(self, files: Sequence[ImageFile], urgent: bool = False) -> Extraction:
         """Vectors for `files` (already read), computing (and storing) only content not already in the store."""
         return self.gather(self.submit([(str(f.path), functools.partial(_given, f)) for f in files], urgent),

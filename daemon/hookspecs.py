@@ -167,6 +167,21 @@ def retraind_fit_novelty(x: np.ndarray, labels: np.ndarray) -> NoveltyScore | No
 
 
 @hookspec(firstresult=True)
+def retraind_score_held_out(name: str, x: np.ndarray, labels: np.ndarray,
+                            groups: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Held-out novelty scores for the score called `name` (what `retraind_fit_novelty` made on `x`, `labels`):
+    for each group (int64 row indices into `x`), the scores (len(group),) float32 of its rows under a score
+    fitted on the other rows. Return None when this plugin does not make scores of that name: the trainer then
+    fits one score per group through `retraind_fit_novelty`.
+
+    Called on the trainer thread once per training run, with the folds (known images scored out-of-fold) and
+    then the classes left out (leave-one-class-out) as the groups. Stops at the first non-None result; the built-in
+    `mahalanobis_novelty` plugin (`trylast`) answers for `class_mahalanobis` with one scatter matrix of the
+    rows it fits on, less each group's share.
+    """
+
+
+@hookspec(firstresult=True)
 def retraind_load_novelty(name: str, directory: Path) -> NoveltyScore | None:
     """Load the novelty score called `name` saved into the version folder `directory`, or return None when
     this plugin does not make scores of that name.

@@ -97,6 +97,8 @@ def _is_fd2(stream: TextIO) -> bool:
 
 
 def short(exc: BaseException) -> str:
-    """One short phrase for a log line: an OSError's text without its (possibly very long) file names."""
+    """One short phrase on one line for a log line: an OSError's text without its (possibly very long) file
+    names; any other message cut at 200 characters (a plugin's may hold a whole repr)."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return f"{type(exc).__name__}: {text[:200]}"
+    text = " ".join(text.split())
+    return f"{type(exc).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"

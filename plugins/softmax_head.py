@@ -180,6 +180,9 @@ def _with_path(fits: list[Head]) -> Head:
 def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head:
     """Fit one head per L2 strength (strongest first, each warm-starting the next) and keep the best on
     validation accuracy, ties broken by validation loss; without validation images, the middle strength."""
+    # SciPy is loaded before the limit: its own OpenBLAS, first loaded inside it, would run on every core (the
+    # first fit of a process took 14x longer)
+    import scipy.optimize  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()

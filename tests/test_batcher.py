@@ -8,13 +8,14 @@ import base64
 import json
 import threading
 import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
 
-from daemon.batcher import Batcher, BatcherStopped, QueueFull
+from daemon.batcher import Batcher, BatcherStopped, EmbedParts, QueueFull
 from daemon.config import BatchingConfig
 from daemon.metrics import Metrics
 from tests.conftest import image_bytes, seed_classes, wait_for, write_image
@@ -36,6 +37,14 @@ class GatedEngine:
         return images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
 
 
+def in_one_turn(engine: Callable[[np.ndarray], np.ndarray]) -> EmbedParts:
+    """What Extractor.embed_parts does, on `engine` and without the engine's turns."""
+    def run(parts: Sequence[np.ndarray], done: Callable[[int, np.ndarray], None]) -> None:
+        for index, part in enumerate(parts):
+            done(index, engine(part))
+    return run
+
+
 def images(*values: int) -> np.ndarray:
     return np.stack([np.full((4, 4, 3), v, dtype=np.uint8) for v in values])
 
@@ -43,8 +52,8 @@ def images(*values: int) -> np.ndarray:
 @pytest.fixture
 def gated() -> Any:
     engine = GatedEngine()
-    batcher = Batcher(engine, BatchingConfig(max_batch_size=8, batch_timeout_micros=0, max_enqueued_batches=2),
-                      Metrics())
+    batcher = Batcher(in_one_turn(engine),
+                      BatchingConfig(max_batch_size=8, batch_timeout_micros=0, max_enqueued_batches=2), Metrics())
     batcher.start()
     yield engine, batcher
     engine.gate.set()
@@ -75,6 +84,78 @@ def test_big_requests_are_split_and_a_full_queue_is_refused(gated: Any) -> None:
     engine.gate.set()
     assert np.concatenate([p.result(5) for p in parts]).ravel().tolist() == list(map(float, range(10, 22)))
     assert engine.sizes == [1, 8, 7]  # the 4 left over and the 3 after them run together
+
+
+class SteppedEngine:
+    """Each forward pass waits for one `step()`; an image of value 99 fails its pass."""
+
+    def __init__(self) -> None:
+        self.steps = threading.Semaphore(0)
+        self.sizes: list[int] = []
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        assert self.steps.acquire(timeout=10)
+        self.sizes.append(len(images))
+        if (images == 99).any():
+            raise RuntimeError("the engine failed")
+        return images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
+
+
+@pytest.fixture
+def stepped() -> Iterator[tuple[SteppedEngine, Batcher, Metrics]]:
+    engine, metrics = SteppedEngine(), Metrics()
+    batcher = Batcher(in_one_turn(engine), BatchingConfig(max_batch_size=8, batch_timeout_micros=0), metrics,
+                      gains_from_batches=False)
+    batcher.start()
+    yield engine, batcher, metrics
+    engine.steps.release(100)
+    batcher.stop()
+
+
+def test_each_request_is_answered_as_soon_as_its_images_are_through(stepped: Any) -> None:
+    """Kind: for an engine that runs one image per pass, a batch made its first request wait for its last
+    (with 64 clients, a quarter of p99). The batch still takes one engine turn and counts as one batch."""
+    engine, batcher, metrics = stepped
+    (first,) = batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the first batch to start")
+    pair, single = batcher.submit(images(2, 3))[0], batcher.submit(images(4))[0]
+    engine.steps.release()
+    assert first.result(5).tolist() == [[1.0]]
+    engine.steps.release()
+    assert pair.result(5).tolist() == [[2.0], [3.0]]
+    assert not single.done()  # its pass has not run yet: the pair was answered without waiting for it
+    engine.steps.release()
+    assert single.result(5).tolist() == [[4.0]]
+    assert engine.sizes == [1, 2, 1]
+    assert metrics.registry.get_sample_value("retraind_batch_size_count") == 2
+    assert metrics.registry.get_sample_value("retraind_batch_size_sum") == 4
+
+
+def test_a_request_given_up_is_not_run_and_stops_nothing(stepped: Any) -> None:
+    """Kind: a caller that gives up (its task cancelled, e.g. at shutdown) cancels its future; handing a cancelled
+    future its result raised InvalidStateError in the batcher thread."""
+    engine, batcher, _ = stepped
+    (first,) = batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the first batch to start")
+    kept, dropped, last = (batcher.submit(images(v))[0] for v in (2, 3, 4))
+    assert dropped.cancel()
+    engine.steps.release(3)
+    assert [f.result(5).tolist() for f in (first, kept, last)] == [[[1.0]], [[2.0]], [[4.0]]]
+    assert engine.sizes == [1, 1, 1]  # the dropped image never reached the engine
+
+
+def test_a_failed_pass_fails_its_request_and_those_after_it(stepped: Any) -> None:
+    engine, batcher, _ = stepped
+    batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the first batch to start")
+    done, failed, after = (batcher.submit(images(v))[0] for v in (2, 99, 3))
+    engine.steps.release(3)
+    assert done.result(5).tolist() == [[2.0]]
+    for future in (failed, after):
+        with pytest.raises(RuntimeError, match="the engine failed"):
+            future.result(5)
+    engine.steps.release()
+    assert batcher.submit(images(5))[0].result(5).tolist() == [[5.0]]  # the batcher goes on
 
 
 def test_stopping_runs_what_is_queued_and_refuses_the_rest(gated: Any) -> None:

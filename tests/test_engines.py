@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from daemon.backbone import Backbone
 from daemon.config import BackboneConfig
-from daemon.engines import sees_gpu, select_engine
+from daemon.engines import gains_from_batches, sees_gpu, select_engine
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
 from daemon.tflite_engine import (
@@ -28,7 +29,8 @@ from daemon.tflite_engine import (
     manifest_path,
     tflite_backbone,
 )
-from tests.conftest import Lite0Conversion, seed_classes, wait_for, write_image
+from tests.conftest import Lite0Conversion, image_bytes, seed_classes, wait_for, write_image
+from tests.test_http_api import MODEL, call
 from tests.tiny_backbone import TinyBackbonePlugin, build_tiny
 
 #: LiteRT and TensorFlow's interpreter run the same flatbuffer with the same kernels: their bottlenecks must
@@ -213,6 +215,12 @@ def test_daemon_runs_on_the_tflite_engine(tmp_path: Path, run_app: Any) -> None:
         wait_for(lambda: app.serving.version, what="first model")
         write_image(data / "inbox" / "which.jpg", "blue", seed=4242)
         wait_for(lambda: (data / "results.jsonl").exists(), what="a result record")
+        # HTTP requests are run one by one in the batcher's turns (the engine gains nothing from batches)
+        assert not gains_from_batches(app.backbone)
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda seed: call(app, "POST", f"{MODEL}:classify", image_bytes("blue", seed)),
+                                    range(4)))
+        assert [(code, body["predictions"][0]["top_k"][0]["label"]) for code, _, body in replies] == [(200, "blue")] * 4
     record = json.loads((data / "results.jsonl").read_text().splitlines()[0])
     assert record["label"] == "blue" and record["backbone"] == "tiny/seed7/v1"
 

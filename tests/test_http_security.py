@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -80,10 +81,27 @@ def test_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
         pass
 
 
-def test_the_token_is_required_where_configured(tmp_path: Path, run_app: Any) -> None:
+def listening_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP API listening on ")]
+
+
+def test_start_logs_where_http_listens(run_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="daemon"), run_app(http={"port": 0}) as app:
+        assert app.http is not None
+        assert listening_lines(caplog) == [
+            f"HTTP API listening on http://127.0.0.1:{app.http.port}/ (no token required: loopback only)"]
+
+
+def test_the_token_is_required_where_configured(tmp_path: Path, run_app: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     token = "3f1d5c0e9b7a4c2d8e6f0a1b2c3d4e5f"
     (tmp_path / "api.token").write_text(token + "\n")
-    with run_app(http={"port": 0, "token_file": "api.token"}) as app:
+    with caplog.at_level(logging.INFO, logger="daemon"), \
+            run_app(http={"port": 0, "token_file": "api.token"}) as app:
+        assert app.http is not None
+        expected = (f"HTTP API listening on http://127.0.0.1:{app.http.port}/ (bearer token of http.token_file "
+                    "required, except on /healthz, /readyz)")
+        assert listening_lines(caplog) == [expected]
         for headers in ({}, {"Authorization": "Bearer wrong-token-of-some-length"}, {"Authorization": token},
                         {"Authorization": f"Basic {token}"}):
             code, reply_headers, body = call(app, "GET", MODEL, headers=headers)

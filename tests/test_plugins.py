@@ -3,6 +3,7 @@ one failing plugin stops neither the others nor the daemon; a plugin's own setti
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,38 @@ def test_configure_without_declared_settings_is_a_plugin_error() -> None:
 
     with pytest.raises(pluggy.PluginValidationError, match="go together"):
         make_plugin_manager(extra=[Half()])
+
+
+class Leaky:
+    """A sink whose message holds the whole result and config, different on every attempt."""
+
+    __name__ = "leaky"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    @hookimpl
+    def retraind_on_result(self, result: ClassificationResult, config: Config) -> None:
+        self.attempts += 1
+        raise KeyError(f"attempt {self.attempts}: {result!r} with {config!r}")
+
+
+def test_a_failing_plugin_logs_one_short_line_per_attempt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Kind: a retried sink whose message holds reprs (kilobytes) logged them on every retry, each with a
+    traceback. Each attempt is one line naming the plugin, the hook, the file and a short id; the traceback
+    comes once."""
+    config = parse_config({"plugins": {"disable": ["file_sinks"]}}, tmp_path)
+    result = ClassificationResult("0123abcd" + "e" * 24, tmp_path / "inbox" / "IMG_0001.jpg", "f" * 64,
+                                  (("red", 0.9), ("blue", 0.1)), 1, "tiny", "2026-01-01T00:00:00Z")
+    hooks = Hooks.of(config, [Leaky()])
+    assert len(repr(result)) + len(repr(config)) > 1000
+    with caplog.at_level(logging.ERROR, logger="daemon.plugin_manager"):
+        for _ in range(3):
+            assert [type(exc) for exc in hooks.on_result(result, config)] == [KeyError]
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3
+    for line in lines:
+        assert line.startswith("plugin leaky failed in retraind_on_result for IMG_0001.jpg (result 0123abcd): "
+                               "KeyError: "), line
+        assert len(line) < 400 and "\n" not in line and "Config(" not in line
+    assert [bool(record.exc_info) for record in caplog.records] == [True, False, False]

@@ -13,7 +13,7 @@ from daemon.calibration import TemperatureScaling, expected_calibration_error, s
 from daemon.config import ClassifyConfig, ConfigError, TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
 from daemon.hookspecs import hookimpl
-from daemon.novelty import ClassMahalanobis, auroc, youden_threshold
+from daemon.novelty import SHRINKAGE, ClassMahalanobis, auroc, youden_threshold
 from daemon.plugin_manager import Hooks, make_plugin_manager
 from daemon.selective import risk_upper_bound, sgr_threshold
 from daemon.trust import fit_trust
@@ -73,6 +73,35 @@ def test_mahalanobis_finds_the_unknown_cluster_and_round_trips(tmp_path: Path) -
     assert (auroc(held_out, score.score(unknown)) or 0) > 0.95
     score.save(tmp_path)
     assert np.allclose(ClassMahalanobis.load(tmp_path).score(unknown), score.score(unknown))
+
+
+def _by_hand(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c) of `rows`, Σ the shrunk tied covariance of the other rows (float64)."""
+    keep = np.ones(len(y), dtype=bool)
+    keep[rows] = False
+    fit_x, fit_y = x[keep].astype(np.float64), y[keep]
+    means = np.stack([fit_x[fit_y == c].mean(axis=0) for c in np.unique(fit_y)])
+    centred = fit_x - means[np.searchsorted(np.unique(fit_y), fit_y)]
+    covariance = centred.T @ centred / len(fit_y)
+    covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+    inverse = np.linalg.inv(covariance)
+    diffs = x[rows, None, :].astype(np.float64) - means[None, :, :]
+    return np.einsum("ncd,de,nce->nc", diffs, inverse, diffs).min(axis=1)  # type: ignore[no-any-return]
+
+
+def test_held_out_novelty_scores_are_those_of_a_fit_without_the_rows() -> None:
+    """One scatter matrix less each group's share gives what a fit on the other rows gives (K folds, classes
+    left out), and the fitted score is the Mahalanobis distance computed by hand."""
+    means = RNG.gamma(2.0, 0.5, (4, 30))
+    y = np.repeat(np.arange(4), 60)
+    x = np.abs(means[y] + RNG.normal(0, 0.8, (240, 30))).astype(np.float32)
+    folds = np.arange(240) % 5
+    groups = [np.flatnonzero(folds == k) for k in range(5)] + [np.flatnonzero(y == c) for c in range(4)]
+    for group, scores in zip(groups, ClassMahalanobis.held_out_scores(x, y, groups)):
+        assert scores.shape == (len(group),)
+        assert np.allclose(scores, _by_hand(x, y, group), rtol=1e-4)
+    assert np.allclose(ClassMahalanobis.fit(x, y).score(x[:20]), _by_hand(np.vstack([x, x[:20]]), np.r_[y, y[:20]],
+                                                                            np.arange(240, 260)), rtol=1e-4)
 
 
 def test_auroc_and_youden_by_hand() -> None:
@@ -136,5 +165,7 @@ def test_a_plugin_replaces_the_calibrator_and_the_novelty_score(tmp_path: Path) 
         fitted = fit_trust(head, dataset, hooks, TrainingConfig(), ClassifyConfig(), {})
         assert (fitted.summary["calibration"]["method"], fitted.summary["novelty"]["method"]) == (calibrator, novelty)
         assert len(fitted.out_of_fold) == 120 and fitted.summary["out_of_fold"]["folds"] == 5
+        # held-out scores come from the plugin's own score (the built-in's shortcut answers only for its own)
+        assert all(row["novelty"] == 0.0 for row in fitted.out_of_fold) == (novelty == "never_novel")
         fitted.save(tmp_path)
         assert (tmp_path / "out_of_fold.jsonl").read_text().count("\n") == 120

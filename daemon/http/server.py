@@ -20,7 +20,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from daemon.config import ConfigError, HttpConfig
+from daemon.config import ConfigError, HttpConfig, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,27 @@ class HttpServer:
             timeout_graceful_shutdown=5, server_header=False,
         )
         self._server = uvicorn.Server(config)
+        self._http = http
         self._thread = threading.Thread(target=self._serve, name="retraind-http", daemon=False)
         self._failure: BaseException | None = None
 
     @property
     def port(self) -> int:
         return int(self._socket.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """Where clients reach the server, e.g. `http://127.0.0.1:9721/` (IPv6 addresses in brackets)."""
+        host = self._http.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
+    def _access(self) -> str:
+        if self._http.token_file:
+            return (f"bearer token of http.token_file required, except on "
+                    f"{', '.join(self._http.paths_without_token) or 'no path'}")
+        if is_loopback(self._http.host):
+            return "no token required: loopback only"
+        return "no token required: http.allow_unauthenticated is set, anyone who reaches it may call it"
 
     def _serve(self) -> None:
         try:
@@ -148,6 +163,7 @@ class HttpServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the HTTP server did not start: {self._failure!r}")
             time.sleep(0.01)
+        log.info("HTTP API listening on %s (%s)", self.url, self._access())
 
     def stop(self) -> None:
         """Finish the requests in hand (at most 5 s), close every connection, join the thread."""
