@@ -1,7 +1,8 @@
 """Dynamic batching for inference requests: images from concurrent requests are gathered into engine batches,
 as TF Serving's `BasicBatchScheduler` does, with its knobs (`http.batching`):
 
-- `max_batch_size`: the most images one forward pass takes; a request with more is split across batches;
+- `max_batch_size`: the most images one batch (one engine turn) takes; a request with more is split across
+  batches;
 - `batch_timeout_micros`: how long the first image of a batch waits for others before the batch runs (0: run
   with whatever is queued; images that arrive while the engine is busy gather by themselves);
 - `max_enqueued_batches`: the queue holds at most this many full batches of images; a request that would go
@@ -143,6 +144,11 @@ class Batcher:
             self._queued -= count
             self._metrics.batch_queue.set(self._queued)
         self._metrics.batch_size.observe(count)
+        # a request whose caller gave up (its awaiting task was cancelled) is not run; the others can no longer be
+        # cancelled, so handing them their result cannot fail
+        batch = [t for t in batch if t.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         parts = [np.concatenate([t.images for t in batch])] if self._whole else [t.images for t in batch]
         started = time.perf_counter()
         try:
@@ -154,7 +160,8 @@ class Batcher:
                 if not task.future.done():
                     task.future.set_exception(exc)
             return
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.perf_counter() - started) / count
+        ran = sum(len(t.images) for t in batch)
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.perf_counter() - started) / ran
 
     def _finish(self, batch: list[_Task], part: int, vectors: np.ndarray) -> None:
         """Hand out the bottlenecks of `part`: the whole batch's, or one request's."""
@@ -176,4 +183,5 @@ class Batcher:
             if task is not _STOP:
                 pending.append(task)
         for task in pending:
-            task.future.set_exception(BatcherStopped("the daemon is stopping"))
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(BatcherStopped("the daemon is stopping"))

@@ -131,6 +131,19 @@ def test_each_request_is_answered_as_soon_as_its_images_are_through(stepped: Any
     assert metrics.registry.get_sample_value("retraind_batch_size_sum") == 4
 
 
+def test_a_request_given_up_is_not_run_and_stops_nothing(stepped: Any) -> None:
+    """Kind: a caller that gives up (its task cancelled, e.g. at shutdown) cancels its future; handing a cancelled
+    future its result raised InvalidStateError in the batcher thread."""
+    engine, batcher, _ = stepped
+    (first,) = batcher.submit(images(1))
+    wait_for(lambda: batcher._queued == 0, what="the first batch to start")
+    kept, dropped, last = (batcher.submit(images(v))[0] for v in (2, 3, 4))
+    assert dropped.cancel()
+    engine.steps.release(3)
+    assert [f.result(5).tolist() for f in (first, kept, last)] == [[[1.0]], [[2.0]], [[4.0]]]
+    assert engine.sizes == [1, 1, 1]  # the dropped image never reached the engine
+
+
 def test_a_failed_pass_fails_its_request_and_those_after_it(stepped: Any) -> None:
     engine, batcher, _ = stepped
     batcher.submit(images(1))
