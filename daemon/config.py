@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -324,6 +325,7 @@ def _resolve_root(config: Config, base: Path) -> Config:
     root = (base / config.data_root).resolve()
     if not root.parent.is_dir():
         raise ConfigError(f"data_root: parent folder {root.parent} does not exist; create it or fix the path")
+    _check_folders(dataclasses.replace(config, data_root=root))
     if config.split.validation_percentage + config.split.testing_percentage >= 100:
         raise ConfigError("split: validation_percentage + testing_percentage must be below 100")
     http = config.http
@@ -336,6 +338,27 @@ def _resolve_root(config: Config, base: Path) -> Config:
     publish = dataclasses.replace(publish, tf_serving_base_path=_absolute(base, publish.tf_serving_base_path),
                                   triton_model_repository=_absolute(base, publish.triton_model_repository))
     return dataclasses.replace(config, data_root=root, http=http, publish=publish)
+
+
+def _check_folders(config: Config) -> None:
+    """Each of the daemon's folders must be its own place: one folder under two names, one inside another
+    (an outbox inside the inbox is taken in again without end; an inbox that is `classes/` moves the
+    training images away), or one that is the data root holding them all, is a `ConfigError`."""
+    names = [f.name for f in dataclasses.fields(FoldersConfig)]
+    paths = {name: Path(os.path.normpath(config.folder(name))) for name in names}
+    for name in names:
+        if paths[name] == config.data_root:
+            raise ConfigError(f"folders.{name}: is data_root itself ({config.data_root}), which holds every "
+                              "other folder; give it a sub-folder")
+    for i, name in enumerate(names):
+        for other in names[i + 1:]:
+            if paths[name] == paths[other]:
+                raise ConfigError(f"folders.{other}: is the same folder as folders.{name} ({paths[name]}); "
+                                  "give each folder its own place")
+            for inner, outer in ((name, other), (other, name)):
+                if paths[outer] in paths[inner].parents:
+                    raise ConfigError(f"folders.{inner}: lies inside folders.{outer} ({paths[inner]}); give "
+                                      "each folder its own place")
 
 
 def _absolute(base: Path, path: str) -> str:
@@ -365,8 +388,36 @@ def load_config(path: Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _refuse_repeated_keys(node, "", path)
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     return parse_config(raw, path.parent.resolve())
+
+
+def _refuse_repeated_keys(node: yaml.Node, prefix: str, path: Path) -> None:
+    """A key written twice in one mapping is a `ConfigError` naming it and both lines (YAML parsers keep the
+    last one silently, so the first one's settings would vanish, e.g. an `http:` section appended below the
+    shipped config.yaml, which has one)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, f"{prefix}[{i}]", path)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.value == "<<":
+            continue
+        name = f"{prefix}.{key.value}" if prefix else str(key.value)
+        line = key.start_mark.line + 1
+        if key.value in seen:
+            raise ConfigError(f"{name}: given twice in {path} (lines {seen[key.value]} and {line}); keep one")
+        seen[key.value] = line
+        _refuse_repeated_keys(value, name, path)
 

@@ -76,3 +76,61 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        ({"inbox": "classes"}, "folders.inbox: is the same folder as folders.classes"),
+        ({"outbox": "inbox/sorted"}, "folders.outbox: lies inside folders.inbox"),
+        ({"review": "classes/unsure"}, "folders.review: lies inside folders.classes"),
+        ({"classes": "."}, "folders.classes: is data_root itself"),
+        ({"state": "rejected/state"}, "folders.state: lies inside folders.rejected"),
+    ],
+)
+def test_overlapping_folders_are_refused(tmp_path: Path, folders: dict[str, str], message: str) -> None:
+    """KIND: two of the daemon's folders that are one folder, or one inside the other, or a folder that is the
+    data root (which holds all the others). The inbox would move training images out of `classes/`, or take
+    the outbox's own results in again without end. INPUT: such a `folders:` section; one error naming the key."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"folders": folders}, tmp_path)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_run_refuses_overlapping_folders_before_making_any(tmp_path: Path) -> None:
+    """The same through `retraind run`: exit 78, one line, and no folder made."""
+    (tmp_path / "config.yaml").write_text("data_root: data\nfolders:\n  inbox: classes\n")
+    run = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == EX_CONFIG, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        ("retraind: folders.inbox: is the same folder as folders.classes "
+         f"({tmp_path / 'data' / 'classes'}); give each folder its own place")]
+    assert not (tmp_path / "data").exists()
+
+
+def test_folders_outside_the_data_root_are_fine(tmp_path: Path) -> None:
+    config = parse_config({"folders": {"state": str(tmp_path / "private"), "inbox": "drop"}}, tmp_path)
+    assert config.folder("state") == tmp_path / "private"
+    assert config.folder("inbox") == tmp_path / "data" / "drop"
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """KIND: a key written twice in one mapping, e.g. a user appends `http: {port: 9871}` below the shipped
+    config.yaml, which lists `http:` already. YAML parsers keep the last silently, so the earlier section's
+    edits would vanish. INPUT: that file; `retraind run` exits 78 naming the key and both lines."""
+    shipped = (REPO / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(shipped + "\nhttp:\n  port: 9871\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "config.yaml")
+    first = 1 + shipped.splitlines().index("http:")
+    second = len(shipped.splitlines()) + 2
+    assert str(info.value) == (f"http: given twice in {tmp_path / 'config.yaml'} (lines {first} and {second}); "
+                               "keep one")
+    (tmp_path / "config.yaml").write_text("classify:\n  top_k: 3\n  novelty: false\n  top_k: 4\n")
+    run = subprocess.run([sys.executable, "-m", "daemon", "run"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == EX_CONFIG
+    assert run.stderr.strip().splitlines() == [
+        "retraind: classify.top_k: given twice in config.yaml (lines 2 and 4); keep one"]
