@@ -23,12 +23,25 @@ _FOREIGN_LOGGERS = ("tensorflow", "absl", "keras", "h5py")
 _FOREIGN_WARNINGS = r"(tensorflow|keras|tf_keras|absl|google\.protobuf|flatbuffers|h5py)(\.|$)"
 
 
+#: Control characters as escapes (a tab stays): Linux allows a newline or a terminal escape in a file name.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127) if code != 9} | {10: "\\n", 13: "\\r"}
+
+
+class OneLineFormatter(logging.Formatter):
+    """One record, one line: control characters in the message (a file name's newline, which would start
+    a forged line of its own, or a terminal escape) are written as escapes (`\\n`, `\\x1b`). A traceback
+    still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
+
+
 def setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(OneLineFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
