@@ -235,7 +235,8 @@ def embed(config: Config, plugins: Sequence[object], sources: Sequence[str], out
     started, times = time.perf_counter(), RayTimes()
     with ray_session(address, times) as ray:
         dataset, size = _dataset(ray, config, plugins, files, workers, cpus_per_worker, None)
-        dataset.write_parquet(tmp, ray_remote_args={"num_cpus": 0})  # writing must not wait for a worker's CPU
+        # on `out`'s own file system (`tmp` is a path inside it, no scheme); no CPU: a write must not wait for one
+        dataset.write_parquet(tmp, filesystem=system, ray_remote_args={"num_cpus": 0})
     parts, errors = _parts(system, tmp)
     for name in parts:
         system.move(f"{tmp}/{name}", f"{root}/{name}")

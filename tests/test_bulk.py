@@ -81,8 +81,8 @@ def test_embed_gives_the_daemons_vectors_and_an_import_saves_every_forward_pass(
     cut, empty = broken(source, next(iter(files)).split("/")[0])
     config = write_config(tmp_path)
 
-    assert run(config, "bulk", "embed", str(source), "--out", str(out), "--workers", "1", tiny=tiny) == 0
-    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out
+    assert run(config, "bulk", "embed", str(source), "--out", out.as_uri(), "--workers", "1", tiny=tiny) == 0
+    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out  # to a URI: on its own file system
     manifest = json.loads((out / MANIFEST).read_text())
     assert (manifest["backbone"], manifest["dim"], manifest["rows"]) == (TINY_ID, TINY_DIM, len(files) + 2)
     assert sorted(manifest["parts"]) == sorted(p.name for p in out.iterdir() if p.suffix == ".parquet"), \
