@@ -19,6 +19,7 @@ Usage: python bench/scale_out.py [--n 20150] [--small 64] [--rows 100000] [--pub
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -35,8 +36,9 @@ from daemon.cli import main
 TARGET_RATIO = 0.8
 
 
-def _bulk(source: Path, config: Path, out: Path, workers: int) -> float:
-    """Wall seconds of `retraind bulk embed source` in a fresh process (its own Ray) with `workers` actors."""
+def _bulk(source: Path, config: Path, out: Path, workers: int) -> tuple[float, str]:
+    """Wall seconds of `retraind bulk embed source` in a fresh process (its own Ray) with `workers` actors, and
+    the command's last line (its own seconds, of which Ray's start and stop)."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "daemon", "--config", str(config), "bulk", "embed", str(source),
                            "--out", str(out), "--workers", str(workers)],
@@ -44,8 +46,9 @@ def _bulk(source: Path, config: Path, out: Path, workers: int) -> float:
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"bulk embed failed ({done.returncode}): {done.stdout[-2000:]}")
-    harness.note(done.stdout.strip().splitlines()[-1])
-    return seconds
+    line = done.stdout.strip().splitlines()[-1]
+    harness.note(line)
+    return seconds, line
 
 
 def _config_file(root: Path, args: argparse.Namespace, **sections: Any) -> Path:
@@ -77,8 +80,8 @@ def bulk_figures(args: argparse.Namespace) -> None:
         for name, chosen in sets.items():
             harness.write_classes(root / name, chosen)
         for workers, whole in ((harness.default_threads(), "all"), (1, "quarter")):
-            small = _bulk(root / "small" / "classes", config, root / f"out-small-{workers}", workers)
-            seconds = _bulk(root / whole / "classes", config, root / f"out-{whole}-{workers}", workers)
+            small, line = _bulk(root / "small" / "classes", config, root / f"out-small-{workers}", workers)
+            seconds, _ = _bulk(root / whole / "classes", config, root / f"out-{whole}-{workers}", workers)
             n = len(sets[whole])
             steady = (n - args.small) / (seconds - small)
             startup = small - args.small / steady
@@ -91,6 +94,12 @@ def bulk_figures(args: argparse.Namespace) -> None:
                              vs=f"the daemon's fill ({_verdict(ratio)})")
             harness.emit(f"scale.{label}", steady, "img/s", ratio=steady / daemon_rate, vs="the daemon's fill")
             harness.emit(f"scale.{label}_startup", startup, "s")
+            inside = re.search(r"in ([\d.]+) s .*Ray's start ([\d.]+) s and stop ([\d.]+) s", line)
+            if inside:  # the rest of the start-up: Python and imports, actors starting, Ray Data planning
+                command, start, stop = map(float, inside.groups())
+                harness.note(f"{label} start-up: ray.init {start:.1f} s, ray.shutdown {stop:.1f} s, Python and "
+                             f"imports before Ray {small - command:.1f} s, the rest (actors, planning, the "
+                             f"{args.small} images) {command - start - stop:.1f} s")
 
 
 def import_figures(args: argparse.Namespace) -> None:

@@ -151,16 +151,26 @@ def _records_table(version: ModelVersion, rows: dict[str, list[Any]], done: Embe
 
 @dataclass(frozen=True)
 class BulkRun:
-    """What a backfill did: files listed, how many failed (by reason), seconds, actors."""
+    """What a backfill did: files listed, how many failed (by reason), seconds, actors, and of those seconds
+    the ones spent starting and stopping Ray."""
 
     files: int
     errors: dict[str, int]
     seconds: float
     workers: int
+    ray: RayTimes
+
+
+@dataclass
+class RayTimes:
+    """Seconds `ray_session` spent in `ray.init()` and `ray.shutdown()` (0 when it joined a Ray started already)."""
+
+    start: float = 0.0
+    stop: float = 0.0
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
+def ray_session(address: str | None, times: RayTimes) -> Iterator[Any]:
     """Ray, initialised here unless this process already did (a test module's one session): this machine's
     CPUs when `address` is None, else the cluster there ("auto" for the one this machine belongs to).
 
@@ -172,11 +182,15 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    began = time.perf_counter()
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    times.start = time.perf_counter() - began
     try:
         yield ray
     finally:
+        began = time.perf_counter()
         ray.shutdown()
+        times.stop = time.perf_counter() - began
 
 
 def _dataset(ray: Any, config: Config, plugins: Sequence[object], files: list[SourceFile], workers: int | None,
@@ -218,16 +232,17 @@ def embed(config: Config, plugins: Sequence[object], sources: Sequence[str], out
     if system.get_file_info(f"{root}/{MANIFEST}").type != FileType.NotFound:
         raise SourceError(f"{out}: holds a finished `bulk embed` output already ({MANIFEST}); give another --out")
     tmp = f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}"
-    started = time.perf_counter()
-    with ray_session(address) as ray:
+    started, times = time.perf_counter(), RayTimes()
+    with ray_session(address, times) as ray:
         dataset, size = _dataset(ray, config, plugins, files, workers, cpus_per_worker, None)
-        dataset.write_parquet(tmp, ray_remote_args={"num_cpus": 0})  # writing must not wait for a worker's CPU
+        # on `out`'s own file system (`tmp` is a path inside it, no scheme); no CPU: a write must not wait for one
+        dataset.write_parquet(tmp, filesystem=system, ray_remote_args={"num_cpus": 0})
     parts, errors = _parts(system, tmp)
     for name in parts:
         system.move(f"{tmp}/{name}", f"{root}/{name}")
     Manifest(backbone.id, backbone.dim, parts).write(system, root)
     system.delete_dir(tmp)
-    return BulkRun(len(files), errors, time.perf_counter() - started, size)
+    return BulkRun(len(files), errors, time.perf_counter() - started, size, times)
 
 
 def _parts(system: Any, folder: str) -> tuple[dict[str, int], dict[str, int]]:
@@ -252,9 +267,9 @@ def classify(config: Config, plugins: Sequence[object], version: ModelVersion, s
     system, root = open_source(out)
     system.create_dir(root, recursive=True)
     final, tmp = f"{root}/{RESULTS_FILE}", f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}-{RESULTS_FILE}"
-    started = time.perf_counter()
+    started, times = time.perf_counter(), RayTimes()
     errors: dict[str, int] = {}
-    with ray_session(address) as ray:
+    with ray_session(address, times) as ray:
         dataset, size = _dataset(ray, config, plugins, files, workers, cpus_per_worker, version)
         with system.open_output_stream(tmp) as stream:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -263,4 +278,4 @@ def classify(config: Config, plugins: Sequence[object], version: ModelVersion, s
                     if reason is not None:
                         errors[reason] = errors.get(reason, 0) + 1
     system.move(tmp, final)
-    return BulkRun(len(files), errors, time.perf_counter() - started, size)
+    return BulkRun(len(files), errors, time.perf_counter() - started, size, times)

@@ -28,7 +28,8 @@ def _require(module: str) -> None:
 def _summary(what: str, run: Any, out: str) -> str:
     errors = ", ".join(f"{n} {reason}" for reason, n in sorted(run.errors.items())) or "none"
     rate = run.files / run.seconds if run.seconds else 0.0
-    return (f"{what} {run.files} files in {run.seconds:.1f} s ({rate:.1f} files/s, {run.workers} workers); "
+    ray = f", Ray's start {run.ray.start:.1f} s and stop {run.ray.stop:.1f} s included" if run.ray.start else ""
+    return (f"{what} {run.files} files in {run.seconds:.1f} s ({rate:.1f} files/s, {run.workers} workers{ray}); "
             f"errors: {errors}; wrote {out}")
 
 

@@ -81,8 +81,8 @@ def test_embed_gives_the_daemons_vectors_and_an_import_saves_every_forward_pass(
     cut, empty = broken(source, next(iter(files)).split("/")[0])
     config = write_config(tmp_path)
 
-    assert run(config, "bulk", "embed", str(source), "--out", str(out), "--workers", "1", tiny=tiny) == 0
-    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out
+    assert run(config, "bulk", "embed", str(source), "--out", out.as_uri(), "--workers", "1", tiny=tiny) == 0
+    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out  # to a URI: on its own file system
     manifest = json.loads((out / MANIFEST).read_text())
     assert (manifest["backbone"], manifest["dim"], manifest["rows"]) == (TINY_ID, TINY_DIM, len(files) + 2)
     assert sorted(manifest["parts"]) == sorted(p.name for p in out.iterdir() if p.suffix == ".parquet"), \
@@ -254,3 +254,16 @@ def test_sources_by_uri_are_listed_labelled_and_read_like_folders(tmp_path: Path
         small.read(listed[0].root, listed[0].path, listed[0].shown, listed[0].size)
     with pytest.raises(SourceError, match="no such file or folder"):
         list_sources([str(tmp_path / "missing")], lambda rel: True)
+
+
+def test_the_last_line_says_what_starting_and_stopping_ray_cost() -> None:
+    from daemon.bulk import BulkRun, RayTimes
+    from daemon.bulk_cli import _summary
+
+    own = BulkRun(10, {"corrupt": 2, "empty": 1}, 12.0, 2, RayTimes(start=3.0, stop=1.5))
+    assert _summary("embedded", own, "/out") == (
+        "embedded 10 files in 12.0 s (0.8 files/s, 2 workers, Ray's start 3.0 s and stop 1.5 s included); "
+        "errors: 2 corrupt, 1 empty; wrote /out")
+    joined = BulkRun(10, {}, 2.0, 1, RayTimes())  # a Ray started already: nothing of it to count
+    assert _summary("embedded", joined, "/out") == "embedded 10 files in 2.0 s (5.0 files/s, 1 workers); " \
+        "errors: none; wrote /out"
