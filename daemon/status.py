@@ -117,13 +117,15 @@ def trust_lines(trust: dict[str, Any] | None) -> list[tuple[str, str]]:
     errors = "  ".join(f"{split} {percent(pair['before'])} → {percent(pair['after'])}"
                        for split, pair in calibration.items() if isinstance(pair, dict) and "before" in pair
                        and pair["before"] is not None)
+    parameters = ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                           for name, value in dict(calibration["parameters"] or {}).items())
     if trust["confidence_threshold"] is None:
         filing = f"suspended: {trust['reason']}"
     else:
         filing = (f"target precision {percent(trust['target_precision'])}, review below calibrated score "
                   f"{trust['confidence_threshold']:.3f}, expected coverage {percent(trust['expected_coverage'])}")
     return [("filing", filing),
-            ("calibration", f"{calibration['method']} {calibration['parameters']}, error (ECE) {errors}"),
+            ("calibration", f"{calibration['method']} ({parameters}), error (ECE) {errors}"),
             ("novelty", f"{trust['novelty']['method']}, review above {trust['novelty']['threshold']:g}")]
 
 

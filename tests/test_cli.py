@@ -54,6 +54,10 @@ def test_status_from_the_state_dir(trained: Path, tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "state dir" in out and "version 1, 2 labels, backbone tiny/seed7/v1" in out
     assert "inbox:         1 files waiting" in out and "last training:" in out
+    # the calibrator's parameters as `name=value`, not a Python dict's repr
+    calibration = r"^calibration:\s+temperature \(temperature=\d+(\.\d+)?\), error \(ECE\)"
+    assert re.search(calibration, out, re.MULTILINE), out
+    assert "{" not in out
     assert run(trained, "status", "--json") == 0
     status = json.loads(capsys.readouterr().out)
     assert status["model"]["version"] == 1 and status["model"]["labels"] == ["blue", "red"]
