@@ -7,6 +7,7 @@ import functools
 import hashlib
 import io
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ def read_image_file(path: Path, max_bytes: int) -> ImageFile:
         st = os.stat(path)
     except OSError as exc:
         raise ImageRejected("unreadable", f"cannot stat {path}: {exc.strerror or exc}") from exc
-    if not os.path.isfile(path):
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageRejected("unsupported", folder_link_message(path))
+    if not stat.S_ISREG(st.st_mode):
         raise ImageRejected("unsupported", f"{path} is not a regular file")
     check_size(path, st.st_size, max_bytes)
     try:
@@ -63,6 +66,13 @@ def read_image_file(path: Path, max_bytes: int) -> ImageFile:
     except OSError as exc:
         raise ImageRejected("unreadable", f"cannot read {path}: {exc.strerror or exc}") from exc
     return ImageFile(path, data, hashlib.sha256(data).hexdigest())
+
+
+def folder_link_message(path: Path) -> str:
+    """What to tell a person about `path`, a symbolic link to a folder found where files are expected (the
+    walks do not follow such links: the inbox would move the files out of the linked folder)."""
+    return (f"{path} is a link to the folder {os.path.realpath(path)}; links to folders are not followed; move "
+            "or copy the folder here instead")
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.extractor import Extractor, Job
-from daemon.images import ImageRejected, read_image_file
+from daemon.images import ImageRejected, folder_link_message, read_image_file
 from daemon.metrics import Metrics
 from daemon.store import CatalogEntry, Store, file_signature
 
@@ -114,6 +114,9 @@ class TrainingIndexer:
     def _plan(self, path: Path, chunk: Indexing) -> _Planned | None:
         """The file to read, or None when there is nothing to do (or only a catalog row, added to `chunk`)."""
         rel = self.relative(path)
+        if rel is None and path.is_dir():
+            log.warning("%s", folder_link_message(path))
+            return None
         if rel is None:
             log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
             return None

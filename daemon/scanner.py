@@ -15,11 +15,14 @@ def _nothing(name: str) -> bool:
 
 
 def walk_files(root: Path, ignored: Callable[[str], bool] = _nothing) -> Iterator[Path]:
-    """Every non-directory entry below `root` (symlinks included, not followed into) whose name, and the names
-    of the folders above it, are not `ignored`; ignored folders are not entered at all, so a NAS's thousands of
-    thumbnails cost nothing."""
+    """Every non-directory entry below `root` (symlinks included, links to folders too, none followed into)
+    whose name, and the names of the folders above it, are not `ignored`; ignored folders are not entered at
+    all, so a NAS's thousands of thumbnails cost nothing."""
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = [d for d in dirs if not ignored(d)]
+        for name in dirs:
+            if os.path.islink(os.path.join(folder, name)):  # os.walk lists a link to a folder as a folder
+                yield Path(folder) / name
         for name in files:
             if not ignored(name):
                 yield Path(folder) / name

@@ -250,3 +250,35 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
         wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")
         assert not source.exists() and destination.exists()
         assert [json_.loads(line)["id"] for line in (data / "results.jsonl").read_text().splitlines()] == ["r1"]
+
+
+def test_links_to_folders_are_named_as_such_and_their_images_stay(
+    tmp_path: Path, run_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KIND: a symbolic link to a folder where an image is expected: `ln -s ~/Pictures/cats classes/cats` (a
+    label), a link inside a label folder, or one dropped into the inbox. Links to folders are not followed
+    (the inbox would move the files out of the linked folder), and the warning said "not inside a label
+    folder" or "not a regular file", which does not tell the user why or what to do. INPUT: all three on a
+    real daemon; each warning names the link as a link to a folder, and the linked images stay where they are."""
+    data, photos = tmp_path / "data", tmp_path / "photos"
+    seed_three(data)
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"p{i}.jpg").write_bytes(encoded(pixels("grey", 50 + i), "JPEG"))
+    os.symlink(photos, data / "classes" / "linked")
+    os.symlink(photos, data / "classes" / "red" / "more")
+    with caplog.at_level(logging.WARNING), run_app() as app:
+        version = wait_for(lambda: app.serving.version, what="first model")
+        os.symlink(photos, data / "inbox" / "dropped")
+        wait_for(lambda: not os.path.lexists(data / "inbox" / "dropped"), what="the inbox link handled")
+        assert app.alive()
+    assert "linked" not in version.labels
+    assert sorted(p.name for p in photos.iterdir()) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    record = json.loads((data / "rejected" / "dropped.error.json").read_text())
+    hint = "links to folders are not followed; move or copy the folder here instead"
+    assert record["error"] == f"{data / 'inbox' / 'dropped'} is a link to the folder {photos}; {hint}"
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{data / 'classes' / 'linked'} is a link to the folder {photos}; {hint}" in messages
+    assert f"{data / 'classes' / 'red' / 'more'}: skipped for training: {data / 'classes' / 'red' / 'more'} is a " \
+        f"link to the folder {photos}; {hint}" in messages
+    assert not any("not inside a label folder" in m or "not a regular file" in m for m in messages)
