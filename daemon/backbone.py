@@ -15,7 +15,9 @@ class Backbone(Protocol):
     """A frozen feature extractor: decoded RGB images in, one bottleneck vector per image out.
 
     `id` names the network, its weights and its preprocessing; it is part of every bottleneck's store key,
-    so two backbones (or two preprocessing versions) never share cached vectors.
+    so two backbones (or two preprocessing versions) never share cached vectors. A backbone that runs one
+    image per pass (a batch of N costs N single passes) may say so with a class attribute
+    `one_image_per_pass = True` (`daemon.engines.gains_from_batches`).
     """
 
     id: str

@@ -4,6 +4,7 @@ A file is refused whole, in one line, when its vectors are not of the configured
 name another backbone: vectors of another network would poison every model trained on them. Rows are read a
 batch at a time; a vector already stored (and passing its CRC) is skipped, so importing twice changes nothing;
 every written vector is read back through the store's CRC check and compared before it counts as imported.
+Which files are read at all (only those a finished run's manifest lists) is daemon/bulk_manifest.py's rule.
 """
 
 from __future__ import annotations
@@ -34,11 +35,6 @@ class ImportReport:
     def summary(self) -> str:
         return f"imported {self.imported}, skipped {self.skipped} (stored already or error rows), " \
                f"refused {self.refused}"
-
-
-def parquet_files(folders: Iterable[Path]) -> list[Path]:
-    """The `.parquet` files below each folder (or the file itself), sorted within each."""
-    return [f for folder in folders for f in ([folder] if folder.is_file() else sorted(folder.rglob("*.parquet")))]
 
 
 def row_count(files: Iterable[Path]) -> int:

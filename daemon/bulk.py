@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from daemon.atomic import TMP_PREFIX
+from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
 from daemon.config import Config
 from daemon.engines import build_backbone
@@ -150,37 +151,59 @@ def _records_table(version: ModelVersion, rows: dict[str, list[Any]], done: Embe
 
 @dataclass(frozen=True)
 class BulkRun:
-    """What a backfill did: files listed, how many failed (by reason), seconds, actors."""
+    """What a backfill did: files listed, how many failed (by reason), seconds, actors, and of those seconds
+    the ones spent starting and stopping Ray."""
 
     files: int
     errors: dict[str, int]
     seconds: float
     workers: int
+    ray: RayTimes
+
+
+@dataclass
+class RayTimes:
+    """Seconds `ray_session` spent in `ray.init()` and `ray.shutdown()` (0 when it joined a Ray started already)."""
+
+    start: float = 0.0
+    stop: float = 0.0
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
+def ray_session(address: str | None, times: RayTimes) -> Iterator[Any]:
     """Ray, initialised here unless this process already did (a test module's one session): this machine's
-    CPUs when `address` is None, else the cluster there ("auto" for the one this machine belongs to)."""
+    CPUs when `address` is None, else the cluster there ("auto" for the one this machine belongs to).
+
+    No dashboard and no `runtime_env`: a runtime environment, even of environment variables alone, makes Ray
+    start fresh worker processes for it instead of the ones it started with itself (about 2 s more per job on
+    2 cores). A local Ray's workers inherit this process's environment (TensorFlow's log level included)."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    began = time.perf_counter()
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    times.start = time.perf_counter() - began
     try:
         yield ray
     finally:
+        began = time.perf_counter()
         ray.shutdown()
+        times.stop = time.perf_counter() - began
 
 
 def _dataset(ray: Any, config: Config, plugins: Sequence[object], files: list[SourceFile], workers: int | None,
              cpus_per_worker: int, version: ModelVersion | None) -> tuple[Any, int]:
-    """The mapped dataset (lazy) and its number of actors (default: every CPU of the cluster, at least 1)."""
+    """The mapped dataset (lazy) and its number of actors (default: every CPU of the cluster, at least 1; never
+    more than there are batches, as an actor without one would only add start-up).
+
+    One input block per batch: Ray Data would otherwise cut the listing into blocks of its own size, and a
+    batch straddling two blocks reaches a worker as two calls (one of them a batch of 1)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = workers or max(1, cpus // cpus_per_worker)
-    items = ray.data.from_items([dataclasses.asdict(f) for f in files])
+    blocks = -(-len(files) // config.backbone.batch_size)
+    size = min(blocks, workers or max(1, cpus // cpus_per_worker))
+    items = ray.data.from_items([dataclasses.asdict(f) for f in files], override_num_blocks=blocks)
     mapped = items.map_batches(
         BulkWorker, fn_constructor_args=(config, tuple(plugins), cpus_per_worker, version),
         batch_size=config.backbone.batch_size, batch_format="pyarrow", num_cpus=cpus_per_worker,
@@ -198,27 +221,42 @@ def _listed(config: Config, plugins: Sequence[object], sources: Sequence[str], a
 
 def embed(config: Config, plugins: Sequence[object], sources: Sequence[str], out: str, address: str | None = None,
           workers: int | None = None, cpus_per_worker: int = 1) -> BulkRun:
-    """Bottlenecks of every file under `sources` as Parquet files in the folder or URI `out`."""
-    build_backbone(Hooks.of(config, plugins), config)  # fails fast, converts once
+    """Bottlenecks of every file under `sources` as Parquet files in the folder or URI `out`, with the manifest
+    that `retraind import` requires written last (daemon/bulk_manifest.py): the parts are written into a
+    temporary folder inside `out` and moved in once the whole job has succeeded."""
+    from pyarrow.fs import FileType
+
+    backbone = build_backbone(Hooks.of(config, plugins), config)  # fails fast, converts once
     files = _listed(config, plugins, sources, "classes")
-    started = time.perf_counter()
-    with ray_session(address) as ray:
+    system, root = open_source(out)
+    if system.get_file_info(f"{root}/{MANIFEST}").type != FileType.NotFound:
+        raise SourceError(f"{out}: holds a finished `bulk embed` output already ({MANIFEST}); give another --out")
+    tmp = f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}"
+    started, times = time.perf_counter(), RayTimes()
+    with ray_session(address, times) as ray:
         dataset, size = _dataset(ray, config, plugins, files, workers, cpus_per_worker, None)
-        dataset.write_parquet(out)
-    return BulkRun(len(files), _parquet_errors(out), time.perf_counter() - started, size)
+        # on `out`'s own file system (`tmp` is a path inside it, no scheme); no CPU: a write must not wait for one
+        dataset.write_parquet(tmp, filesystem=system, ray_remote_args={"num_cpus": 0})
+    parts, errors = _parts(system, tmp)
+    for name in parts:
+        system.move(f"{tmp}/{name}", f"{root}/{name}")
+    Manifest(backbone.id, backbone.dim, parts).write(system, root)
+    system.delete_dir(tmp)
+    return BulkRun(len(files), errors, time.perf_counter() - started, size, times)
 
 
-def _parquet_errors(out: str) -> dict[str, int]:
-    """Errors by reason in the Parquet just written (only the `error` column is read)."""
+def _parts(system: Any, folder: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The Parquet parts just written to `folder` with their rows, and the errors among them by reason (only
+    the `error` column is read)."""
     import pyarrow.dataset as pads
 
-    system, root = open_source(out)
-    column = pads.dataset(root, filesystem=system, format="parquet").to_table(columns=["error"])["error"]
+    written = pads.dataset(folder, filesystem=system, format="parquet")
+    parts = {Path(fragment.path).name: fragment.metadata.num_rows for fragment in written.get_fragments()}
     counts: dict[str, int] = {}
-    for error in column.drop_null().to_pylist():
+    for error in written.to_table(columns=["error"])["error"].drop_null().to_pylist():
         reason = error.split(":", 1)[0]
         counts[reason] = counts.get(reason, 0) + 1
-    return counts
+    return parts, counts
 
 
 def classify(config: Config, plugins: Sequence[object], version: ModelVersion, sources: Sequence[str], out: str,
@@ -229,9 +267,9 @@ def classify(config: Config, plugins: Sequence[object], version: ModelVersion, s
     system, root = open_source(out)
     system.create_dir(root, recursive=True)
     final, tmp = f"{root}/{RESULTS_FILE}", f"{root}/{TMP_PREFIX}{uuid.uuid4().hex}-{RESULTS_FILE}"
-    started = time.perf_counter()
+    started, times = time.perf_counter(), RayTimes()
     errors: dict[str, int] = {}
-    with ray_session(address) as ray:
+    with ray_session(address, times) as ray:
         dataset, size = _dataset(ray, config, plugins, files, workers, cpus_per_worker, version)
         with system.open_output_stream(tmp) as stream:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -240,4 +278,4 @@ def classify(config: Config, plugins: Sequence[object], version: ModelVersion, s
                     if reason is not None:
                         errors[reason] = errors.get(reason, 0) + 1
     system.move(tmp, final)
-    return BulkRun(len(files), errors, time.perf_counter() - started, size)
+    return BulkRun(len(files), errors, time.perf_counter() - started, size, times)

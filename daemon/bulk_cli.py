@@ -28,7 +28,8 @@ def _require(module: str) -> None:
 def _summary(what: str, run: Any, out: str) -> str:
     errors = ", ".join(f"{n} {reason}" for reason, n in sorted(run.errors.items())) or "none"
     rate = run.files / run.seconds if run.seconds else 0.0
-    return (f"{what} {run.files} files in {run.seconds:.1f} s ({rate:.1f} files/s, {run.workers} workers); "
+    ray = f", Ray's start {run.ray.start:.1f} s and stop {run.ray.stop:.1f} s included" if run.ray.start else ""
+    return (f"{what} {run.files} files in {run.seconds:.1f} s ({rate:.1f} files/s, {run.workers} workers{ray}); "
             f"errors: {errors}; wrote {out}")
 
 
@@ -56,13 +57,17 @@ def cmd_bulk_classify(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
     _require("pyarrow")
-    from daemon.bottleneck_import import BottleneckImporter, parquet_files, row_count
+    from daemon.bottleneck_import import BottleneckImporter, row_count
+    from daemon.bulk_manifest import plan
     from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks
     from daemon.store import Store
 
     backbone = build_backbone(Hooks.of(config, args.plugins), config)
-    files = parquet_files(Path(d) for d in args.dirs)
+    found = plan(Path(d) for d in args.dirs)
+    for line in found.ignored:
+        print(f"retraind: {line}", file=sys.stderr)
+    files = found.files
     store = Store(config.folder("state") / STORE_FILE)
     try:
         with tqdm(total=row_count(files), desc="importing bottlenecks", unit="row", disable=None,
@@ -70,10 +75,10 @@ def cmd_import(args: argparse.Namespace, config: Config) -> int:
             report = BottleneckImporter(store, backbone.id, backbone.dim, bar.update).run(files)
     finally:
         store.close()
-    for line in report.refusals:
+    for line in found.refused + report.refusals:
         print(f"retraind: {line}", file=sys.stderr)
     print(f"{len(files)} Parquet files: {report.summary()}")
-    return EX_DATAERR if report.refused else 0
+    return EX_DATAERR if report.refused or found.refused else 0
 
 
 def _bulk_flags(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -101,5 +106,7 @@ def add_commands(add: Callable[..., argparse.ArgumentParser], common: argparse.A
     _bulk_flags(classify, "folder or URI for results.jsonl")
     classify.set_defaults(func=wrap(cmd_bulk_classify))
     imports = add("import", help="load `bulk embed` Parquet into the bottleneck store (idempotent)")
-    imports.add_argument("dirs", nargs="+", metavar="DIR", help="folders of Parquet files, or files")
+    imports.add_argument("dirs", nargs="+", metavar="DIR",
+                         help="`bulk embed` output folders (or folders holding several), or Parquet files of one; "
+                              "only what a finished run's _retraind-bulk.json lists is read")
     imports.set_defaults(func=wrap(cmd_import))

@@ -23,7 +23,7 @@ from daemon.backbone import Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig, Config, ConfigError
 from daemon.keras_engine import KerasBackbone, silence_tensorflow
 from daemon.logs import foreign_output_as_debug
-from daemon.tflite_engine import EngineMismatch, TfliteBackbone, tflite_backbone
+from daemon.tflite_engine import EngineMismatch, tflite_backbone
 
 if TYPE_CHECKING:
     from daemon.plugin_manager import Hooks
@@ -49,9 +49,10 @@ def build_backbone(hooks: Hooks, config: Config) -> Backbone:
 
 
 def gains_from_batches(backbone: Backbone) -> bool:
-    """Whether a forward pass of N images costs less than N passes of one. Not for the TFLite engine, which
-    invokes its interpreter once per image (measured faster than batches on a CPU; daemon/tflite_engine.py)."""
-    return not isinstance(backbone, TfliteBackbone)
+    """Whether a forward pass of N images costs less than N passes of one. Not for a backbone whose
+    `one_image_per_pass` is true: the TFLite engine invokes its interpreter once per image (measured faster
+    than batches on a CPU; daemon/tflite_engine.py)."""
+    return not getattr(backbone, "one_image_per_pass", False)
 
 
 def sees_gpu() -> bool:

@@ -112,6 +112,14 @@ def _marker(version: ModelVersion) -> dict[str, Any]:
     return {"version": version.number, "backbone": version.backbone, "created": version.metrics.get("created")}
 
 
+def published_line(number: int, placed: list[Repository], seconds: float) -> str:
+    """The log line of a version placed in `placed`, `seconds` after its promotion, e.g. "model 3 published to
+    tf_serving (/srv/tf/retraind/3) and triton (/srv/triton/retraind/3), 4.2 s after its promotion"."""
+    where = [f"{r.kind} ({r.models / str(number)})" for r in placed]
+    joined = where[0] if len(where) == 1 else f"{', '.join(where[:-1])} and {where[-1]}"
+    return f"model {number} published to {joined}, {seconds:.1f} s after its promotion"
+
+
 def repositories(config: PublishConfig) -> list[Repository]:
     """The configured repositories (none when both paths are empty)."""
     found = []
@@ -190,8 +198,10 @@ class Publisher(threading.Thread):
                 for repository in missing:
                     self._failed(repository)
                 return False
-            placed = [self._place(r, version, scratch, promoted) for r in missing]  # each, whatever the others do
-            return all(placed)
+            placed = [r for r in missing if self._place(r, version, scratch, promoted)]  # each, whatever the others do
+            if placed:
+                log.info("%s", published_line(version.number, placed, time.monotonic() - promoted))
+            return len(placed) == len(missing)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -217,7 +227,6 @@ class Publisher(threading.Thread):
             return False
         self._metrics.published_version.labels(repository=repository.kind).set(version.number)
         self._metrics.publish_seconds.labels(repository=repository.kind).observe(time.monotonic() - promoted)
-        log.info("model %d published to %s (%s)", version.number, repository.models, repository.kind)
         return True
 
     def _failed(self, repository: Repository) -> None:

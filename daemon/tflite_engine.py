@@ -55,6 +55,8 @@ class TfliteBackbone:
     `model` is the flatbuffer's bytes; raises ValueError or RuntimeError (LiteRT's errors) for a model it
     cannot load."""
 
+    one_image_per_pass = True
+
     def __init__(self, model: bytes, backbone_id: str, threads: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
 

@@ -244,7 +244,7 @@ class Trainer(threading.Thread):
         trust = fitted.summary
         log.info("model %d published: %d labels, accuracy %s; review threshold %s for precision %.2f, expected "
                  "coverage %s, calibration error %s -> %s (out-of-fold), novelty threshold %s", version.number,
-                 len(version.labels), metrics["accuracy"], trust["confidence_threshold"],
+                 len(version.labels), _per_split(metrics["accuracy"]), trust["confidence_threshold"],
                  trust["target_precision"], trust["expected_coverage"],
                  trust["calibration"]["out_of_fold"]["before"], trust["calibration"]["out_of_fold"]["after"],
                  trust["novelty"]["threshold"])
@@ -268,3 +268,8 @@ class Trainer(threading.Thread):
         for label, per_split in dataset.counts().items():
             for split in SPLITS:
                 self._metrics.images.labels(label=label, split=split).set(per_split[split])
+
+
+def _per_split(accuracy: dict[str, float | None]) -> str:
+    """`{"train": 1.0, "validation": 0.9, "test": None}` as "train 1.000, validation 0.900, test none"."""
+    return ", ".join(f"{split} {'none' if value is None else f'{value:.3f}'}" for split, value in accuracy.items())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +17,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from daemon.backbone import Backbone
 from daemon.bulk import COLUMNS, schema
+from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.cli import main
+from daemon.config import BackboneConfig
+from daemon.hookspecs import hookimpl
 from tests.conftest import SHARED_DATA, image_bytes, seed_classes, wait_for, write_image
 from tests.test_cli import write_config
 from tests.tiny_backbone import TinyBackbonePlugin
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
+pafs = pytest.importorskip("pyarrow.fs")
 TINY_ID, TINY_DIM = "tiny/seed7/v1", 16
 
 
@@ -32,8 +39,7 @@ TINY_ID, TINY_DIM = "tiny/seed7/v1", 16
 def ray_local() -> Iterator[None]:
     """One local Ray for the module (starting one costs seconds); the commands use it instead of their own."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -75,8 +81,13 @@ def test_embed_gives_the_daemons_vectors_and_an_import_saves_every_forward_pass(
     cut, empty = broken(source, next(iter(files)).split("/")[0])
     config = write_config(tmp_path)
 
-    assert run(config, "bulk", "embed", str(source), "--out", str(out), "--workers", "1", tiny=tiny) == 0
-    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out
+    assert run(config, "bulk", "embed", str(source), "--out", out.as_uri(), "--workers", "1", tiny=tiny) == 0
+    assert f"embedded {len(files) + 2} files" in capsys.readouterr().out  # to a URI: on its own file system
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["backbone"], manifest["dim"], manifest["rows"]) == (TINY_ID, TINY_DIM, len(files) + 2)
+    assert sorted(manifest["parts"]) == sorted(p.name for p in out.iterdir() if p.suffix == ".parquet"), \
+        "every part moved in, nothing left aside"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
     table = pq.read_table(out)
     assert table.schema == schema(TINY_DIM) and tuple(table.column_names) == COLUMNS
     rows = {Path(row["path"]).relative_to(source).as_posix(): row for row in table.to_pylist()}
@@ -87,6 +98,9 @@ def test_embed_gives_the_daemons_vectors_and_an_import_saves_every_forward_pass(
         row = rows[rel]
         assert (row["sha256"], row["backbone"], row["label"], row["error"]) == (
             hashlib.sha256(data).hexdigest(), TINY_ID, rel.split("/")[0], None), rel
+
+    assert run(config, "bulk", "embed", str(source), "--out", str(out), tiny=tiny) == 65  # before any Ray work
+    assert f"{out}: holds a finished `bulk embed` output already" in capsys.readouterr().err
 
     assert run(config, "import", str(out), tiny=tiny) == 0
     assert f"imported {len(files)}, skipped 2 " in capsys.readouterr().out
@@ -118,6 +132,7 @@ def test_import_refuses_another_backbone_in_one_line(tmp_path: Path, tiny: TinyB
                                       pa.array([None], pa.string()), pa.array([None], pa.string())],
                                      schema=schema(dim))
         pq.write_table(table, folder / f"{name}.parquet")
+    Manifest(TINY_ID, TINY_DIM, {"short.parquet": 1, "other.parquet": 1}).write(pafs.LocalFileSystem(), str(folder))
 
     assert run(config, "import", str(folder), tiny=tiny) == 65
     captured = capsys.readouterr()
@@ -127,6 +142,60 @@ def test_import_refuses_another_backbone_in_one_line(tmp_path: Path, tiny: TinyB
            f"{TINY_ID}; refused 1 rows" in lines[0]
     assert f"short.parquet: vectors of 8 floats, but the configured backbone {TINY_ID} makes 16" in lines[1]
     assert "imported 0, skipped 0 (stored already or error rows), refused 2" in captured.out
+
+
+class CrashingTiny(TinyBackbonePlugin):
+    """The tiny backbone, failing the batch that holds an all-white image once a part of the job's output is on
+    disk: a backfill that dies half-way (a worker killed, a node lost) after writing some of its Parquet."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**super().__getstate__(), "out": self.out}
+
+    @hookimpl
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        made = super().retraind_make_backbone(config, cache_dir)
+        if made is None:
+            return None
+        out = self.out
+
+        class Crashing:
+            id, input_size, dim = made.id, made.input_size, made.dim
+
+            def embed(self, images: np.ndarray) -> np.ndarray:
+                if (images == 255).all(axis=(1, 2, 3)).any():
+                    wait_for(lambda: any(out.rglob("*.parquet")), timeout=60, what="a part written before the crash")
+                    raise RuntimeError("the worker died half-way")
+                return made.embed(images)  # type: ignore[union-attr]
+
+        return Crashing()  # type: ignore[return-value]
+
+
+def test_a_crashed_embed_leaves_no_output_that_import_takes(
+        tmp_path: Path, ray_local: None, tiny: TinyBackbonePlugin, capsys: pytest.CaptureFixture[str]) -> None:
+    source, out = tmp_path / "archive", tmp_path / "parquet"
+    archive(source)
+    (source / "zzz").mkdir()
+    Image.new("RGB", (40, 40), "white").save(source / "zzz" / "white.png")  # the last batch: the crash
+    config = write_config(tmp_path, backbone={"batch_size": 2})
+
+    with pytest.raises(Exception, match="the worker died half-way"):
+        main(["--config", str(config), "bulk", "embed", str(source), "--out", str(out), "--workers", "1"],
+             plugins=[CrashingTiny(out)])
+    assert any(out.rglob("*.parquet")), "the crash came after some parts were written"
+    assert not (out / MANIFEST).exists() and not list(out.glob("*.parquet")), "parts stay aside until the end"
+
+    assert run(config, "import", str(out), tiny=tiny) == 65
+    captured = capsys.readouterr()
+    assert f"retraind: {out}: no {MANIFEST}, so `retraind bulk embed` did not finish writing here (it crashed, " \
+           "or is still running); refused" in captured.err.splitlines()
+    assert re.search(rf"retraind: {re.escape(str(out))}/\.retraind-tmp-\w+: \d+ Parquet files that no {MANIFEST} "
+                     r"lists \(an unfinished run's\); ignored", captured.err), captured.err
+    assert "0 Parquet files: imported 0, skipped 0" in captured.out
+    assert tiny.images_embedded == 0
 
 
 def test_classify_writes_the_daemons_records_and_leaves_files_in_place(
@@ -185,3 +254,16 @@ def test_sources_by_uri_are_listed_labelled_and_read_like_folders(tmp_path: Path
         small.read(listed[0].root, listed[0].path, listed[0].shown, listed[0].size)
     with pytest.raises(SourceError, match="no such file or folder"):
         list_sources([str(tmp_path / "missing")], lambda rel: True)
+
+
+def test_the_last_line_says_what_starting_and_stopping_ray_cost() -> None:
+    from daemon.bulk import BulkRun, RayTimes
+    from daemon.bulk_cli import _summary
+
+    own = BulkRun(10, {"corrupt": 2, "empty": 1}, 12.0, 2, RayTimes(start=3.0, stop=1.5))
+    assert _summary("embedded", own, "/out") == (
+        "embedded 10 files in 12.0 s (0.8 files/s, 2 workers, Ray's start 3.0 s and stop 1.5 s included); "
+        "errors: 2 corrupt, 1 empty; wrote /out")
+    joined = BulkRun(10, {}, 2.0, 1, RayTimes())  # a Ray started already: nothing of it to count
+    assert _summary("embedded", joined, "/out") == "embedded 10 files in 2.0 s (5.0 files/s, 1 workers); " \
+        "errors: none; wrote /out"

@@ -319,6 +319,8 @@ def test_dashboard_structure() -> None:
         "HTTP in flight and batch queue",
         "Mean inference batch size",
         "Internal errors by place",
+        "Publish latency by repository",
+        "Publish failures and versions behind by repository",
     } <= titles
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
@@ -335,6 +337,47 @@ def test_dashboard_latency_uses_histogram_quantile() -> None:
     assert "histogram_quantile(0.95" in expr
     assert "retraind_classification_duration_seconds_bucket" in expr
     assert re.search(r"by \([^)]*\ble\b[^)]*\bstage\b|by \([^)]*\bstage\b[^)]*\ble\b", expr)
+
+
+def panel_exprs(title: str) -> dict[str, str]:
+    """refId → the panel's PromQL, with Grafana's variables as a 5-minute rate interval and every instance."""
+    (panel,) = [p for p in dashboard()["panels"] if p["title"] == title]
+    return {t["refId"]: t["expr"].replace("$__rate_interval", "5m").replace("$instance", ".*")
+            for t in panel["targets"]}
+
+
+def test_dashboard_publish_panels_compute_latency_failures_and_lag(tmp_path: Path) -> None:
+    """promtool evaluates the publish panels on series the daemon would export: a Triton publish that took 4 s
+    (p95 interpolated in its (2.5, 5] bucket, mean 4 s), a failed TF Serving export, and a Triton repository
+    one version behind the served model."""
+    latency = panel_exprs("Publish latency by repository")
+    behind = panel_exprs("Publish failures and versions behind by repository")
+    where = 'instance="a:9400", job="retraind"'
+    triton = f'{where}, repository="triton"'
+    series = [{"series": f"retraind_publish_duration_seconds_bucket{{{triton}, le=\"{le}\"}}", "values": values}
+              for le, values in (("2.5", "0x30"), ("5", "0x9 1x20"), ("10", "0x9 1x20"), ("+Inf", "0x9 1x20"))]
+    series += [
+        {"series": f"retraind_publish_duration_seconds_sum{{{triton}}}", "values": "0x9 4x20"},
+        {"series": f"retraind_publish_duration_seconds_count{{{triton}}}", "values": "0x9 1x20"},
+        {"series": f'retraind_publish_failures_total{{{where}, repository="tf_serving"}}', "values": "0x9 1x20"},
+        {"series": f"retraind_model_version{{{where}}}", "values": "3x30"},
+        {"series": f"retraind_published_model_version{{{triton}}}", "values": "2x30"},
+        {"series": f'retraind_published_model_version{{{where}, repository="tf_serving"}}', "values": "3x30"},
+    ]
+    at = "12m"
+    cases = [
+        {"expr": latency["A"], "eval_time": at, "exp_samples": [{"labels": '{repository="triton"}', "value": 4.875}]},
+        {"expr": latency["B"], "eval_time": at, "exp_samples": [{"labels": '{repository="triton"}', "value": 4}]},
+        {"expr": behind["A"], "eval_time": at, "exp_samples": [{"labels": '{repository="tf_serving"}', "value": 1}]},
+        {"expr": behind["B"], "eval_time": at, "exp_samples": [
+            {"labels": '{instance="a:9400", repository="tf_serving"}', "value": 0},
+            {"labels": '{instance="a:9400", repository="triton"}', "value": 1}]},
+    ]
+    tests = {"rule_files": [], "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}]}
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = run_promtool("test", "rules", "tests.yml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(("where", "expr"), dashboard_exprs(), ids=[w for w, _ in dashboard_exprs()])

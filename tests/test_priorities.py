@@ -17,7 +17,10 @@ from daemon.app import App
 from daemon.backbone import Backbone
 from daemon.config import BackboneConfig
 from daemon.events import EventKind, FileEvent
+from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
+from daemon.metrics import Metrics
+from daemon.store import Store
 from tests.conftest import make_config, seed_classes, wait_for, write_image
 from tests.tiny_backbone import TinyBackbonePlugin
 
@@ -199,3 +202,37 @@ def test_the_inbox_goes_before_a_flood_of_training_events(tmp_path: Path) -> Non
         wait_for(lambda: result_of(data, "query.jpg"), what="the inbox file's result")
         assert slow.seen - before < flood, "the inbox file waited for every training event"
         wait_for(lambda: f"blue/flood-{flood - 1}.jpg" in app.store.catalog(), what="the flood cached")
+
+
+class OneImagePerPass:
+    """An engine that runs one image per pass (as the TFLite engine does), 10 ms each, noting which images ran:
+    the first pixel tells a background image (0) from an urgent one (1)."""
+
+    id, input_size, dim = "one-per-pass/v1", (8, 8), 4
+    one_image_per_pass = True
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        for image in images:
+            time.sleep(0.01)
+            self.ran.append(int(image[0, 0, 0]))
+        return np.zeros((len(images), self.dim), dtype=np.float32)
+
+
+def test_an_urgent_image_waits_for_a_piece_of_a_background_batch_not_all_of_it(tmp_path: Path) -> None:
+    """On an engine without batch gains, a background batch of 32 takes the engine 4 images at a time: an inbox
+    image asked for while it runs goes after at most one piece."""
+    engine = OneImagePerPass()
+    store = Store(tmp_path / "store.sqlite")
+    extractor = Extractor(engine, lambda data, size, max_pixels: None, store, Metrics(), 10**8, batch_size=32)
+    background = threading.Thread(target=extractor.embed, args=(np.zeros((32, 8, 8, 3), dtype=np.uint8),))
+    background.start()
+    wait_for(lambda: len(engine.ran) >= 2, what="the background batch under way")
+    asked_at = len(engine.ran)
+    extractor.embed(np.ones((1, 8, 8, 3), dtype=np.uint8), urgent=True)
+    background.join()
+    store.close()
+    assert engine.ran.count(0) == 32
+    assert engine.ran.index(1) - asked_at <= 4, f"the urgent image waited for {engine.ran.index(1) - asked_at} images"

@@ -6,6 +6,8 @@ and never holds up promotion; only `training.keep_versions` versions stay."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -41,7 +43,9 @@ def published(root: Path, number: int) -> bool:
         (root / "triton" / "retraind" / str(number) / "model.savedmodel" / "saved_model.pb").is_file()
 
 
-def test_every_promotion_is_published_to_tf_serving_and_triton(tmp_path: Path, run_app: Any) -> None:
+def test_every_promotion_is_published_to_tf_serving_and_triton(tmp_path: Path, run_app: Any,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="daemon")
     seed_classes(tmp_path)
     files = {f"{colour}.png": image_bytes(colour, 300 + i, "PNG") for i, colour in enumerate(("red", "blue"))}
     for name, data in files.items():
@@ -57,6 +61,13 @@ def test_every_promotion_is_published_to_tf_serving_and_triton(tmp_path: Path, r
             assert app.metrics.registry.get_sample_value(
                 "retraind_published_model_version", {"repository": repository}) == version.number
     tf_version = tmp_path / "tf" / "retraind" / "1"
+    lines = [r.getMessage() for r in caplog.records if r.name in ("daemon.publish", "daemon.trainer")]
+    assert any(re.fullmatch(rf"model 1 published to tf_serving \({re.escape(str(tf_version))}\) and triton "
+                            rf"\({re.escape(str(tmp_path / 'triton' / 'retraind' / '1'))}\), \d+\.\d s after its "
+                            r"promotion", line) for line in lines), lines
+    promoted = next(line for line in lines if line.startswith("model 1 published: "))
+    assert re.search(r"accuracy train \d\.\d{3}, validation \d\.\d{3}", promoted), promoted
+    assert not any(c in line for line in lines for c in "{}[]"), "a raw dict or list in a log line"
     assert sorted(p.name for p in (tmp_path / "tf" / "retraind").iterdir()) == ["1"], "no temporary folders left"
     assert (tf_version / "assets" / "labels.txt").read_text().splitlines() == list(version.labels)
 
