@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.batcher import Batcher, BatcherStopped, EmbedParts, QueueFull
+from daemon.batcher import ANSWER_GROUP_IMAGES, Batcher, BatcherStopped, EmbedParts, QueueFull
 from daemon.config import BatchingConfig
 from daemon.metrics import Metrics
 from tests.conftest import image_bytes, seed_classes, wait_for, write_image
@@ -104,7 +104,7 @@ class SteppedEngine:
 @pytest.fixture
 def stepped() -> Iterator[tuple[SteppedEngine, Batcher, Metrics]]:
     engine, metrics = SteppedEngine(), Metrics()
-    batcher = Batcher(in_one_turn(engine), BatchingConfig(max_batch_size=8, batch_timeout_micros=0), metrics,
+    batcher = Batcher(in_one_turn(engine), BatchingConfig(max_batch_size=32, batch_timeout_micros=0), metrics,
                       gains_from_batches=False)
     batcher.start()
     yield engine, batcher, metrics
@@ -112,23 +112,26 @@ def stepped() -> Iterator[tuple[SteppedEngine, Batcher, Metrics]]:
     batcher.stop()
 
 
-def test_each_request_is_answered_as_soon_as_its_images_are_through(stepped: Any) -> None:
+def test_requests_are_answered_group_by_group_within_a_batch(stepped: Any) -> None:
     """Kind: for an engine that runs one image per pass, a batch made its first request wait for its last
-    (with 64 clients, a quarter of p99). The batch still takes one engine turn and counts as one batch."""
+    (with 64 clients, a 32-image batch is ~190 ms). Requests are answered in groups of ANSWER_GROUP_IMAGES;
+    the batch still takes one engine turn and counts as one batch."""
+    assert ANSWER_GROUP_IMAGES == 8
     engine, batcher, metrics = stepped
     (first,) = batcher.submit(images(1))
     wait_for(lambda: batcher._queued == 0, what="the first batch to start")
-    pair, single = batcher.submit(images(2, 3))[0], batcher.submit(images(4))[0]
+    five, three, two = (batcher.submit(images(*values))[0] for values in ((2, 3, 4, 5, 6), (7, 8, 9), (10, 11)))
     engine.steps.release()
     assert first.result(5).tolist() == [[1.0]]
     engine.steps.release()
-    assert pair.result(5).tolist() == [[2.0], [3.0]]
-    assert not single.done()  # its pass has not run yet: the pair was answered without waiting for it
+    assert five.result(5).ravel().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert three.result(5).ravel().tolist() == [7.0, 8.0, 9.0]
+    assert not two.done()  # its group has not run: the first group was answered without waiting for it
     engine.steps.release()
-    assert single.result(5).tolist() == [[4.0]]
-    assert engine.sizes == [1, 2, 1]
+    assert two.result(5).ravel().tolist() == [10.0, 11.0]
+    assert engine.sizes == [1, 8, 2]
     assert metrics.registry.get_sample_value("retraind_batch_size_count") == 2
-    assert metrics.registry.get_sample_value("retraind_batch_size_sum") == 4
+    assert metrics.registry.get_sample_value("retraind_batch_size_sum") == 11
 
 
 def test_a_request_given_up_is_not_run_and_stops_nothing(stepped: Any) -> None:
@@ -139,18 +142,18 @@ def test_a_request_given_up_is_not_run_and_stops_nothing(stepped: Any) -> None:
     wait_for(lambda: batcher._queued == 0, what="the first batch to start")
     kept, dropped, last = (batcher.submit(images(v))[0] for v in (2, 3, 4))
     assert dropped.cancel()
-    engine.steps.release(3)
+    engine.steps.release(2)
     assert [f.result(5).tolist() for f in (first, kept, last)] == [[[1.0]], [[2.0]], [[4.0]]]
-    assert engine.sizes == [1, 1, 1]  # the dropped image never reached the engine
+    assert engine.sizes == [1, 2]  # the dropped image never reached the engine
 
 
-def test_a_failed_pass_fails_its_request_and_those_after_it(stepped: Any) -> None:
+def test_a_failed_pass_fails_its_group_and_those_after_it(stepped: Any) -> None:
     engine, batcher, _ = stepped
     batcher.submit(images(1))
     wait_for(lambda: batcher._queued == 0, what="the first batch to start")
-    done, failed, after = (batcher.submit(images(v))[0] for v in (2, 99, 3))
+    done, failed, after = (batcher.submit(images(*values))[0] for values in ([2] * 8, [99], [3]))
     engine.steps.release(3)
-    assert done.result(5).tolist() == [[2.0]]
+    assert done.result(5).ravel().tolist() == [2.0] * 8
     for future in (failed, after):
         with pytest.raises(RuntimeError, match="the engine failed"):
             future.result(5)
