@@ -98,7 +98,9 @@ def test_predict_answers_as_the_exported_savedmodel(served: App, tmp_path: Path)
 
 
 @pytest.mark.parametrize(("body", "content_type", "status", "words"), [
-    (b'[{"b64": "AAAA"}]', "application/json", 400, "not an object"),
+    (b'[{"b64": "AAAA"}]', "application/json", 400, "the JSON body is an array, not an object"),
+    (b"null", "application/json", 400, "the JSON body is null, not an object"),
+    (b'{"instances": {"b64": "AAAA"}}', "application/json", 400, "instances is an object, not a list"),
     (b"--xyz\r\nContent-Disposition: form-data; name=file\r\n\r\nabc\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz",
      400, "multipart"),
     (b'{"inputs": {"pixels": [{"b64": "AAAA"}]}}', "application/json", 400, "the only input is 'image_bytes'"),
@@ -108,7 +110,7 @@ def test_predict_answers_as_the_exported_savedmodel(served: App, tmp_path: Path)
      'signature name: "regress" not found'),
     (b'{"examples": [{"image_bytes": {"b64": "AAAA"}}]}', "application/json", 400, "examples go to :classify"),
     (b'{"instances": [{"b64": "AAAA"}]}', "application/json", 422, "not a usable image"),
-], ids=["bare-list", "multipart", "unknown-input", "two-formats", "numbers", "unknown-signature",
+], ids=["bare-list", "null", "instances-object", "multipart", "unknown-input", "two-formats", "numbers", "unknown-signature",
         "examples-to-predict", "not-an-image"])
 def test_wrong_shapes_name_the_accepted_ones(served: App, body: bytes, content_type: str, status: int,
                                              words: str) -> None:

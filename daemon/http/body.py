@@ -75,6 +75,14 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"not valid JSON: {exc}") from exc
 
 
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words for an error message: `null`, `an object`, `an array`."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = {dict: "an object", list: "an array", str: "a string"}
+    return next((kind for cls, kind in kinds.items() if isinstance(value, cls)), "a number")
+
+
 async def read_parsed(request: Request, parse: Callable[[bytes], T]) -> T:
     """The body, read within the limits, then `parse`d: on the event loop when small, on the decoding pool
     when large (a 16 MiB JSON document takes about 0.1 s to parse, which would stall every other request)."""

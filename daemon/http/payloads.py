@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from daemon.http.body import parse_json
+from daemon.http.body import json_kind, parse_json
 from daemon.http.errors import ApiError
 
 INPUT = "image_bytes"
@@ -61,7 +61,7 @@ def _values(document: dict[str, Any]) -> tuple[str, list[Any]]:
     if key == "inputs" and isinstance(values, dict | str):
         values = [values]
     if not isinstance(values, list):
-        raise _shape_error(f"{key} is a {type(values).__name__}, not a list")
+        raise _shape_error(f"{key} is {json_kind(values)}, not a list")
     return key, values
 
 
@@ -76,7 +76,7 @@ def parse(body: bytes, content_type: str) -> Request:
         return Request([body], None, None)  # an image: no image format starts with { or [
     document = parse_json(body)
     if not isinstance(document, dict):
-        raise _shape_error(f"the JSON body is a {type(document).__name__}, not an object")
+        raise _shape_error(f"the JSON body is {json_kind(document)}, not an object")
     key, values = _values(document)
     signature = document.get("signature_name")
     if signature is not None and not isinstance(signature, str):
