@@ -60,6 +60,7 @@ class TrainingIndexer:
         self._metrics = metrics
         self._max_bytes = max_bytes
         self._on_change = on_change
+        self._outside: dict[Path, tuple[int, int, int, int]] = {}  # warned about, with their signatures
 
     @property
     def backbone_id(self) -> str:
@@ -72,6 +73,7 @@ class TrainingIndexer:
 
     def forget(self, path: Path) -> None:
         """A file or folder left `classes/`: drop it and everything below it from the catalog."""
+        self._outside.pop(path, None)
         rel = path.relative_to(self.root).as_posix()
         if path != self.root and _storable(rel) and self._store.remove_files(rel):
             self._on_change()
@@ -114,11 +116,8 @@ class TrainingIndexer:
     def _plan(self, path: Path, chunk: Indexing) -> _Planned | None:
         """The file to read, or None when there is nothing to do (or only a catalog row, added to `chunk`)."""
         rel = self.relative(path)
-        if rel is None and path.is_dir():
-            log.warning("%s", folder_link_message(path))
-            return None
         if rel is None:
-            log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
+            self._outside_label_folders(path)
             return None
         if not _storable(rel):
             log.warning("%s: skipped for training: its name is not valid UTF-8; rename it", path)
@@ -137,6 +136,21 @@ class TrainingIndexer:
         if known and known.signature == file_signature(st) and (has_vector or not known.ok):
             return None
         return _Planned(path, rel, label, st, known, has_vector)
+
+    def _outside_label_folders(self, path: Path) -> None:
+        """Warn about a file no label folder holds (or a link to a folder there), once until it changes: it
+        has no catalog row, so every periodic rescan finds it again."""
+        try:
+            signature = file_signature(os.lstat(path))
+        except OSError:
+            return
+        if self._outside.get(path) == signature:
+            return
+        self._outside[path] = signature
+        if path.is_dir():
+            log.warning("%s", folder_link_message(path))
+        else:
+            log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
 
     def _skipped(self, entry: CatalogEntry, problem: ImageRejected) -> bool:
         """Log and count an unusable file; True if its catalog entry was usable until now."""

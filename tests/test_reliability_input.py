@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -282,3 +283,27 @@ def test_links_to_folders_are_named_as_such_and_their_images_stay(
     assert f"{data / 'classes' / 'red' / 'more'}: skipped for training: {data / 'classes' / 'red' / 'more'} is a " \
         f"link to the folder {photos}; {hint}" in messages
     assert not any("not inside a label folder" in m or "not a regular file" in m for m in messages)
+
+
+def test_a_file_outside_the_label_folders_is_warned_about_once(
+    tmp_path: Path, run_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KIND: a file that no label folder holds (an image dropped into `classes/` itself, a link to a folder
+    there) is in no catalog, so every periodic rescan found it again and warned again: one line per such file
+    every `watch.rescan_interval_seconds`, for ever. INPUT: both, with rescans every 0.3 s; one warning each,
+    and one more only when the file changes."""
+    data = tmp_path / "data"
+    seed_three(data)
+    loose = data / "classes" / "loose.jpg"
+    loose.write_bytes(encoded(pixels("red", 60), "JPEG"))
+    os.symlink(data / "inbox", data / "classes" / "linked")
+    with caplog.at_level(logging.WARNING, logger="daemon.indexer"), \
+            run_app(watch={"rescan_interval_seconds": 0.3}) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        time.sleep(2.0)  # about six rescans
+        warned = [r.getMessage() for r in caplog.records]
+        assert warned.count(f"{loose}: not inside a label folder (classes/<label>/...); ignored") == 1, warned
+        assert sum("classes/linked is a link to the folder" in m for m in warned) == 1, warned
+        loose.write_bytes(encoded(pixels("red", 61), "JPEG"))  # changed: worth one more line
+        wait_for(lambda: sum("loose.jpg: not inside" in r.getMessage() for r in caplog.records) == 2,
+                 what="a second warning for the changed file")
