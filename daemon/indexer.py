@@ -18,6 +18,14 @@ from daemon.store import CatalogEntry, Store, file_signature
 log = logging.getLogger(__name__)
 
 
+def label_problem(label: str) -> str | None:
+    """Why `label` (a folder name under `classes/`) cannot name a class, or None: a control character
+    (a line break would split it in two in `labels.txt`, one label per line, and shift every label after it)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in label):
+        return "has a control character"
+    return None
+
+
 def _storable(rel: str) -> bool:
     """A name with bytes that are not UTF-8 (surrogate escapes) cannot be a label or a catalog key."""
     try:
@@ -124,6 +132,12 @@ class TrainingIndexer:
             self._metrics.rejected.labels(reason="unsupported").inc()
             return None
         label = rel.split("/", 1)[0]
+        problem = label_problem(label)
+        if problem is not None:
+            log.warning("%s: skipped for training: the label folder name %r %s; rename the folder", path, label,
+                        problem)
+            self._metrics.rejected.labels(reason="unsupported").inc()
+            return None
         known = self._store.catalog_entry(rel)
         try:
             st = os.stat(path)

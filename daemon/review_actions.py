@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.atomic import free_name, move_atomic, write_atomic
+from daemon.indexer import label_problem
 from daemon.metrics import Metrics
 from daemon.store import ReviewActionRow, Store
 
@@ -69,11 +70,15 @@ class Plan:
 
 def check_label(label: object) -> str:
     """A label is a folder name under `classes/`: non-empty text, no path separator, not hidden (a leading dot:
-    hidden and tool folders are never labels), no surrounding blanks, at most 255 bytes. Raises ActionRefused."""
+    hidden and tool folders are never labels), no surrounding blanks, no control character (`label_problem`), at
+    most 255 bytes. Raises ActionRefused."""
     if not isinstance(label, str) or not label or label != label.strip():
         raise ActionRefused("label: give a non-empty name without leading or trailing blanks")
     if "/" in label or "\\" in label or "\0" in label or label.startswith("."):
         raise ActionRefused(f"label {label!r}: a label is one folder name: no '/', '\\\\' or leading '.'")
+    problem = label_problem(label)
+    if problem is not None:
+        raise ActionRefused(f"label {label!r} {problem}")
     if len(os.fsencode(label)) > _MAX_NAME_BYTES:
         raise ActionRefused(f"label: at most {_MAX_NAME_BYTES} bytes")
     return label

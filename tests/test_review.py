@@ -92,7 +92,7 @@ def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
         write_image(app.config.folder("inbox") / "x.jpg", "red", 11)
         (group,) = in_review(app, 1)["groups"]
         item = group[0]["id"]
-        for label in ("../etc", ".hidden", "", " padded", "a/b", 7):
+        for label in ("../etc", ".hidden", "", " padded", "a/b", 7, "two\nlines", "tab\there", "esc\x1b[2J"):
             assert_error(post(app, f"/v1/review/{item}:label", {"label": label}), 400, "label")
         assert_error(post(app, "/v1/review/0123456789abcdef:label", {"label": "red"}), 404, "no such item")
         assert_error(call(app, "POST", f"/v1/review/{item}:label", b'{"label": "red"}',
