@@ -190,7 +190,7 @@ class App:
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
-            log.error("the published model cannot be loaded (%s); a new one will be trained", exc)
+            log.error("the published model %s; a new one will be trained", exc)
             self.metrics.internal_error("model_load")
             version = None
         if version is not None and version.backbone == self.backbone.id:

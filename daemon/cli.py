@@ -23,6 +23,7 @@ from daemon.export import ExportError
 from daemon.instance_lock import EX_TEMPFAIL, AlreadyRunning
 from daemon.logs import foreign_output_as_debug, quiet_tensorflow
 from daemon.oneshot import NoModel
+from daemon.registry import ModelUnreadable
 from daemon.status import DaemonUnavailable
 
 EX_UNAVAILABLE = 69
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
         return EX_TEMPFAIL
     except (NoModel, ExportError) as exc:
         print(f"retraind: {exc}", file=sys.stderr)
+        return 1
+    except ModelUnreadable as exc:
+        print(f"retraind: the published model {exc}", file=sys.stderr)
         return 1
     except DaemonUnavailable as exc:
         print(f"retraind: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ class Head:
 
     @classmethod
     def load(cls, path: Path) -> Head:
-        with np.load(path) as data:
+        with path.open("rb") as file, np.load(file) as data:  # numpy's own open leaks on a damaged file
             return cls(weights=data["weights"].astype(np.float32), bias=data["bias"].astype(np.float32))
 
 

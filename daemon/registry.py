@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ class ModelVersion:
     trust: Trust | None = None
 
 
+class ModelUnreadable(ValueError):
+    """A published version whose files cannot be read back (missing, damaged, or labels out of step with the
+    head); the message names its folder."""
+
+
 class ModelRegistry:
     def __init__(self, root: Path, keep: int) -> None:
         self.root = root
@@ -54,13 +60,19 @@ class ModelRegistry:
         return version_numbers(self.root)
 
     def load(self, number: int) -> ModelVersion:
+        """Version `number` read back; `ModelUnreadable` when its files are missing, damaged or out of step."""
         directory = self.root / str(number)
-        labels = tuple((directory / LABELS_FILE).read_text(encoding="utf-8").splitlines())
-        metrics = json.loads((directory / METRICS_FILE).read_text(encoding="utf-8"))
-        head = Head.load(directory / HEAD_FILE)
+        try:
+            labels = tuple((directory / LABELS_FILE).read_text(encoding="utf-8").splitlines())
+            metrics = json.loads((directory / METRICS_FILE).read_text(encoding="utf-8"))
+            head = Head.load(directory / HEAD_FILE)
+            backbone = str(metrics["backbone"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelUnreadable(f"{directory} cannot be loaded: {type(exc).__name__}: {exc}") from exc
         if head.weights.shape[1] != len(labels):
-            raise ValueError(f"{directory}: head has {head.weights.shape[1]} outputs for {len(labels)} labels")
-        return ModelVersion(number, directory, labels, str(metrics["backbone"]), head, metrics)
+            raise ModelUnreadable(f"{directory} cannot be loaded: the head has {head.weights.shape[1]} outputs "
+                                  f"for {len(labels)} lines of {LABELS_FILE}")
+        return ModelVersion(number, directory, labels, backbone, head, metrics)
 
     def current(self) -> ModelVersion | None:
         """The version `CURRENT` points to, or None when there is none yet."""

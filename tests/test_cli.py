@@ -98,6 +98,29 @@ def test_without_a_model_or_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no daemon answers at http://127.0.0.1:0" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("damage", ["labels", "head", "metrics"])
+def test_a_model_that_cannot_be_loaded_is_one_line(trained: Path, tmp_path: Path, damage: str, run_app: Any,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: the published version cannot be read back (its files damaged or out of step: a `labels.txt` with
+    a line more than the head has outputs, a truncated `head.npz`, a `metrics.json` cut short). The daemon
+    logs it and trains anew; the commands that read the model printed a traceback. INPUT: each damage, then
+    `classify`, `report` and `status`: one line naming the version folder and the problem, exit status 1."""
+    folder = tmp_path / "data" / "state" / "models" / "1"
+    target = {"labels": folder / "labels.txt", "head": folder / "head.npz", "metrics": folder / "metrics.json"}
+    if damage == "labels":
+        target[damage].write_text(target[damage].read_text() + "extra\n")
+    else:
+        target[damage].write_bytes(target[damage].read_bytes()[:40])
+    image = write_image(tmp_path / "x.jpg", "red", seed=5)
+    for command in (["classify", str(image)], ["report"], ["status"]):
+        assert run(trained, *command) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"retraind: the published model {folder} cannot be loaded: "), err
+        assert err.count("\n") == 1, err
+    with run_app() as app:  # the daemon logs it and trains a new version (a truncated head.npz stopped it)
+        assert wait_for(lambda: app.serving.version, what="a new model").number == 2
+
+
 def test_config_error_is_one_line_and_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("classify:\n  top_k: many\n")
