@@ -68,7 +68,7 @@ class TrainingIndexer:
         self._metrics = metrics
         self._max_bytes = max_bytes
         self._on_change = on_change
-        self._outside: dict[Path, tuple[int, int, int, int]] = {}  # warned about, with their signatures
+        self._outside: dict[Path, tuple[int, int, int, int]] = {}  # warned about (`_warn_once`), as they were
 
     @property
     def backbone_id(self) -> str:
@@ -125,18 +125,17 @@ class TrainingIndexer:
         """The file to read, or None when there is nothing to do (or only a catalog row, added to `chunk`)."""
         rel = self.relative(path)
         if rel is None:
-            self._outside_label_folders(path)
+            self._warn_once(path, folder_link_message(path) if path.is_dir() else
+                            f"{path}: not inside a label folder (classes/<label>/...); ignored", counted=False)
             return None
         if not _storable(rel):
-            log.warning("%s: skipped for training: its name is not valid UTF-8; rename it", path)
-            self._metrics.rejected.labels(reason="unsupported").inc()
+            self._warn_once(path, f"{path}: skipped for training: its name is not valid UTF-8; rename it")
             return None
         label = rel.split("/", 1)[0]
         problem = label_problem(label)
         if problem is not None:
-            log.warning("%s: skipped for training: the label folder name %r %s; rename the folder", path, label,
-                        problem)
-            self._metrics.rejected.labels(reason="unsupported").inc()
+            self._warn_once(path, f"{path}: skipped for training: the label folder name {label!r} {problem}; "
+                            "rename the folder")
             return None
         known = self._store.catalog_entry(rel)
         try:
@@ -151,9 +150,10 @@ class TrainingIndexer:
             return None
         return _Planned(path, rel, label, st, known, has_vector)
 
-    def _outside_label_folders(self, path: Path) -> None:
-        """Warn about a file no label folder holds (or a link to a folder there), once until it changes: it
-        has no catalog row, so every periodic rescan finds it again."""
+    def _warn_once(self, path: Path, message: str, counted: bool = True) -> None:
+        """Warn about a file that gets no catalog row (outside the label folders, a link to a folder there,
+        an unusable name), once until it changes: every periodic rescan finds it again. `counted`: also in
+        `retraind_rejected_files_total{reason="unsupported"}`."""
         try:
             signature = file_signature(os.lstat(path))
         except OSError:
@@ -161,10 +161,9 @@ class TrainingIndexer:
         if self._outside.get(path) == signature:
             return
         self._outside[path] = signature
-        if path.is_dir():
-            log.warning("%s", folder_link_message(path))
-        else:
-            log.warning("%s: not inside a label folder (classes/<label>/...); ignored", path)
+        log.warning("%s", message)
+        if counted:
+            self._metrics.rejected.labels(reason="unsupported").inc()
 
     def _skipped(self, entry: CatalogEntry, problem: ImageRejected) -> bool:
         """Log and count an unusable file; True if its catalog entry was usable until now."""

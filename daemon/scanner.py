@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from daemon.events import EventKind, FileEvent
+from daemon.indexer import label_problem
 from daemon.store import Store, file_signature
 
 
@@ -30,12 +31,16 @@ def walk_files(root: Path, ignored: Callable[[str], bool] = _nothing) -> Iterato
 
 def scan_classes(root: Path, store: Store, backbone: str, ignored: Callable[[str], bool]) -> Iterator[FileEvent]:
     """Files whose size, mtime, ctime or inode differ from the catalog (`file_signature`) or that lack a vector
-    for `backbone`, and catalog entries whose file is gone (or is now `ignored`). One stat per file. A
+    for `backbone`, and catalog entries whose file is gone (or is now `ignored`, or under a label folder whose
+    name `label_problem` refuses: a store from before that rule). One stat per file. A
     generator: the pipeline takes a slice of it per turn, so a scan of a large tree never holds up inbox files.
     The catalog is read once, as it was when the scan began."""
     known = store.catalog_signatures()
     for rel in store.paths_missing_bottleneck(backbone):
         known.pop(rel, None)
+    for rel in [rel for rel in known if label_problem(rel.split("/", 1)[0])]:  # stored before that rule
+        del known[rel]
+        yield FileEvent(EventKind.DELETED, root / rel)
     for path in walk_files(root, ignored):
         signature = known.pop(path.relative_to(root).as_posix(), None)
         try:

@@ -165,3 +165,23 @@ def test_a_label_folder_with_a_control_character_is_skipped(tmp_path: Path, run_
         "character; rename the folder" in warned
     with run_app() as app:
         assert app.serving.version is not None and app.serving.version.labels == ("blue", "red")
+
+
+def test_a_store_from_before_the_control_character_rule_is_mended(tmp_path: Path, run_app: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same kind in a store written before the rule: its catalog still lists the files of
+    `classes/two\nlines/` (unchanged, so no scan looked at them again), and every model kept the label. INPUT:
+    a first run without the rule (as the older version ran), then a run with it: the rows are dropped and
+    the next model has the other labels only."""
+    seed_classes(tmp_path)
+    odd = tmp_path / "data" / "classes" / "two\nlines"
+    for i in range(3):
+        write_image(odd / f"g{i}.jpg", "green", seed=710 + i)
+    with monkeypatch.context() as older:
+        older.setattr("daemon.indexer.label_problem", lambda label: None)
+        older.setattr("daemon.scanner.label_problem", lambda label: None)
+        with run_app() as app:
+            assert wait_for(lambda: app.serving.version, what="first model").labels == ("blue", "red", "two\nlines")
+    with run_app() as app:
+        wait_for(lambda: labels_become(app, ("blue", "red")), what="a model without the odd label")
+        assert not [rel for rel in app.store.catalog() if rel.startswith("two")]
