@@ -33,7 +33,7 @@ from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
 from daemon.store import JournalEntry
-from daemon.trust import judge
+from daemon.trust import Judgement, judge
 
 log = logging.getLogger(__name__)
 CLASSIFIED, REVIEW = OUTCOMES
@@ -108,18 +108,29 @@ class InboxProcessor:
             self._reject(path, unreadable, outcome)
         routed: list[tuple[ClassificationResult, float]] = []
         taken: set[Path] = set()  # destinations given in this batch, before any of its files is moved
+        usable = []
         for f in batch.files:
             problem = batch.extraction.rejected.get(str(f.path))
-            started = time.perf_counter()
-            result = None if problem else self._routed(f, batch.version, batch.extraction.vectors[f.sha256], taken)
             if problem is not None:
                 self._reject(f.path, problem, outcome)
-            elif result is None:
+            else:
+                usable.append(f)
+        started = time.perf_counter()
+        for f, judged in zip(usable, self._judged(batch.version, usable, batch.extraction)):
+            result = self._routed(f, batch.version, judged, taken)
+            if result is None:
                 outcome.retry.append(f.path)  # its folder cannot be made
             else:
                 routed.append((result, started))
         self._move_and_record(routed)
         return outcome
+
+    def _judged(self, version: ModelVersion, files: list[ImageFile], extraction: Extraction) -> list[Judgement]:
+        """The batch's scores in one product each (head, novelty): row by row cost 4-5 ms of CPU per image
+        beside the engine, batched a tenth of that."""
+        if not files:
+            return []
+        return judge(version, np.stack([extraction.vectors[f.sha256] for f in files]), self._config.classify)
 
     def _move_and_record(self, routed: list[tuple[ClassificationResult, float]]) -> None:
         """Journal the batch (one commit), move each file, run the sinks, close the entries (one commit). A
@@ -148,11 +159,10 @@ class InboxProcessor:
             assert result.destination is not None
             self._count(result, result.destination.parent, started)
 
-    def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray,
+    def _routed(self, f: ImageFile, version: ModelVersion, judged: Judgement,
                 taken: set[Path]) -> ClassificationResult | None:
         """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
         and counted) when that folder cannot be made."""
-        (judged,) = judge(version, vector[None, :], self._config.classify)
         result = ClassificationResult(
             id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=judged.top_k, model_version=version.number,
             backbone=version.backbone, time=_now(), review_reason=judged.review_reason, novelty=judged.novelty,
