@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.atomic import free_name, move_atomic, write_atomic
+from daemon.atomic import GroupCommit, free_name, move_atomic, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
 from daemon.extractor import Extraction, Extractor
@@ -133,16 +133,19 @@ class InboxProcessor:
         return judge(version, np.stack([extraction.vectors[f.sha256] for f in files]), self._config.classify)
 
     def _move_and_record(self, routed: list[tuple[ClassificationResult, float]]) -> None:
-        """Journal the batch (one commit), move each file, run the sinks, close the entries (one commit). A
-        file that cannot be moved stays in the inbox with its entry open: recovery retries the move."""
+        """Journal the batch (one commit), move each file, run the sinks, make the moves and records durable
+        in one pass, close the entries (one commit). A file that cannot be moved stays in the inbox with its
+        entry open: recovery retries the move."""
         if not routed:
             return
         entries = self._journal.begin([result for result, _ in routed])
         moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
+        group = GroupCommit()  # the moves' folders are made durable with the records, before the entries close
         for entry, (result, started) in zip(entries, routed):
             assert result.destination is not None
             try:
-                move_atomic(result.source, result.destination)
+                with group.deferring():
+                    move_atomic(result.source, result.destination)
             except OSError as exc:
                 log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
                           result.source, result.destination.parent, short(exc))
@@ -151,7 +154,7 @@ class InboxProcessor:
                 continue
             moved.append((entry, result, started))
         try:
-            self._journal.complete([(entry, result) for entry, result, _ in moved])
+            self._journal.complete([(entry, result) for entry, result, _ in moved], group)
         except Exception:
             self._journal.schedule_recovery()
             raise
