@@ -5,10 +5,13 @@ cluster per label, non-negative like pooled ReLU features) and their catalog row
 `Store.training_matrix` alone; a second, fresh subprocess builds a real App on that store (a stand-in
 backbone that is never run) and times one `Trainer.train_once()`: load, split, fit, evaluate, gate, publish.
 `train_publish` runs until the new version serves; `train_publish_pictures` also includes the plots drawn
-after it. Of `train_publish`, `fit` is the served head's fit (metrics.json `hyperparameters.fit_seconds`) and
-`trust_fit` the calibration, review and novelty thresholds (`trust.fit_seconds`: the out-of-fold heads and
-the novelty fits, daemon/trust.py). Peak memory is the growth of the process's maximum resident size during that call, set beside the
-raw float32 matrix (N × dim × 4 bytes).
+after it, and `cpu` the process's CPU seconds until the new version serves (the work, whatever the load). Of
+`train_publish`, `fit` is the served head's fit (metrics.json `hyperparameters.fit_seconds`) and `trust_fit`
+what the calibration, review and novelty thresholds add after it (`trust.fit_seconds`: the out-of-fold heads,
+the calibrator, and waiting for the novelty fits, which run beside the head's fit; daemon/trust.py);
+`trust_started` is the trust fit's wall time from its start, beside the head's fit, to its end
+(`trust.started_seconds`). Peak memory is the growth of the process's maximum resident size during that
+call, set beside the raw float32 matrix (N × dim × 4 bytes).
 
 Usage: python bench/retrain.py [--sizes 1000,10000,50000] [--dim 1280] [--labels 10]"""
 
@@ -48,11 +51,11 @@ class SyntheticBackbone:
 class SyntheticPlugin:
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self.published = 0.0
+        self.published = self.cpu = 0.0
 
     @hookimpl(tryfirst=True)
     def retraind_on_model_published(self, version: object) -> None:
-        self.published = time.perf_counter()  # serving from here on; pictures are drawn after
+        self.published, self.cpu = time.perf_counter(), time.process_time()  # serving from here on; pictures after
 
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> SyntheticBackbone | None:
@@ -109,7 +112,7 @@ def train(root: Path, dim: int, cache: Path) -> dict[str, Any]:
     plugin = SyntheticPlugin(dim)
     app = App(config, extra_plugins=(plugin,))
     before = reset_peak()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     version = app.trainer.train_once()
     seconds = time.perf_counter() - started
     growth = _status_bytes("VmHWM") - before
@@ -117,8 +120,8 @@ def train(root: Path, dim: int, cache: Path) -> dict[str, Any]:
     if version is None:
         sys.exit("the training run published nothing (see the log)")
     m = version.metrics
-    return {"seconds": plugin.published - started, "with_pictures_seconds": seconds, "peak_growth_bytes": growth, "fit_seconds": m["hyperparameters"].get("fit_seconds"),
-            "trust_seconds": m["trust"].get("fit_seconds"),
+    return {"seconds": plugin.published - started, "cpu_seconds": plugin.cpu - cpu, "with_pictures_seconds": seconds, "peak_growth_bytes": growth, "fit_seconds": m["hyperparameters"].get("fit_seconds"),
+            "trust_seconds": m["trust"].get("fit_seconds"), "trust_started_seconds": m["trust"].get("started_seconds"),
             "until_metrics_seconds": m["training_seconds"],
             "head_bytes": (version.directory / "head.npz").stat().st_size, "version": version.number,
             "validation_accuracy": m["accuracy"].get("validation")}
@@ -155,6 +158,9 @@ def main() -> None:
                      or float("nan")) / result["seconds"], vs=f"retrain.train_publish_{n}")
         harness.emit(f"retrain.trust_fit_{n}", result["trust_seconds"] or float("nan"), "s", ratio=(
                      result["trust_seconds"] or float("nan")) / result["seconds"], vs=f"retrain.train_publish_{n}")
+        harness.emit(f"retrain.trust_started_{n}", result["trust_started_seconds"] or float("nan"), "s")
+        harness.emit(f"retrain.cpu_{n}", result["cpu_seconds"], "s", ratio=result["cpu_seconds"] / result["seconds"],
+                     vs=f"retrain.train_publish_{n}")
         harness.emit(f"retrain.gate_publish_{n}", result["seconds"] - result["until_metrics_seconds"], "s")
         harness.emit(f"retrain.load_matrix_{n}", loaded["load_seconds"], "s", ratio=loaded["load_seconds"] /
                      result["seconds"], vs=f"retrain.train_publish_{n}")
