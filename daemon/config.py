@@ -91,12 +91,16 @@ class ClassifyConfig:
     its review threshold from it. `confidence_threshold`: an explicit threshold on the calibrated top-1 score
     that overrides the derived one (1 sends every image to review); `None` (YAML `null` or the key left out)
     means "not set". `novelty`: also
-    send images unlike every taught class to review (reason `unfamiliar`)."""
+    send images unlike every taught class to review (reason `unfamiliar`). `novelty_false_alarm_rate`: the
+    share of known-class images the novelty gate may send to review, its threshold set at that conformal
+    quantile of the out-of-fold known novelty scores; `None` (the default) sets it by leave-one-class-out
+    Youden's J instead (daemon/novelty.py). Like `target_precision`, it applies from the next model version."""
 
     top_k: int = 5
     target_precision: float = 0.9
     confidence_threshold: float | None = None
     novelty: bool = True
+    novelty_false_alarm_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "classify.top_k": (1, 1000),
     "classify.target_precision": (0.5, 0.999),
     "classify.confidence_threshold": (0, 1),
+    "classify.novelty_false_alarm_rate": (0, 0.5),  # a gate that turns away most known images sorts nothing
     "watch.settle_seconds": (0, 3600),
     "watch.rescan_interval_seconds": (0, 86400 * 7),
     "watch.max_image_pixels": (1, 10**10),

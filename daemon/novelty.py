@@ -9,11 +9,16 @@ for energy and 0.91 for the nearest neighbour's cosine distance (bench/trust.py 
 
 The threshold is set without real unknowns: each taught class in turn plays the unknown (leave-one-class-out,
 LOCO) against a score fitted on the others, and the threshold maximises Youden's J — the share of known
-images kept minus the share of stand-in unknowns kept — with the known images scored out-of-fold.
+images kept minus the share of stand-in unknowns kept — with the known images scored out-of-fold. A user who
+would rather bound the known images sent to review (`classify.novelty_false_alarm_rate`, the Neyman–Pearson
+way, like out-of-distribution work's "FPR at 95% TPR") gets the conformal quantile of the out-of-fold known
+scores instead (`false_alarm_threshold`); Youden's J stays the default because on tuxpaint6 it sits on the
+same trade-off curve while adapting to how separable the classes are (README "Filing").
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -186,6 +191,18 @@ def youden_threshold(known: np.ndarray, unknown: np.ndarray) -> float:
     kept_known = np.searchsorted(np.sort(known), candidates, side="right") / len(known)
     kept_unknown = np.searchsorted(np.sort(unknown), candidates, side="right") / len(unknown)
     return float(candidates[int(np.argmax(kept_known - kept_unknown))])
+
+
+def false_alarm_threshold(known: np.ndarray, rate: float) -> float:
+    """The score threshold (keep when score <= it) that turns away at most a share `rate` of new known
+    images, from held-out known scores (n,): the ⌈(n + 1)(1 − rate)⌉-th smallest, the split-conformal
+    quantile (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal p-values"), so
+    P(score > threshold) <= rate for a new image exchangeable with the held-out ones. When n is too small for
+    that rank (n + 1 < 1 / rate), the largest known score. Raises ValueError for no scores."""
+    if not len(known):
+        raise ValueError("a false-alarm threshold needs at least one held-out known score")
+    rank = math.ceil((len(known) + 1) * (1.0 - rate))
+    return float(np.sort(known)[min(rank, len(known)) - 1])
 
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float | None:

@@ -126,7 +126,15 @@ def trust_lines(trust: dict[str, Any] | None) -> list[tuple[str, str]]:
                   f"{trust['confidence_threshold']:.3f}, expected coverage {percent(trust['expected_coverage'])}")
     return [("filing", filing),
             ("calibration", f"{calibration['method']} ({parameters}), error (ECE) {errors}"),
-            ("novelty", f"{trust['novelty']['method']}, review above {trust['novelty']['threshold']:g}")]
+            ("novelty", f"{trust['novelty']['method']}, review above {trust['novelty']['threshold']:g}"
+             + _novelty_rule(trust["novelty"]))]
+
+
+def _novelty_rule(novelty: dict[str, Any]) -> str:
+    """How the novelty threshold was set; empty for a version made before the rule was recorded."""
+    if novelty.get("rule") == "false_alarm_rate":
+        return f" (false-alarm rate {percent(novelty['false_alarm_rate'])} of known images)"
+    return " (leave-one-class-out Youden's J)" if novelty.get("rule") else ""
 
 
 def _ago(timestamp: float) -> str:

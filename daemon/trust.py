@@ -7,7 +7,8 @@ on all folds but one and predicts the one left out, so every image gets an out-o
 - the calibrator (`retraind_fit_calibrator`, built in: temperature scaling, daemon/calibration.py);
 - the review threshold on the calibrated top-1 score (selection with guaranteed risk, daemon/selective.py);
 - the novelty threshold: known images scored out-of-fold, stand-in unknowns by leave-one-class-out
-  (`retraind_fit_novelty`, built in: class-conditional Mahalanobis, daemon/novelty.py).
+  (`retraind_fit_novelty`, built in: class-conditional Mahalanobis, daemon/novelty.py); Youden's J between
+  the two, or, when `classify.novelty_false_alarm_rate` is set, the known scores' conformal quantile.
 
 The out-of-fold predictions are kept with the version as `out_of_fold.jsonl`, one JSON object per training
 or validation image: `path` (under classes/), `sha256`, `label` (its folder), `predicted` (out-of-fold
@@ -37,7 +38,14 @@ from daemon.config import ClassifyConfig, TrainingConfig
 from daemon.dataset import Dataset, Part
 from daemon.engines import default_threads
 from daemon.head import Head
-from daemon.novelty import MAX_LOCO_CLASSES, NoveltyScore, auroc, spread, youden_threshold
+from daemon.novelty import (
+    MAX_LOCO_CLASSES,
+    NoveltyScore,
+    auroc,
+    false_alarm_threshold,
+    spread,
+    youden_threshold,
+)
 from daemon.selective import DELTA, sgr_threshold
 from daemon.split import TEST, TRAIN, VALIDATION
 
@@ -193,6 +201,15 @@ def _held_out_novelty(name: str, pool: Part, folds: np.ndarray, hooks: Hooks) ->
     return known, np.concatenate(unknown) if unknown else np.empty(0, dtype=np.float32)
 
 
+def _novelty_threshold(known: np.ndarray, unknown: np.ndarray, rate: float | None) -> tuple[str, float]:
+    """The novelty rule's name and threshold from out-of-fold known scores (n,) and stand-in unknowns' (m,):
+    leave-one-class-out Youden's J when `rate` (classify.novelty_false_alarm_rate) is None, else the conformal
+    quantile that turns away at most that share of known images."""
+    if rate is None:
+        return "youden", youden_threshold(known, unknown)
+    return "false_alarm_rate", false_alarm_threshold(known, rate)
+
+
 def _rounded(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
 
@@ -291,7 +308,7 @@ def _fit_trust(head: Head, parts: TrustFit, training: TrainingConfig, classify: 
     calibrated = calibrator.probabilities(oof_logits)
     predicted, confidence = calibrated.argmax(axis=1), calibrated.max(axis=1)
     novelty, known, unknown = parts.novelty()
-    novelty_threshold = youden_threshold(known, unknown)
+    novelty_rule, novelty_threshold = _novelty_threshold(known, unknown, classify.novelty_false_alarm_rate)
     selected = sgr_threshold(confidence, predicted == pool.y, classify.target_precision)
     trust = Trust(calibrator, novelty, None if selected is None else selected.threshold, novelty_threshold)
     filed = (confidence >= (np.inf if selected is None else selected.threshold)) & (known <= novelty_threshold)
@@ -311,7 +328,8 @@ def _fit_trust(head: Head, parts: TrustFit, training: TrainingConfig, classify: 
             TEST: {"before": _rounded(expected_calibration_error(softmax(test_logits), test.y)),
                    "after": _rounded(expected_calibration_error(calibrator.probabilities(test_logits), test.y))},
         },
-        "novelty": {"method": trust.novelty.name, "threshold": novelty_threshold,
+        "novelty": {"method": trust.novelty.name, "threshold": novelty_threshold, "rule": novelty_rule,
+                    "false_alarm_rate": classify.novelty_false_alarm_rate,
                     "known_flagged": _rounded(float(np.mean(known > novelty_threshold))),
                     "stand_in_unknowns_kept": _rounded(float(np.mean(unknown <= novelty_threshold))
                                                        if len(unknown) else None),

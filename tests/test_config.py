@@ -67,7 +67,7 @@ def test_check_config_cli(tmp_path: Path, lite0_conversion: Lite0Conversion) -> 
     (tmp_path / "config.yaml").write_text("classify:\n  topk: 3\n")
     bad = _cli("check-config", cwd=tmp_path)
     assert bad.returncode == EX_CONFIG
-    assert bad.stderr.strip().splitlines() == ["retraind: classify.topk: unknown key (allowed: confidence_threshold, novelty, target_precision, top_k)"]
+    assert bad.stderr.strip().splitlines() == ["retraind: classify.topk: unknown key (allowed: confidence_threshold, novelty, novelty_false_alarm_rate, target_precision, top_k)"]
 
 
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:

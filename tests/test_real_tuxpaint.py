@@ -64,4 +64,6 @@ def test_held_out_accuracy_through_the_daemon(tmp_path: Path) -> None:
         expected = data / ("review" if r["review_reason"] else f"outbox/{r['label']}") / r["file"]
         assert Path(r["destination"]) == expected and expected.exists()
     filed = [r for r in records if not r["review_reason"]]
+    unfamiliar = sum(r["review_reason"] == "unfamiliar" for r in records)  # README "Filing": 30% at the default
+    print(f"filed {len(filed)}, unfamiliar {unfamiliar} ({unfamiliar / len(records):.1%}) of {len(records)}")
     assert len(filed) >= len(records) // 2, "most held-out images of taught classes are filed, not reviewed"

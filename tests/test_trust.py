@@ -13,10 +13,11 @@ from daemon.calibration import TemperatureScaling, expected_calibration_error, s
 from daemon.config import ClassifyConfig, ConfigError, TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
 from daemon.hookspecs import hookimpl
-from daemon.novelty import SHRINKAGE, ClassMahalanobis, auroc, youden_threshold
+from daemon.novelty import SHRINKAGE, ClassMahalanobis, auroc, false_alarm_threshold, youden_threshold
 from daemon.plugin_manager import Hooks, make_plugin_manager
+from daemon.registry import ModelVersion
 from daemon.selective import risk_upper_bound, sgr_threshold
-from daemon.trust import fit_trust
+from daemon.trust import UNFAMILIAR, fit_trust, judge
 
 RNG = np.random.default_rng(0)
 
@@ -111,6 +112,39 @@ def test_auroc_and_youden_by_hand() -> None:
     assert youden_threshold(np.array([1.0, 2.0, 3.0, 6.0]), np.array([3.5, 4.0, 5.0])) == 3.0  # J = 3/4 - 0
 
 
+def test_false_alarm_threshold_is_the_conformal_quantile() -> None:
+    known = np.arange(1.0, 20.0)  # 19 scores
+    assert false_alarm_threshold(known, 0.1) == 18.0  # the ⌈20 × 0.9⌉ = 18th smallest
+    assert false_alarm_threshold(known, 0.05) == 19.0 == false_alarm_threshold(known, 0.0)  # too few to turn any away
+    assert false_alarm_threshold(known, 0.5) == 10.0
+    scores = RNG.normal(size=400)
+    fresh = RNG.normal(size=100_000)  # new known images: at most the chosen share is turned away
+    for rate in (0.05, 0.2):
+        assert rate - 0.03 < np.mean(fresh > false_alarm_threshold(scores, rate)) <= rate + 0.01
+    with pytest.raises(ValueError, match="at least one"):
+        false_alarm_threshold(np.empty(0), 0.1)
+
+
+def test_novelty_false_alarm_rate_sets_the_threshold_and_who_is_flagged(tmp_path: Path) -> None:
+    dataset, hooks = _dataset(), Hooks(make_plugin_manager())
+    head = hooks.train_head(dataset, TrainingConfig())
+    assert head is not None
+    fresh = _dataset().parts["train"].x  # new images of the known classes
+    flagged = {}
+    for rate in (None, 0.02, 0.4):
+        classify = ClassifyConfig(novelty_false_alarm_rate=rate)
+        fitted = fit_trust(head, dataset, hooks, TrainingConfig(), classify, {})
+        novelty = fitted.summary["novelty"]
+        oof = np.array([row["novelty"] for row in fitted.out_of_fold])
+        assert (novelty["rule"], novelty["false_alarm_rate"]) == ("youden" if rate is None else "false_alarm_rate", rate)
+        if rate is not None:
+            assert novelty["threshold"] == pytest.approx(false_alarm_threshold(oof, rate), rel=1e-4)
+            assert novelty["known_flagged"] <= rate
+        version = ModelVersion(1, tmp_path, dataset.labels, "tiny", head, {}, fitted.trust)
+        flagged[rate] = {i for i, j in enumerate(judge(version, fresh, classify)) if j.review_reason == UNFAMILIAR}
+    assert flagged[0.02] < flagged[0.4] and len(flagged[0.4]) > 0.2 * len(fresh)  # a higher rate flags more
+
+
 def test_confidence_threshold_null_means_not_set() -> None:
     assert parse_config({"classify": {"confidence_threshold": None}}, Path("/tmp")).classify.confidence_threshold is None
     assert parse_config({"classify": {"confidence_threshold": 0.7}}, Path("/tmp")).classify.confidence_threshold == 0.7
@@ -118,6 +152,16 @@ def test_confidence_threshold_null_means_not_set() -> None:
         parse_config({"classify": {"confidence_threshold": "high"}}, Path("/tmp"))
     with pytest.raises(ConfigError, match=r"classify.target_precision: 1.5 is out of range"):
         parse_config({"classify": {"target_precision": 1.5}}, Path("/tmp"))
+
+
+def test_novelty_false_alarm_rate_config() -> None:
+    assert parse_config({}, Path("/tmp")).classify.novelty_false_alarm_rate is None  # Youden's J
+    assert parse_config({"classify": {"novelty_false_alarm_rate": 0.05}}, Path("/tmp")).classify == ClassifyConfig(
+        novelty_false_alarm_rate=0.05)
+    with pytest.raises(ConfigError, match=r"classify.novelty_false_alarm_rate: 0.7 is out of range \[0, 0.5\]"):
+        parse_config({"classify": {"novelty_false_alarm_rate": 0.7}}, Path("/tmp"))
+    with pytest.raises(ConfigError, match=r"classify.novelty_false_alarm_rate: expected float, got str"):
+        parse_config({"classify": {"novelty_false_alarm_rate": "5%"}}, Path("/tmp"))
 
 
 class _Constant:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from daemon.status import format_status, from_daemon
 from daemon.trust import OUT_OF_FOLD_FILE, UNFAMILIAR
 from tests.conftest import seed_classes, wait_for, write_image
-from tests.test_daemon_e2e import results, scrape
+from tests.test_daemon_e2e import get, results, scrape
 
 DERIVED = {"confidence_threshold": None, "novelty": True}  # the shipped defaults, not the plumbing tests' ones
 KNOWN = ("red", "blue", "green")
@@ -65,6 +66,7 @@ def test_untaught_images_go_to_review_and_teach_a_new_label(tmp_path: Path, run_
         assert metrics["retraind_model_filing_suspended"] == 0
         status = daemon_status(app)
         assert "target precision 90.0%" in status and "class_mahalanobis, review above" in status
+        assert "(leave-one-class-out Youden's J)" in status and trust["novelty"]["rule"] == "youden"
 
         # the review loop: the unfamiliar images, moved into classes/yellow/, teach a fourth label
         (data / "classes" / "yellow").mkdir()
@@ -77,6 +79,29 @@ def test_untaught_images_go_to_review_and_teach_a_new_label(tmp_path: Path, run_
         wait_for(lambda: len(results(tmp_path)) == 17, what="the 17th result")
     last = results(tmp_path)[-1]
     assert last["file"] == "new-yellow.jpg" and last["label"] == "yellow" and last["review_reason"] != UNFAMILIAR
+
+
+def test_novelty_false_alarm_rate_sends_that_share_of_known_images_to_review(tmp_path: Path, run_app: Any) -> None:
+    """The Youden threshold files these known images (the test above); a false-alarm rate of 0.5 sends about
+    half of them to review as `unfamiliar`, at the threshold the out-of-fold scores give."""
+    data = tmp_path / "data"
+    seed_classes(tmp_path, per_label=30, labels=KNOWN)
+    with run_app(classify={**DERIVED, "novelty_false_alarm_rate": 0.5}) as app:
+        version = wait_for(lambda: trained_on(app, 90), what="a model of all 90 images")
+        novelty = version.metrics["trust"]["novelty"]
+        oof = sorted(json.loads(line)["novelty"] for line in (version.directory / OUT_OF_FOLD_FILE).read_text().splitlines())
+        assert (novelty["rule"], novelty["false_alarm_rate"]) == ("false_alarm_rate", 0.5)
+        assert math.isclose(novelty["threshold"], oof[math.ceil(91 * 0.5) - 1], rel_tol=1e-3)  # the 46th of 90
+        for i in range(12):
+            write_image(data / "inbox" / f"known-{KNOWN[i % 3]}-{i}.jpg", KNOWN[i % 3], seed=5000 + i)
+        wait_for(lambda: len(results(tmp_path)) == 12, what="12 results")
+        assert "(false-alarm rate 50.0% of known images)" in daemon_status(app)
+        code, meta = get(app, "/v1/models/retraind/metadata")
+    assert code == 200 and meta["trust"]["novelty"]["false_alarm_rate"] == 0.5
+    records = results(tmp_path)
+    unfamiliar = [r for r in records if r["review_reason"] == UNFAMILIAR]
+    assert 2 <= len(unfamiliar) <= 10, records
+    assert all((r["novelty"] > novelty["threshold"]) == (r in unfamiliar) for r in records)
 
 
 def test_too_few_images_send_everything_to_review_and_say_why(tmp_path: Path, run_app: Any) -> None:
