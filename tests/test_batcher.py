@@ -232,3 +232,26 @@ def test_the_engine_is_warm_before_the_server_answers(run_app: Any, tiny: TinyBa
         assert tiny.warm_ups == [1, 8]
         code, _, body = call(app, "GET", "/readyz")
         assert (code, body) == (503, {"ready": False, "model_version": 0})  # no model yet
+
+
+def test_a_request_across_batches_is_answered_in_order(tmp_path: Any, run_app: Any) -> None:
+    """A request of more images than a batch takes is decoded in parallel and split across batches; its rows
+    come back in its own order, the same as each image sent alone, and one image that is not one fails the
+    request with a 422 that names it, leaving the server serving."""
+    seed_classes(tmp_path, per_label=4)
+    with run_app(http={"port": 0, "batching": {"max_batch_size": 2}}) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        files = [image_bytes(label, 40 + i) for i, label in enumerate(["red", "blue", "red", "blue", "red"])]
+
+        def predict(*images: bytes) -> Any:
+            instances = [{"b64": base64.b64encode(data).decode()} for data in images]
+            return call(app, "POST", f"{MODEL}:predict", json.dumps({"instances": instances}).encode())
+
+        code, _, together = predict(*files)
+        assert code == 200 and len(together["predictions"]) == 5
+        alone = [predict(data)[2]["predictions"][0] for data in files]
+        assert np.allclose(together["predictions"], alone, atol=1e-5)
+        assert np.argmax(together["predictions"], axis=1).tolist() != [0] * 5  # red and blue told apart
+        code, _, body = predict(files[0], b"not an image at all", files[1])
+        assert code == 422 and body["error"].startswith("instance 1: not a usable image"), body
+        assert predict(files[0])[0] == 200

@@ -123,7 +123,7 @@ class HttpServer:
         config = uvicorn.Config(
             app, http=protocol, lifespan="off", log_config=None, access_log=False, backlog=http.backlog,
             timeout_keep_alive=http.keep_alive_seconds,  # type: ignore[arg-type]  # float seconds work
-            timeout_graceful_shutdown=5, server_header=False,
+            timeout_graceful_shutdown=5, server_header=False, proxy_headers=False,
         )
         self._server = uvicorn.Server(config)
         self._http = http
