@@ -12,6 +12,11 @@ this process through the same hook, timed while the daemon is idle, before and a
   full queue counts: target 0), and p99 (target ≤ 1 s);
 - `http.c1`: one client, sequential: p50 (target ≤ 1.3× engine.single).
 
+And the CPU budget of the 16-client run, which bounds its ratio: the daemon's CPU per request (all its threads,
+from /proc), ab's, how busy the machine was, and `http.c16.ceiling`, the ratio the run would reach if the daemon
+and ab had every core all the time at that CPU cost per request (cores ÷ (CPU per request × engine.batched));
+`engine.cpu_per_image` is the bare engine's CPU per image (its threads together) for comparison.
+
 ab speaks HTTP/1.0, which Uvicorn does not keep alive: every request is a new connection (the harder case).
 
 Each target is printed beside its figure (met / NOT met), with the load average at the end.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -103,17 +109,47 @@ def ab(url: str, body: Path, concurrency: int, requests: int) -> dict[str, Any]:
     }
 
 
-def engine_figures(backbone: Any, payload: bytes, batch: np.ndarray) -> tuple[float, float]:
-    """(batched img/s, decode + single forward p50 in seconds) of the bare engine."""
+def engine_figures(backbone: Any, payload: bytes, batch: np.ndarray) -> tuple[float, float, float]:
+    """(batched img/s, decode + single forward p50 in seconds, CPU seconds per image of the batched forward) of
+    the bare engine."""
     from plugins.pillow_decoder import retraind_decode_image
 
+    cpu = time.process_time()
     batched = harness.rate(lambda: backbone.embed(batch), len(batch), repeats=5)
+    cpu_per_image = (time.process_time() - cpu) / (len(batch) * 6)  # rate() runs it once untimed, then 5 times
     times = []
     for _ in range(40):
         started = time.perf_counter()
         backbone.embed(retraind_decode_image(payload, backbone.input_size, 10**9)[None])
         times.append(time.perf_counter() - started)
-    return batched, statistics.median(times)
+    return batched, statistics.median(times), cpu_per_image
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_times() -> tuple[int, int]:
+    """(idle, total) clock ticks of every core since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+def budgeted(run: Any, daemon: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """`run()` (an ab run), with the CPU it cost: the daemon's and the client's (ab, a child process) in
+    seconds, and the fraction of the machine's time the cores were busy (anything, not only these two)."""
+    daemon_before, client_before = process_cpu(daemon), resource.getrusage(resource.RUSAGE_CHILDREN)
+    idle_before, total_before = machine_times()
+    result = run()
+    idle, total = machine_times()
+    client = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, {
+        "daemon": process_cpu(daemon) - daemon_before,
+        "client": client.ru_utime + client.ru_stime - client_before.ru_utime - client_before.ru_stime,
+        "busy": 1 - (idle - idle_before) / max(total - total_before, 1),
+    }
 
 
 def main() -> None:
@@ -130,14 +166,14 @@ def main() -> None:
         try:
             wait_ready(port, daemon, root)
             harness.emit("daemon.ready", time.perf_counter() - started, "s")
-            measure(root, port, images, args)
+            measure(root, port, images, args, daemon.pid)
         finally:
             if daemon.poll() is None:
                 os.killpg(daemon.pid, signal.SIGTERM)
                 daemon.wait(60)
 
 
-def measure(root: Path, port: int, images: list[tuple[str, str, bytes]], args: Any) -> None:
+def measure(root: Path, port: int, images: list[tuple[str, str, bytes]], args: Any, daemon: int) -> None:
     from daemon.config import load_config
     from daemon.engines import build_backbone
     from daemon.plugin_manager import Hooks, make_plugin_manager
@@ -153,7 +189,7 @@ def measure(root: Path, port: int, images: list[tuple[str, str, bytes]], args: A
 
     before = engine_figures(backbone, payload, batch)
     ab(url, body, 16, 100)  # warm-up: connections, the batcher's batch sizes
-    c16 = ab(url, body, 16, args.requests)
+    c16, cost = budgeted(lambda: ab(url, body, 16, args.requests), daemon)
     c64 = ab(url, body, 64, 64 * 8)
     c1 = ab(url, body, 1, 200)
     after = engine_figures(backbone, payload, batch)
@@ -176,6 +212,15 @@ def measure(root: Path, port: int, images: list[tuple[str, str, bytes]], args: A
         met += ok
         harness.emit(name, value, unit, ratio=ratio, vs=vs, target=target, met=ok)
     harness.emit("http.c16.p99", c16["p99"], "ms")
+    per_request = (cost["daemon"] + cost["client"]) / c16["complete"]
+    cores = len(os.sched_getaffinity(0))
+    harness.emit("engine.cpu_per_image", 1000 * (before[2] + after[2]) / 2, "ms")
+    harness.emit("http.c16.cpu_per_request", 1000 * cost["daemon"] / c16["complete"], "ms")
+    harness.emit("http.c16.client_cpu_per_request", 1000 * cost["client"] / c16["complete"], "ms")
+    harness.emit("http.c16.machine_busy", 100 * cost["busy"], "%")
+    harness.emit("http.c16.ceiling", cores / (per_request * batched), "ratio")
+    harness.note(f"c16 reached {c16['rps'] / batched / (cores / (per_request * batched)):.0%} of its ceiling "
+                 f"(the share of {cores} cores the daemon and ab got)")
     harness.emit("http.c64.connection_errors", c64["connection_errors"], "count")
     harness.emit("http.c64.non_2xx", c64["non_2xx"], "count")
     harness.emit("http.c64.p50", c64["p50"], "ms")
