@@ -98,6 +98,21 @@ class Daemon:
         self.log.close()
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) all of `pid`'s threads have used (`/proc/<pid>/stat`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_note(phase: str, before: float, after: float, items: int, seconds: float, bare_cpu: float) -> None:
+    """The daemon's CPU per image during a phase against the limit's (the bare engine's; for photos plus
+    reading, hashing and decoding one): the ratio the phase would reach with every core to itself, whatever
+    else the machine ran meanwhile."""
+    total = after - before
+    harness.note(f"{phase}: the daemon used {1000 * total / items:.2f} ms of CPU per image ({total / seconds:.2f} "
+                 f"cores), the limit {1000 * bare_cpu:.2f}: CPU ratio {bare_cpu * items / total:.3f}")
+
+
 def wait_for(condition: object, timeout: float, what: str, daemon: Daemon, poll: float = 0.1,
              progress: object = None) -> float:
     """Poll `condition()`; a `# ...` progress line every 5 s from `progress()`; the time it first held."""
@@ -135,9 +150,12 @@ def copy_in(files: list[tuple[str, Path]], classes: Path) -> None:
         shutil.copyfile(path, classes / label / path.name)
 
 
-def bare_rate(backbone: object, images: np.ndarray, repeats: int = 3) -> float:
+def bare_rate(backbone: object, images: np.ndarray, repeats: int = 3) -> tuple[float, float]:
+    """The bare engine's img/s, and its CPU seconds per image (this process's, all threads)."""
     chunks = [images[i : i + 32] for i in range(0, len(images), 32)]
-    return harness.rate(lambda: [backbone.embed(c) for c in chunks], len(images), repeats)  # type: ignore[attr-defined]
+    cpu = time.process_time()
+    rate = harness.rate(lambda: [backbone.embed(c) for c in chunks], len(images), repeats)  # type: ignore[attr-defined]
+    return rate, (time.process_time() - cpu) / (len(images) * (repeats + 1))
 
 
 def result_written(data: Path, name: str) -> bool:
@@ -157,18 +175,20 @@ def make_photos(count: int) -> list[Path]:
     return sorted(out.glob("*/*.jpg"))[:count]
 
 
-def decode_seconds(photos: list[Path], size: tuple[int, int]) -> float:
-    """Median seconds to read, hash and decode one photo with the shipped decoder, on one thread."""
+def decode_seconds(photos: list[Path], size: tuple[int, int]) -> tuple[float, float]:
+    """Median seconds to read, hash and decode one photo with the shipped decoder, on one thread, and the
+    mean CPU seconds it took."""
     from plugins.pillow_decoder import retraind_decode_image
 
     times = []
+    cpu = time.process_time()
     for path in photos:
         started = time.perf_counter()
         data = path.read_bytes()
         hashlib.sha256(data).hexdigest()
         retraind_decode_image(data, size, 10**9)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - cpu) / len(photos)
 
 
 def main() -> None:
@@ -206,11 +226,12 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
         return daemon.metric("retraind_bottleneck_cache_misses_total")
 
     # -- fill ---------------------------------------------------------------------------------------------
-    engine = bare_rate(bare, pixels)
+    engine, bare_cpu = bare_rate(bare, pixels)
     harness.emit("shipped.bare_engine", engine, "img/s")
     forward = lambda: daemon.metric("retraind_bottleneck_compute_seconds_sum")
     base, started, forward_base = computed(), time.perf_counter(), forward()
     harness.note(f"daemon pid {daemon.process.pid}")
+    cpu = process_cpu(daemon.process.pid)
     copy_in(staged["fill"], classes)
     done = wait_for(lambda: computed() >= base + a.fill, 1800, "the fill", daemon,
                     progress=lambda: f"{computed() - base:.0f}/{a.fill}")
@@ -219,16 +240,18 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     busy = forward() - forward_base
     harness.note(f"fill: the forward pass took {busy:.1f} s of {done - started:.1f} s ({a.fill / busy:.0f} img/s "
                  "while it ran)")
+    cpu_note("fill", cpu, process_cpu(daemon.process.pid), a.fill, done - started, bare_cpu)
     wait_for(lambda: daemon.get("/readyz")[0] == 200, 600, "the first model", daemon, poll=0.25)
     runs = lambda: daemon.metric("retraind_training_runs_total")
     harness.note(f"first model after the fill; training runs so far: {runs():.0f}")
     time.sleep(4)  # let any follow-up training run finish: the burst is timed on an idle daemon
 
     # -- inbox burst --------------------------------------------------------------------------------------
-    engine = bare_rate(bare, pixels)
+    engine, bare_cpu = bare_rate(bare, pixels)
     harness.emit("shipped.bare_engine_before_burst", engine, "img/s")
     classified = lambda: daemon.metric("retraind_classifications_total")
     base, started, forward_base = classified(), time.perf_counter(), forward()
+    cpu = process_cpu(daemon.process.pid)
     for _label, path in staged["burst"]:
         os.rename(path, inbox / path.name)
     done = wait_for(lambda: classified() >= base + a.burst, 1800, "the inbox burst", daemon,
@@ -238,6 +261,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     busy = forward() - forward_base
     harness.note(f"burst: the forward pass took {busy:.1f} s of {done - started:.1f} s ({a.burst / busy:.0f} img/s "
                  "while it ran)")
+    cpu_note("burst", cpu, process_cpu(daemon.process.pid), a.burst, done - started, bare_cpu)
 
     # -- backfill with inbox files dropped meanwhile --------------------------------------------------------
     base, runs_before = computed(), runs()
@@ -266,18 +290,20 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     # -- phone photos -------------------------------------------------------------------------------------
     if photos:
         time.sleep(4)
-        engine = bare_rate(bare, pixels)
-        decode = decode_seconds(photos[:20], bare.input_size)  # type: ignore[attr-defined]
+        engine, bare_cpu = bare_rate(bare, pixels)
+        decode, decode_cpu = decode_seconds(photos[:20], bare.input_size)  # type: ignore[attr-defined]
         limit = 1 / (decode / cores + 1 / engine)
         harness.emit("shipped.bare_engine_before_photos", engine, "img/s")
         harness.emit("shipped.photo_decode_one_thread", decode * 1000, "ms")
         harness.emit("shipped.photo_limit", limit, "img/s")
         base, started = computed(), time.perf_counter()
+        cpu = process_cpu(daemon.process.pid)
         copy_in([(p.parent.name, p) for p in photos], classes)
         done = wait_for(lambda: computed() >= base + len(photos), 1800, "the photos", daemon,
                         progress=lambda: f"{computed() - base:.0f}/{len(photos)}")
         rate = len(photos) / (done - started)
         harness.emit("shipped.photos", rate, "img/s", ratio=rate / limit, vs="shipped.photo_limit")
+        cpu_note("photos", cpu, process_cpu(daemon.process.pid), len(photos), done - started, bare_cpu + decode_cpu)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,16 @@ def _print(prefix: str, runs: list[Run], known: list[str]) -> None:
         harness.note(f"model: review below calibrated score {trust['confidence_threshold']} for target precision "
                      f"{trust['target_precision']}, expected coverage {trust['expected_coverage']}, calibration "
                      f"{trust['calibration']['method']} {trust['calibration']['parameters']}, novelty threshold "
-                     f"{trust['novelty']['threshold']:.4g}")
+                     f"{trust['novelty']['threshold']:.4g} ({trust['novelty'].get('rule')})")
+    _filing(prefix, j, trusts)
+    _calibration(prefix, j, trusts)
+    if (~j.known).any():
+        _aurocs(prefix, [_Judged.of([run], known) for run in runs])
+    _trade_off(prefix, runs, j)
+
+
+def _filing(prefix: str, j: _Judged, trusts: list[dict[str, Any]]) -> None:
+    """Known-class filed precision and coverage, and where the untaught images went."""
     filed_known = j.known & j.filed
     harness.emit(f"{prefix}known.filed_precision", float(j.right[filed_known].mean()), "ratio",
                  target=">= 0.9", met=float(j.right[filed_known].mean()) >= 0.9)
@@ -167,6 +176,12 @@ def _print(prefix: str, runs: list[Run], known: list[str]) -> None:
         harness.emit(f"{prefix}untaught.filed", float(j.filed[~j.known].mean()), "ratio",
                      target="<= 0.10", met=float(j.filed[~j.known].mean()) <= 0.10)
         harness.emit(f"{prefix}untaught.unfamiliar", float(j.unfamiliar[~j.known].mean()), "ratio")
+
+
+def _calibration(prefix: str, j: _Judged, trusts: list[dict[str, Any]]) -> None:
+    """ECE of the records' scores (filed known, filed, known), beside what perfect calibration would show, and
+    the models' own out-of-fold and test-split ECE (the mean over the runs)."""
+    filed_known = j.known & j.filed
     for name, rows in (("filed_known", filed_known), ("filed_all", j.filed), ("known_all", j.known)):
         ece = float(binned_calibration_error(j.confidence[rows], j.right[rows]) or 0.0)
         harness.note(f"{prefix}ece.{name}: {rows.sum()} images")
@@ -181,9 +196,6 @@ def _print(prefix: str, runs: list[Run], known: list[str]) -> None:
             before, after = _mean(p["before"] for p in pairs), _mean(p["after"] for p in pairs)
             harness.emit(f"{prefix}ece.model_{split}.calibrated", after, "ratio",
                          ratio=after / before if before else None, vs="raw softmax")
-    if (~j.known).any():
-        _aurocs(prefix, [_Judged.of([run], known) for run in runs])
-    _trade_off(prefix, runs, j)
 
 
 def _aurocs(prefix: str, per_run: list[_Judged]) -> None:

@@ -1,12 +1,19 @@
-"""Publishing files atomically: write to a temporary name in the target folder, fsync, then `os.replace`."""
+"""Publishing files atomically: write to a temporary name in the target folder, fsync, then `os.replace`.
+
+A batch of such writes can be made durable together (`GroupCommit`): each fsync costs a commit of the file
+system's journal (8-16 ms per inbox file on this project's shared disk for its four fsyncs); one pass over a
+batch's files and folders at the end costs a fraction of that.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".retraind-tmp-"
@@ -27,6 +34,64 @@ def fsync_dir(path: Path) -> None:
     _fsync(path, os.O_DIRECTORY)
 
 
+_deferring = threading.local()
+
+
+class GroupCommit:
+    """Durability for a batch of writes at once. Inside `deferring()`, `write_atomic`, `move_atomic` and
+    `sync_file` on this thread publish at once but only note what must reach the disk; `commit()` then fsyncs
+    each noted file and then each noted folder, once each. Until `commit()` returns, a power cut may lose any
+    of those writes or leave a noted file empty (a killed process loses none: they are in the page cache), so
+    the caller must keep what redoes them until then: the inbox journal closes its entries only after."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, None] = {}
+        self._folders: dict[Path, None] = {}
+
+    @contextmanager
+    def deferring(self) -> Iterator[GroupCommit]:
+        """Defer this thread's fsyncs to `commit()` while the block runs."""
+        outer = getattr(_deferring, "group", None)
+        _deferring.group = self
+        try:
+            yield self
+        finally:
+            _deferring.group = outer
+
+    def commit(self) -> None:
+        """fsync the noted files, then their folders; raises OSError (the noted writes stay noted). A file
+        removed meanwhile has nothing left to keep."""
+        for path in self._files:
+            try:
+                _fsync(path)
+            except FileNotFoundError:
+                pass
+        for folder in self._folders:
+            fsync_dir(folder)
+        self._files.clear()
+        self._folders.clear()
+
+
+def _group() -> GroupCommit | None:
+    group: GroupCommit | None = getattr(_deferring, "group", None)
+    return group
+
+
+def sync_file(path: Path) -> None:
+    """fsync `path` now, or at the commit of the group this thread defers to."""
+    if (group := _group()) is None:
+        _fsync(path)
+    else:
+        group._files[path] = None
+
+
+def _sync_folder(path: Path) -> None:
+    if (group := _group()) is None:
+        fsync_dir(path)
+    else:
+        group._folders[path] = None
+
+
 def fsync_tree(folder: Path) -> None:
     """Make every file below `folder` durable before a rename makes it visible."""
     for item in folder.rglob("*"):
@@ -36,13 +101,19 @@ def fsync_tree(folder: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a reader sees the old file or the whole new one, never a part."""
+    """Replace `path` with `data` so a reader sees the old file or the whole new one, never a part; durable
+    when it returns, or at the commit of the group this thread defers to."""
+    group = _group()
+
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
-        _fsync(tmp)
+        if group is None:
+            _fsync(tmp)
 
     _place(path, write)
-    fsync_dir(path.parent)
+    if group is not None:
+        group._files[path] = None
+    _sync_folder(path.parent)
 
 
 def _copy(src: Path, tmp: Path) -> None:
@@ -64,7 +135,7 @@ def move_atomic(src: Path, dst: Path) -> None:
             raise
         _place(dst, lambda tmp: _copy(src, tmp))
         src.unlink()
-    fsync_dir(dst.parent)
+    _sync_folder(dst.parent)
 
 
 def _place(dst: Path, make: Callable[[Path], object]) -> None:

@@ -230,8 +230,10 @@ def retraind_on_result(result: ClassificationResult, config: Config) -> None:
     """Sink a classification result after its image has reached its final place (`result.destination`).
 
     Called on the pipeline worker thread for every plugin; the built-in sinks write the sidecar record and
-    append to `results.jsonl`. A sink may be called again for the same `result.id` after a crash, so it
-    must be idempotent. A failing sink is logged and counted; the others still run. If one fails with an
+    append to `results.jsonl`. The fsyncs of `daemon.atomic`'s `write_atomic`, `move_atomic` and `sync_file`
+    called here are deferred and done once for the whole inbox batch, after its last sink and before its
+    journal entries close (`GroupCommit`). A sink may be called again for the same `result.id` after a crash,
+    so it must be idempotent. A failing sink is logged and counted; the others still run. If one fails with an
     `OSError` (a full disk, a read-only folder), every sink is called again for that result later.
     """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.atomic import free_name, move_atomic, write_atomic
+from daemon.atomic import GroupCommit, free_name, move_atomic, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
 from daemon.extractor import Extraction, Extractor
@@ -33,7 +33,7 @@ from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
 from daemon.serving import ServingModel
 from daemon.store import JournalEntry
-from daemon.trust import judge
+from daemon.trust import Judgement, judge
 
 log = logging.getLogger(__name__)
 CLASSIFIED, REVIEW = OUTCOMES
@@ -108,30 +108,44 @@ class InboxProcessor:
             self._reject(path, unreadable, outcome)
         routed: list[tuple[ClassificationResult, float]] = []
         taken: set[Path] = set()  # destinations given in this batch, before any of its files is moved
+        usable = []
         for f in batch.files:
             problem = batch.extraction.rejected.get(str(f.path))
-            started = time.perf_counter()
-            result = None if problem else self._routed(f, batch.version, batch.extraction.vectors[f.sha256], taken)
             if problem is not None:
                 self._reject(f.path, problem, outcome)
-            elif result is None:
+            else:
+                usable.append(f)
+        started = time.perf_counter()
+        for f, judged in zip(usable, self._judged(batch.version, usable, batch.extraction)):
+            result = self._routed(f, batch.version, judged, taken)
+            if result is None:
                 outcome.retry.append(f.path)  # its folder cannot be made
             else:
                 routed.append((result, started))
         self._move_and_record(routed)
         return outcome
 
+    def _judged(self, version: ModelVersion, files: list[ImageFile], extraction: Extraction) -> list[Judgement]:
+        """The batch's scores in one product each (head, novelty): row by row cost 4-5 ms of CPU per image
+        beside the engine, batched a tenth of that."""
+        if not files:
+            return []
+        return judge(version, np.stack([extraction.vectors[f.sha256] for f in files]), self._config.classify)
+
     def _move_and_record(self, routed: list[tuple[ClassificationResult, float]]) -> None:
-        """Journal the batch (one commit), move each file, run the sinks, close the entries (one commit). A
-        file that cannot be moved stays in the inbox with its entry open: recovery retries the move."""
+        """Journal the batch (one commit), move each file, run the sinks, make the moves and records durable
+        in one pass, close the entries (one commit). A file that cannot be moved stays in the inbox with its
+        entry open: recovery retries the move."""
         if not routed:
             return
         entries = self._journal.begin([result for result, _ in routed])
         moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
+        group = GroupCommit()  # the moves' folders are made durable with the records, before the entries close
         for entry, (result, started) in zip(entries, routed):
             assert result.destination is not None
             try:
-                move_atomic(result.source, result.destination)
+                with group.deferring():
+                    move_atomic(result.source, result.destination)
             except OSError as exc:
                 log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
                           result.source, result.destination.parent, short(exc))
@@ -140,7 +154,7 @@ class InboxProcessor:
                 continue
             moved.append((entry, result, started))
         try:
-            self._journal.complete([(entry, result) for entry, result, _ in moved])
+            self._journal.complete([(entry, result) for entry, result, _ in moved], group)
         except Exception:
             self._journal.schedule_recovery()
             raise
@@ -148,11 +162,10 @@ class InboxProcessor:
             assert result.destination is not None
             self._count(result, result.destination.parent, started)
 
-    def _routed(self, f: ImageFile, version: ModelVersion, vector: np.ndarray,
+    def _routed(self, f: ImageFile, version: ModelVersion, judged: Judgement,
                 taken: set[Path]) -> ClassificationResult | None:
         """The result for `f`, with the free name in the folder a router chose as its destination; None (logged
         and counted) when that folder cannot be made."""
-        (judged,) = judge(version, vector[None, :], self._config.classify)
         result = ClassificationResult(
             id=uuid.uuid4().hex, source=f.path, sha256=f.sha256, top_k=judged.top_k, model_version=version.number,
             backbone=version.backbone, time=_now(), review_reason=judged.review_reason, novelty=judged.novelty,

@@ -1,7 +1,9 @@
 """The inbox journal: an inbox file belongs to its journal entry from the moment the entry is written until its
 records are; `recover()` finishes what a crash, a failed move or a failed sink left open.
 
-The order is journal → move → sinks → journal done. Recovery redoes the move if it had not happened (or the
+The order is journal → move → sinks → fsync → journal done: a batch's moves and records are made durable
+together (one pass over its files and folders, `daemon.atomic.GroupCommit`) before its entries close, so a
+power cut anywhere before that leaves the entries open and recovery redoes what was lost. Recovery redoes the move if it had not happened (or the
 removal of a source a cross-file-system copy left behind), then the idempotent sinks. It runs at start-up and,
 with a growing delay, whenever a move or a sink failed with an I/O error (a full disk, a read-only folder).
 """
@@ -15,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from daemon.atomic import fsync_dir, move_atomic
+from daemon.atomic import GroupCommit, fsync_dir, move_atomic
 from daemon.config import Config
 from daemon.logs import short
 from daemon.metrics import Metrics
@@ -76,10 +78,23 @@ class InboxJournal:
         self._store.journal_begin_many(entries)
         return entries
 
-    def complete(self, done: list[tuple[JournalEntry, ClassificationResult]]) -> list[bool]:
-        """Run the sinks of each moved file, then close the entries in one transaction; an entry stays open
-        (and is retried) if a sink failed with an I/O error. Returns, per entry, whether it was closed."""
-        closed = [self._sinks_ran(result) for _, result in done]
+    def complete(self, done: list[tuple[JournalEntry, ClassificationResult]],
+                 group: GroupCommit | None = None) -> list[bool]:
+        """Run the sinks of each moved file, make their writes durable together with what `group` (the moves)
+        already holds, then close the entries in one transaction: an entry is closed only once its move and
+        records are on disk. An entry stays open (and is retried) if a sink failed with an I/O error, or all of
+        them if the group commit failed. Returns, per entry, whether it was closed."""
+        group = group or GroupCommit()
+        with group.deferring():
+            closed = [self._sinks_ran(result) for _, result in done]
+        try:
+            group.commit()
+        except OSError as exc:
+            log.error("the moves and records of %d inbox files could not be made durable (%s); retried later",
+                      len(done), short(exc))
+            self._metrics.internal_error("inbox_durable")
+            self.schedule_recovery()
+            return [False] * len(done)
         self._store.journal_finish_many([entry.id for (entry, _), ok in zip(done, closed) if ok])
         return closed
 

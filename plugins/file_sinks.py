@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import write_atomic
+from daemon.atomic import sync_file, write_atomic
 from daemon.config import Config
 from daemon.hookspecs import hookimpl
 from daemon.results import ClassificationResult
@@ -27,7 +27,8 @@ def retraind_route_result(result: ClassificationResult, config: Config) -> Path:
 
 @hookimpl
 def retraind_on_result(result: ClassificationResult, config: Config) -> None:
-    """Write `<image>.json` beside the moved image and append one line to `results.jsonl` (once per id)."""
+    """Write `<image>.json` beside the moved image and append one line to `results.jsonl` (once per id);
+    durable at once, or with the rest of the inbox batch when its group commit is deferring."""
     assert result.destination is not None
     line = _encode(result.record())
     write_atomic(result.destination.with_name(result.destination.name + ".json"), line)
@@ -54,7 +55,7 @@ def _append_line(results: Path, line: bytes) -> None:
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
-            os.fsync(fd)
+            sync_file(results)  # now, or with the batch's other records (daemon.atomic.GroupCommit)
         except OSError:
             os.ftruncate(fd, start)
             raise

@@ -22,7 +22,10 @@ from daemon.keras_engine import KerasBackbone
 from daemon.tflite_engine import TfliteBackbone
 from tests.tiny_backbone import TinyBackbonePlugin
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tuxpaint6"
+#: the project's shared data: beside the checkout, or beside a folder of worktrees (as bench/harness.py finds it)
+SHARED_DATA = next((p / "shared" / "data" / "tuxpaint6" for p in Path(__file__).resolve().parents[1:]
+                    if (p / "shared" / "data" / "tuxpaint6").is_dir()),
+                   Path(__file__).resolve().parents[2] / "shared" / "data" / "tuxpaint6")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40), "yellow": (230, 210, 40)}
 
 

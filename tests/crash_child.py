@@ -10,6 +10,12 @@ SIGTERM, like `retraind run`:
 - `Dawdle` makes training and publishing take a moment (and notes `training`), so that kills land inside them.
 With `--permissions-apply` the process gives up CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH first: run as root,
 it then meets file permissions like any user (a file of mode 000 cannot be read), yet keeps its own files.
+Kill points between the inbox's steps (the process kills itself with SIGKILL, so the point is exact):
+- `--kill-in-sink N`: in the N-th `retraind_on_result` call, after the results before it were sunk and before
+  their group commit and journal close;
+- `--watch-fsync`: every fsync of an inbox record (a sidecar `<image>.json`, `results.jsonl`) is noted in the
+  events log as `fsync <name> <open>`, `<open>` the journal entries open for it at that moment (all of them
+  for `results.jsonl`); `--kill-at-fsync N` kills right after the N-th of them, inside the group commit.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from types import FrameType
 
@@ -91,6 +100,42 @@ def _plugins(root: Path) -> tuple[object, ...]:
     return ColourGridPlugin(), Dawdle()
 
 
+class KillInSink:
+    """A sink that kills the process on its `n`-th call."""
+
+    def __init__(self, n: int) -> None:
+        self._left = n
+
+    @hookimpl
+    def retraind_on_result(self, result: object, config: object) -> None:
+        self._left -= 1
+        if self._left == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FsyncWatch:
+    """Wraps `os.fsync` in this process (fault injection, the daemon's code untouched): notes each fsync of
+    an inbox record with the journal entries open for it, and may kill the process after the `kill_at`-th."""
+
+    def __init__(self, data: Path, kill_at: int) -> None:
+        self._data, self._kill_at, self._seen = data, kill_at, 0
+        self._fsync = os.fsync
+        os.fsync = self._watched
+
+    def _watched(self, fd: int) -> None:
+        self._fsync(fd)
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.name != "results.jsonl" and not (path.suffix == ".json" and path.parent.parent.name == "outbox"):
+            return
+        with closing(sqlite3.connect(f"file:{self._data / 'state' / 'store.sqlite'}?mode=ro", uri=True)) as db:
+            destinations = [os.path.realpath(json.loads(d)) for (d,) in db.execute("SELECT destination FROM journal")]
+        entries = len(destinations) if path.name == "results.jsonl" else destinations.count(str(path.with_suffix("")))
+        append(self._data / EVENTS_LOG, f"fsync {path.name} {entries}\n")
+        self._seen += 1
+        if self._seen == self._kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 _CAP_VERSION_3, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 0x20080522, 1, 2
 
 
@@ -112,10 +157,16 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("config", type=Path)
     parser.add_argument("--permissions-apply", action="store_true", help="give up root's permission override")
+    parser.add_argument("--kill-in-sink", type=int, default=0, help="SIGKILL in the N-th retraind_on_result call")
+    parser.add_argument("--watch-fsync", action="store_true", help="note each fsync of an inbox record")
+    parser.add_argument("--kill-at-fsync", type=int, default=0, help="SIGKILL after the N-th noted fsync")
     args = parser.parse_args(argv)
     if args.permissions_apply:
         drop_permission_override()
     config = load_config(args.config)
+    plugins = _plugins(config.data_root) + ((KillInSink(args.kill_in_sink),) if args.kill_in_sink else ())
+    if args.watch_fsync:
+        FsyncWatch(config.data_root, args.kill_at_fsync)
     setup_logging(config.log_level)
     stop = threading.Event()
 
@@ -123,7 +174,7 @@ def main(argv: list[str]) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
-    with App(config, extra_plugins=_plugins(config.data_root)):
+    with App(config, extra_plugins=plugins):
         append(config.data_root / EVENTS_LOG, "ready\n")
         while not stop.wait(0.1):
             pass

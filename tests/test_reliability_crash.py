@@ -111,11 +111,12 @@ class Daemon:
         path = self.data / EMBEDDED_LOG
         return path.read_text().split() if path.exists() else []
 
-    def start(self) -> None:
+    def start(self, *options: str) -> None:
+        """Start the child with `options` (tests/crash_child.py's flags)."""
         self._stored_before = stored_vectors(self.data)
         self._embedded_from = len(self._embedded())
         self._events_from += len(self.events())
-        command = [sys.executable, "-m", "tests.crash_child", "config.yaml"]
+        command = [sys.executable, "-m", "tests.crash_child", "config.yaml", *options]
         command += ["--permissions-apply"] if self.permissions_apply else []
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with (self.root / "child.log").open("ab") as log:
@@ -134,9 +135,17 @@ class Daemon:
         self.kills += 1
         self._check_ended()
 
-    def finish(self, settled: Callable[[], bool]) -> None:
-        """Start, let it work until `settled`, stop it cleanly."""
-        self.start()
+    def killed_itself(self) -> None:
+        """Wait for the child to reach its own kill point (SIGKILL), then check what it left."""
+        assert self.process is not None
+        wait_for(lambda: self.process is not None and self.process.poll() is not None, what="the kill point")
+        assert self.process.returncode == -signal.SIGKILL, self.log_tail()
+        self.kills += 1
+        self._check_ended()
+
+    def finish(self, settled: Callable[[], bool], *options: str) -> None:
+        """Start (with `options`), let it work until `settled`, stop it cleanly."""
+        self.start(*options)
         wait_for(settled, timeout=120, what="the restarted daemon to finish its work")
         self.stop()
 
@@ -273,3 +282,44 @@ def test_kill_9_during_inbox_burst(tmp_path: Path, rng: random.Random) -> None:
     check_inbox_outcome(daemon.data, dropped, garbage)
     print(f"inbox: {daemon.kills} kills, (inbox files, open journal entries) after each: {left}; "
           f"{len(dropped)} files, each in one place with one record")
+
+
+def drop_inbox_files(data: Path, tag: str, per_label: int) -> dict[str, str]:
+    dropped: dict[str, str] = {}
+    for n, label in enumerate(LABELS):
+        seed = int(hashlib.sha256(f"{tag}{label}".encode()).hexdigest()[:8], 16)
+        dropped |= add_images(data / "inbox", [f"{tag}-{label}-{i}.png" for i in range(per_label)], label, seed + n)
+    return dropped
+
+
+def test_inbox_records_are_durable_before_their_journal_entries_close(tmp_path: Path) -> None:
+    """A batch's records are fsynced together (daemon.atomic.GroupCommit), each while its journal entry is
+    still open: a power cut before the entry closes is mended by recovery, never after."""
+    daemon = Daemon(tmp_path)
+    add_training_images(daemon.data, 10, "base")
+    daemon.finish(lambda: trained_on_everything(daemon.data))
+    dropped = drop_inbox_files(daemon.data, "durable", 4)
+    daemon.finish(lambda: trained_on_everything(daemon.data), "--watch-fsync")  # no kill
+    check_inbox_outcome(daemon.data, dropped, set())
+    fsyncs = [line for line in (daemon.data / EVENTS_LOG).read_text().splitlines() if line.startswith("fsync ")]
+    sidecars = [line.split() for line in fsyncs if not line.startswith("fsync results.jsonl ")]
+    assert sorted(name for _, name, _ in sidecars) == sorted(f"{name}.json" for name in dropped)
+    assert all(int(line.split()[2]) >= 1 for line in fsyncs), fsyncs  # every one before its entry closed
+
+
+def test_kill_9_between_an_inbox_batch_s_records_and_its_journal_close(tmp_path: Path) -> None:
+    """Kills at exact points of a batch of 8: between its sinks, and inside its group commit (after the first
+    and after the last record's fsync). After a restart every file is in one place with one record."""
+    daemon = Daemon(tmp_path)
+    add_training_images(daemon.data, 10, "base")
+    daemon.finish(lambda: trained_on_everything(daemon.data))
+    dropped: dict[str, str] = {}
+    for point in (("--kill-in-sink", "5"), ("--kill-at-fsync", "1"), ("--kill-at-fsync", "8")):
+        daemon.start("--watch-fsync", *point)
+        dropped |= drop_inbox_files(daemon.data, f"k{point[1]}{point[0][7]}", 3)
+        daemon.killed_itself()
+        with closing(sqlite3.connect(daemon.data / "state" / "store.sqlite")) as db:
+            (journaled,) = db.execute("SELECT COUNT(*) FROM journal").fetchone()
+        assert journaled, f"{point}: the kill landed before the batch was journaled or after it closed"
+        daemon.finish(lambda: trained_on_everything(daemon.data))  # recovery, then the rest of the files
+        check_inbox_outcome(daemon.data, dropped, set())
