@@ -134,10 +134,11 @@ def daemon_config(root: Path, cache: Path, name: str, **sections: Any) -> Any:
 
 
 @contextmanager
-def scratch(prefix: str) -> Iterator[Path]:
+def scratch(prefix: str, where: Path | None = None) -> Iterator[Path]:
+    """A fresh folder under `where` (default: the temporary folder), removed afterwards."""
     import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix=f"retraind-bench-{prefix}-"))
+    root = Path(tempfile.mkdtemp(prefix=f"retraind-bench-{prefix}-", dir=where))
     try:
         yield root
     finally:

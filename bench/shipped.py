@@ -113,6 +113,23 @@ def cpu_note(phase: str, before: float, after: float, items: int, seconds: float
                  f"cores), the limit {1000 * bare_cpu:.2f}: CPU ratio {bare_cpu * items / total:.3f}")
 
 
+def wait_quiet(daemon: Daemon, timeout: float = 600) -> None:
+    """Wait until the daemon has used under 5 % of a core for 2 s in a row (at least 4 s): a training run
+    and its plots, started once the last phase's images were in, must not be timed with the next phase."""
+    started = last = time.perf_counter()
+    used = process_cpu(daemon.process.pid)
+    quiet_since = started
+    while time.perf_counter() - started < timeout:
+        time.sleep(0.5)
+        now, cpu = time.perf_counter(), process_cpu(daemon.process.pid)
+        if cpu - used > 0.05 * (now - last):
+            quiet_since = now
+        used, last = cpu, now
+        if now - quiet_since >= 2 and now - started >= 4:
+            return
+    daemon.fail(f"the daemon was still busy {timeout:.0f} s after the phase")
+
+
 def wait_for(condition: object, timeout: float, what: str, daemon: Daemon, poll: float = 0.1,
              progress: object = None) -> float:
     """Poll `condition()`; a `# ...` progress line every 5 s from `progress()`; the time it first held."""
@@ -244,7 +261,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     wait_for(lambda: daemon.get("/readyz")[0] == 200, 600, "the first model", daemon, poll=0.25)
     runs = lambda: daemon.metric("retraind_training_runs_total")
     harness.note(f"first model after the fill; training runs so far: {runs():.0f}")
-    time.sleep(4)  # let any follow-up training run finish: the burst is timed on an idle daemon
+    wait_quiet(daemon)  # a follow-up training run and its plots finish: the burst is timed on an idle daemon
 
     # -- inbox burst --------------------------------------------------------------------------------------
     engine, bare_cpu = bare_rate(bare, pixels)
@@ -289,7 +306,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
 
     # -- phone photos -------------------------------------------------------------------------------------
     if photos:
-        time.sleep(4)
+        wait_quiet(daemon)  # the training run after the backfill (11,000 images) and its plots
         engine, bare_cpu = bare_rate(bare, pixels)
         decode, decode_cpu = decode_seconds(photos[:20], bare.input_size)  # type: ignore[attr-defined]
         limit = 1 / (decode / cores + 1 / engine)

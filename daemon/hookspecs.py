@@ -112,7 +112,9 @@ def retraind_should_retrain(state: RetrainState) -> bool | None:
 def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head | None:
     """Train a classifier head on cached bottlenecks and return it, or None to defer to the next trainer.
 
-    Called on the trainer thread. `dataset` holds float32 train/validation/test matrices and integer labels
+    Called on the trainer thread for the served head, and for the out-of-fold heads of the trust fit on its
+    worker threads (`daemon.trust.TrustFit`), up to one per core at once: keep no shared mutable state.
+    `dataset` holds float32 train/validation/test matrices and integer labels
     indexing `dataset.labels`; fit on `dataset.training_rows` (the train split plus the cached distorted
     variants of its images) and keep validation and test for evaluation. Stops at the first non-None
     result; the built-in L-BFGS softmax trainer is `trylast`.
@@ -159,9 +161,9 @@ def retraind_fit_novelty(x: np.ndarray, labels: np.ndarray) -> NoveltyScore | No
     """Fit a novelty score (`daemon.novelty.NoveltyScore`: higher = less like the training images) on
     bottlenecks `x` (n, dim) float32 with label indices `labels` (n,) int64.
 
-    Called on the trainer thread several times per training run: once per fold (known images scored
-    out-of-fold), once per class left out (leave-one-class-out, that class standing in for the unknown),
-    and once on all train and validation images for serving. Stops at the first non-None result; the
+    Called once per training run on all train and validation images for serving, on a worker thread of the
+    trust fit while the head is fitted (`daemon.trust.TrustFit`); and once per held-out group (each fold, each
+    class left out) when no plugin answers `retraind_score_held_out`. Stops at the first non-None result; the
     built-in `mahalanobis_novelty` plugin (`trylast`) fits the class-conditional Mahalanobis distance.
     """
 
@@ -174,7 +176,8 @@ def retraind_score_held_out(name: str, x: np.ndarray, labels: np.ndarray,
     fitted on the other rows. Return None when this plugin does not make scores of that name: the trainer then
     fits one score per group through `retraind_fit_novelty`.
 
-    Called on the trainer thread once per training run, with the folds (known images scored out-of-fold) and
+    Called once per training run on a worker thread of the trust fit, beside the head's fit and the fold
+    heads (`daemon.trust.TrustFit`), with the folds (known images scored out-of-fold) and
     then the classes left out (leave-one-class-out) as the groups. Stops at the first non-None result; the built-in
     `mahalanobis_novelty` plugin (`trylast`) answers for `class_mahalanobis` with one scatter matrix of the
     rows it fits on, less each group's share.

@@ -23,7 +23,7 @@ from daemon.retrain_policy import RetrainState
 from daemon.serving import ServingModel
 from daemon.split import SPLIT_RULE, SPLITS, VALIDATION
 from daemon.store import Store
-from daemon.trust import fit_trust
+from daemon.trust import TrustFit
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,10 @@ class Trainer(threading.Thread):
         dataset = self._dataset()
         if dataset is None:
             return None
+        with TrustFit(dataset, self._hooks) as trust_fit:  # its novelty fits run beside the head's fit
+            return self._train_head(started, dataset, trust_fit)
+
+    def _train_head(self, started: float, dataset: Dataset, trust_fit: TrustFit) -> ModelVersion | None:
         head = self._hooks.train_head(dataset, self._config.training)
         if head is None:
             raise RuntimeError("no plugin trained a head (is the built-in softmax_head plugin disabled?)")
@@ -212,7 +216,7 @@ class Trainer(threading.Thread):
             self._serving.candidate = ModelVersion(number, self._registry.root / str(number), dataset.labels,
                                                    self._backbone.id, head, {**metrics, "version": number})
             return None
-        return self._publish(head, dataset, metrics)
+        return self._publish(head, dataset, metrics, trust_fit)
 
     def _dataset(self) -> Dataset | None:
         """The training set with its augmented rows; None when there is nothing to train on, or on a stop."""
@@ -227,10 +231,9 @@ class Trainer(threading.Thread):
         # None when stopping: the variants made so far are kept for the next start
         return self._variants.attach(dataset, entries, lambda: self._stopping)
 
-    def _publish(self, head: Head, dataset: Dataset, metrics: dict[str, Any]) -> ModelVersion:
+    def _publish(self, head: Head, dataset: Dataset, metrics: dict[str, Any], trust_fit: TrustFit) -> ModelVersion:
         """Calibrate the head and derive its thresholds (daemon/trust.py), then publish and serve it."""
-        fitted = fit_trust(head, dataset, self._hooks, self._config.training, self._config.classify,
-                           self._store.hashes())
+        fitted = trust_fit.finish(head, self._config.training, self._config.classify, self._store.hashes())
         metrics["trust"] = fitted.summary
 
         def artifacts(version: ModelVersion, directory: Path) -> None:

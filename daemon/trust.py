@@ -19,21 +19,24 @@ from `label` with a high `probability`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from daemon.calibration import Calibrator, expected_calibration_error, softmax
 from daemon.config import ClassifyConfig, TrainingConfig
 from daemon.dataset import Dataset, Part
+from daemon.engines import default_threads
 from daemon.head import Head
 from daemon.novelty import (
     MAX_LOCO_CLASSES,
@@ -175,19 +178,13 @@ def _fold_dataset(dataset: Dataset, pool: Part, rows: np.ndarray) -> Dataset:
                    dataset.manifest_sha256)
 
 
-def _out_of_fold(head: Head, dataset: Dataset, pool: Part, folds: np.ndarray, hooks: Hooks,
+def _fold_logits(dataset: Dataset, pool: Part, folds: np.ndarray, k: int, hooks: Hooks,
                  training: TrainingConfig) -> np.ndarray:
-    """Out-of-fold logits (n, classes) for every row of `pool`."""
-    if "l2" in head.hyperparameters:  # the served head's strength: one fit per fold, not one per candidate
-        training = dataclasses.replace(training, l2=[float(head.hyperparameters["l2"])])
-    logits = np.zeros((len(pool.y), len(dataset.labels)), dtype=np.float32)
-    for k in np.unique(folds):
-        inside, outside = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        fold_head = hooks.train_head(_fold_dataset(dataset, pool, inside), training)
-        if fold_head is None:
-            raise RuntimeError("no plugin trained a head for an out-of-fold prediction")
-        logits[outside] = fold_head.logits(pool.x[outside])
-    return logits
+    """The logits (rows of fold k, classes) of a head trained on the pool's other folds (and their variants)."""
+    fold_head = hooks.train_head(_fold_dataset(dataset, pool, np.flatnonzero(folds != k)), training)
+    if fold_head is None:
+        raise RuntimeError("no plugin trained a head for an out-of-fold prediction")
+    return fold_head.logits(pool.x[folds == k])
 
 
 def _held_out_novelty(name: str, pool: Part, folds: np.ndarray, hooks: Hooks) -> tuple[np.ndarray, np.ndarray]:
@@ -217,35 +214,100 @@ def _rounded(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
-              sha256_of: Mapping[str, str | None]) -> FittedTrust:
-    """Calibrate `head`, derive its review and novelty thresholds, and describe them for `metrics.json`.
-
-    Costs `FOLDS` extra head fits, one novelty fit, and the held-out novelty scores of the folds and of up to
-    MAX_LOCO_CLASSES classes left out (the built-in score: one scatter matrix, less each group's share).
-    Raises ValueError when the train and validation splits hold fewer than 2 images. BLAS runs on one thread
-    throughout, as in the head's own fit: two OpenBLAS copies (numpy's, scipy's) fighting over the cores made
-    the covariance and head fits several times slower."""
-    import scipy.linalg  # noqa: F401 - loaded before the limit: a BLAS first loaded inside it is not limited
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _fit_trust(head, dataset, hooks, training, classify, sha256_of)
+def workers() -> int:
+    """Threads a trust fit runs its parts on: every core this process may use, at most one per fold head
+    plus one for the novelty fits."""
+    return min(default_threads(), FOLDS + 1)
 
 
-def _fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
+class TrustFit:
+    """The trust fit of one training run, started as soon as its dataset is built (a context manager).
+
+    Entering it draws the held-out pool (train and validation images, at most MAX_HELD_OUT) and its folds,
+    and starts the novelty fits, which need no head, on a worker thread while the trainer fits the head: the
+    served score, then the held-out scores of the folds and of up to MAX_LOCO_CLASSES classes left out (the
+    built-in score: one scatter matrix, less each group's share). `finish(head, ...)` trains the `FOLDS` fold
+    heads on the workers (through `retraind_train_head`, at the served head's L2 strength), then fits the
+    calibrator and derives the thresholds. Leaving the context waits for what is still running (the head
+    was rejected, or a part failed).
+
+    The parts run on `workers()` threads (numpy's products run without the GIL), each with BLAS pinned to
+    one thread as in the head's own fit: two OpenBLAS copies (numpy's, scipy's) each running on every core
+    made the covariance and head fits several times slower; one BLAS thread per part and one part per core
+    do not oversubscribe. Every part is a deterministic function of its rows, so the results do not depend
+    on the number of threads."""
+
+    def __init__(self, dataset: Dataset, hooks: Hooks, threads: int | None = None) -> None:
+        self.dataset, self.hooks = dataset, hooks
+        self.pool = _held_out_pool(dataset)
+        self.folds = folds_of(self.pool.paths) if len(self.pool.y) else np.zeros(0, dtype=np.int64)
+        self._threads = threads or workers()
+        self._stack = contextlib.ExitStack()
+        self._novelty: Future[tuple[NoveltyScore, np.ndarray, np.ndarray]] | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> Self:
+        import scipy.linalg  # noqa: F401 - loaded before the limit: a BLAS first loaded inside it is not limited
+        from threadpoolctl import threadpool_limits
+
+        self._stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+        self._executor = self._stack.enter_context(ThreadPoolExecutor(self._threads, "retraind-trust"))
+        self.started = time.perf_counter()
+        if len(self.pool.y) >= 2:
+            self._novelty = self._executor.submit(self._fit_novelty)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._stack.close()
+
+    def _fit_novelty(self) -> tuple[NoveltyScore, np.ndarray, np.ndarray]:
+        novelty = self.hooks.fit_novelty(self.pool.x, self.pool.y)
+        return (novelty, *_held_out_novelty(novelty.name, self.pool, self.folds, self.hooks))
+
+    def novelty(self) -> tuple[NoveltyScore, np.ndarray, np.ndarray]:
+        """The served novelty score, the pool's out-of-fold scores (n,) and the stand-in unknowns' scores."""
+        if self._novelty is None:
+            raise ValueError("calibration needs at least 2 train or validation images")
+        return self._novelty.result()
+
+    def out_of_fold(self, head: Head, training: TrainingConfig) -> np.ndarray:
+        """Out-of-fold logits (n, classes) for every row of the pool, the fold heads trained on the workers."""
+        if "l2" in head.hyperparameters:  # the served head's strength: one fit per fold, not one per candidate
+            training = dataclasses.replace(training, l2=[float(head.hyperparameters["l2"])])
+        pool, folds = self.pool, self.folds
+        fits = {int(k): self._executor.submit(_fold_logits, self.dataset, pool, folds, int(k), self.hooks,
+                                              training) for k in np.unique(folds)}
+        logits = np.zeros((len(pool.y), len(self.dataset.labels)), dtype=np.float32)
+        for k, fit in fits.items():
+            logits[folds == k] = fit.result()
+        return logits
+
+    def finish(self, head: Head, training: TrainingConfig, classify: ClassifyConfig,
                sha256_of: Mapping[str, str | None]) -> FittedTrust:
-    started = time.perf_counter()
-    pool = _held_out_pool(dataset)
+        """Calibrate `head`, derive its review and novelty thresholds, and describe them for `metrics.json`.
+        Raises ValueError when the train and validation splits hold fewer than 2 images."""
+        return _fit_trust(head, self, training, classify, sha256_of)
+
+
+def fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingConfig, classify: ClassifyConfig,
+              sha256_of: Mapping[str, str | None], threads: int | None = None) -> FittedTrust:
+    """`TrustFit(dataset, hooks, threads)`, finished at once for a head already fitted."""
+    with TrustFit(dataset, hooks, threads) as started:
+        return started.finish(head, training, classify, sha256_of)
+
+
+def _fit_trust(head: Head, parts: TrustFit, training: TrainingConfig, classify: ClassifyConfig,
+               sha256_of: Mapping[str, str | None]) -> FittedTrust:
+    finishing = time.perf_counter()
+    dataset, hooks, pool, folds = parts.dataset, parts.hooks, parts.pool, parts.folds
     if len(pool.y) < 2:
         raise ValueError("calibration needs at least 2 train or validation images")
-    folds = folds_of(pool.paths)
-    oof_logits = _out_of_fold(head, dataset, pool, folds, hooks, training)
+    oof_logits = parts.out_of_fold(head, training)
     calibrator = hooks.fit_calibrator(oof_logits, pool.y)
     calibrated = calibrator.probabilities(oof_logits)
     predicted, confidence = calibrated.argmax(axis=1), calibrated.max(axis=1)
-    novelty = hooks.fit_novelty(pool.x, pool.y)
-    known, unknown = _held_out_novelty(novelty.name, pool, folds, hooks)
+    novelty, known, unknown = parts.novelty()
     novelty_rule, novelty_threshold = _novelty_threshold(known, unknown, classify.novelty_false_alarm_rate)
     selected = sgr_threshold(confidence, predicted == pool.y, classify.target_precision)
     trust = Trust(calibrator, novelty, None if selected is None else selected.threshold, novelty_threshold)
@@ -274,7 +336,9 @@ def _fit_trust(head: Head, dataset: Dataset, hooks: Hooks, training: TrainingCon
                     "loco_auroc": _rounded(auroc(known, unknown))},
         "out_of_fold": {"folds": len(np.unique(folds)), "images": len(pool.y),
                         "accuracy": _rounded(float(np.mean(predicted == pool.y))), "file": OUT_OF_FOLD_FILE},
-        "fit_seconds": round(time.perf_counter() - started, 4),  # the fold heads, calibrator and novelty fits
+        # wall seconds the trust fit added after the head's fit, and since it started (beside the head's fit)
+        "fit_seconds": round(time.perf_counter() - finishing, 4),
+        "started_seconds": round(time.perf_counter() - parts.started, 4),
     }
     labels = dataset.labels
     rows = [{"path": path, "sha256": sha256_of.get(path), "label": labels[pool.y[i]],

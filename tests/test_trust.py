@@ -213,3 +213,21 @@ def test_a_plugin_replaces_the_calibrator_and_the_novelty_score(tmp_path: Path) 
         assert all(row["novelty"] == 0.0 for row in fitted.out_of_fold) == (novelty == "never_novel")
         fitted.save(tmp_path)
         assert (tmp_path / "out_of_fold.jsonl").read_text().count("\n") == 120
+
+
+def test_the_trust_fit_gives_the_same_result_on_any_number_of_threads() -> None:
+    """The fold heads and the novelty fits run on worker threads beside each other; each fold's logits land on
+    that fold's rows, so one thread and six give the same thresholds and out-of-fold rows."""
+    y = np.repeat(np.arange(3), 50)
+    x = (RNG.gamma(2.0, 0.5, (3, 8))[y] + RNG.normal(0, 0.6, (150, 8))).astype(np.float32)
+    paths = tuple(f"{'abc'[label]}/{i}.jpg" for i, label in enumerate(y))
+    empty = Part(x[:0], y[:0], ())
+    dataset = Dataset(("a", "b", "c"), {"train": Part(x, y, paths), "validation": empty, "test": empty}, "m")
+    hooks = Hooks(make_plugin_manager())
+    head = hooks.train_head(dataset, TrainingConfig())
+    assert head is not None
+    one, six = (fit_trust(head, dataset, hooks, TrainingConfig(), ClassifyConfig(), {}, threads=n) for n in (1, 6))
+    assert one.out_of_fold == six.out_of_fold and 0.5 < one.summary["out_of_fold"]["accuracy"] < 1.0
+    seconds = ("fit_seconds", "started_seconds")
+    assert ({k: v for k, v in one.summary.items() if k not in seconds}
+            == {k: v for k, v in six.summary.items() if k not in seconds})
