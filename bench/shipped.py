@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import harness
@@ -113,6 +114,23 @@ def cpu_note(phase: str, before: float, after: float, items: int, seconds: float
                  f"cores), the limit {1000 * bare_cpu:.2f}: CPU ratio {bare_cpu * items / total:.3f}")
 
 
+def wait_quiet(daemon: Daemon, timeout: float = 600) -> None:
+    """Wait until the daemon has used under 5 % of a core for 2 s in a row (at least 4 s): a training run
+    and its plots, started once the last phase's images were in, must not be timed with the next phase."""
+    started = last = time.perf_counter()
+    used = process_cpu(daemon.process.pid)
+    quiet_since = started
+    while time.perf_counter() - started < timeout:
+        time.sleep(0.5)
+        now, cpu = time.perf_counter(), process_cpu(daemon.process.pid)
+        if cpu - used > 0.05 * (now - last):
+            quiet_since = now
+        used, last = cpu, now
+        if now - quiet_since >= 2 and now - started >= 4:
+            return
+    daemon.fail(f"the daemon was still busy {timeout:.0f} s after the phase")
+
+
 def wait_for(condition: object, timeout: float, what: str, daemon: Daemon, poll: float = 0.1,
              progress: object = None) -> float:
     """Poll `condition()`; a `# ...` progress line every 5 s from `progress()`; the time it first held."""
@@ -128,6 +146,24 @@ def wait_for(condition: object, timeout: float, what: str, daemon: Daemon, poll:
             shown = time.perf_counter()
             harness.note(f"  {what}: {progress()} ({shown - started:.0f} s)")  # type: ignore[operator]
         time.sleep(poll)
+    daemon.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    return 0.0
+
+
+def wait_count(count: Callable[[], float], base: float, items: int, timeout: float, what: str,
+               daemon: Daemon) -> float:
+    """Wait until `count()` (a figure of `/metrics`) is `items` above `base`; the time it first was. Asked
+    twice a second while more than 32 images are left, then every 20 ms: each answer costs the daemon ~3 ms
+    of CPU, and ten a second took 3 % of its CPU during the fill."""
+    started = shown = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        done = count() - base
+        if done >= items:
+            return time.perf_counter()
+        if time.perf_counter() - shown >= 5:
+            shown = time.perf_counter()
+            harness.note(f"  {what}: {done:.0f}/{items} ({shown - started:.0f} s)")
+        time.sleep(0.5 if items - done > 32 else 0.02)
     daemon.fail(f"timed out after {timeout:.0f} s waiting for {what}")
     return 0.0
 
@@ -233,8 +269,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     harness.note(f"daemon pid {daemon.process.pid}")
     cpu = process_cpu(daemon.process.pid)
     copy_in(staged["fill"], classes)
-    done = wait_for(lambda: computed() >= base + a.fill, 1800, "the fill", daemon,
-                    progress=lambda: f"{computed() - base:.0f}/{a.fill}")
+    done = wait_count(computed, base, a.fill, 1800, "the fill", daemon)
     rate = a.fill / (done - started)
     harness.emit("shipped.fill", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine")
     busy = forward() - forward_base
@@ -244,7 +279,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     wait_for(lambda: daemon.get("/readyz")[0] == 200, 600, "the first model", daemon, poll=0.25)
     runs = lambda: daemon.metric("retraind_training_runs_total")
     harness.note(f"first model after the fill; training runs so far: {runs():.0f}")
-    time.sleep(4)  # let any follow-up training run finish: the burst is timed on an idle daemon
+    wait_quiet(daemon)  # a follow-up training run and its plots finish: the burst is timed on an idle daemon
 
     # -- inbox burst --------------------------------------------------------------------------------------
     engine, bare_cpu = bare_rate(bare, pixels)
@@ -254,8 +289,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     cpu = process_cpu(daemon.process.pid)
     for _label, path in staged["burst"]:
         os.rename(path, inbox / path.name)
-    done = wait_for(lambda: classified() >= base + a.burst, 1800, "the inbox burst", daemon,
-                    progress=lambda: f"{classified() - base:.0f}/{a.burst}")
+    done = wait_count(classified, base, a.burst, 1800, "the inbox burst", daemon)
     rate = a.burst / (done - started)
     harness.emit("shipped.inbox_burst", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine_before_burst")
     busy = forward() - forward_base
@@ -279,8 +313,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
         harness.note(f"  inbox file {i + 1} dropped at {dropped - started:.1f} s into the backfill: "
                      f"{latencies[-1] * 1000:.0f} ms to its result ({computed() - base:.0f} bottlenecks cached)")
     copier.join()
-    done = wait_for(lambda: computed() >= base + a.backfill, 3600, "the backfill", daemon,
-                    progress=lambda: f"{computed() - base:.0f}/{a.backfill}")
+    done = wait_count(computed, base, a.backfill, 3600, "the backfill", daemon)
     if latencies:
         harness.emit("shipped.inbox_latency_during_backfill_max", max(latencies) * 1000, "ms")
         harness.emit("shipped.inbox_latency_during_backfill_median", statistics.median(latencies) * 1000, "ms")
@@ -289,7 +322,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
 
     # -- phone photos -------------------------------------------------------------------------------------
     if photos:
-        time.sleep(4)
+        wait_quiet(daemon)  # the training run after the backfill (11,000 images) and its plots
         engine, bare_cpu = bare_rate(bare, pixels)
         decode, decode_cpu = decode_seconds(photos[:20], bare.input_size)  # type: ignore[attr-defined]
         limit = 1 / (decode / cores + 1 / engine)
@@ -299,8 +332,7 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
         base, started = computed(), time.perf_counter()
         cpu = process_cpu(daemon.process.pid)
         copy_in([(p.parent.name, p) for p in photos], classes)
-        done = wait_for(lambda: computed() >= base + len(photos), 1800, "the photos", daemon,
-                        progress=lambda: f"{computed() - base:.0f}/{len(photos)}")
+        done = wait_count(computed, base, len(photos), 1800, "the photos", daemon)
         rate = len(photos) / (done - started)
         harness.emit("shipped.photos", rate, "img/s", ratio=rate / limit, vs="shipped.photo_limit")
         cpu_note("photos", cpu, process_cpu(daemon.process.pid), len(photos), done - started, bare_cpu + decode_cpu)

@@ -94,7 +94,8 @@ class ClassifyConfig:
     send images unlike every taught class to review (reason `unfamiliar`). `novelty_false_alarm_rate`: the
     share of known-class images the novelty gate may send to review, its threshold set at that conformal
     quantile of the out-of-fold known novelty scores; `None` (the default) sets it by leave-one-class-out
-    Youden's J instead (daemon/novelty.py). Like `target_precision`, it applies from the next model version."""
+    Youden's J instead (daemon/novelty.py). Like `target_precision`, it is applied when a model version is
+    fitted, and a changed value makes the serving model out of date (daemon/trainer.py retrains)."""
 
     top_k: int = 5
     target_precision: float = 0.9

@@ -126,8 +126,8 @@ class InboxProcessor:
         return outcome
 
     def _judged(self, version: ModelVersion, files: list[ImageFile], extraction: Extraction) -> list[Judgement]:
-        """The batch's scores in one product each (head, novelty): row by row cost 4-5 ms of CPU per image
-        beside the engine, batched a tenth of that."""
+        """The batch's scores in one product each (head, novelty): row by row, the novelty score's 1280×1280
+        product cost 0.17 ms of CPU per image on one thread, batched by 32 0.05 ms."""
         if not files:
             return []
         return judge(version, np.stack([extraction.vectors[f.sha256] for f in files]), self._config.classify)

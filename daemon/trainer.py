@@ -100,13 +100,16 @@ class Trainer(threading.Thread):
 
     def trained_on_current(self, version: ModelVersion) -> bool:
         """`version` was trained on this backbone, on exactly the training images in the catalog now, with the
-        augmentation, head settings and target precision in force now, and its calibration is loaded."""
+        augmentation, head settings, target precision and novelty false-alarm rate in force now, and its
+        calibration is loaded."""
         entries = sorted((e for e in self._store.catalog().values() if e.ok), key=lambda e: e.path)
         m = version.metrics
+        trust = m.get("trust") or {}
         return (version.trust is not None and version.backbone == self._backbone.id and m.get("manifest_sha256") == manifest_of(entries)
                 and m.get("augmentation") == self._variants.augmenter.summary
                 and m.get("training_settings") == self._head_settings()
-                and (m.get("trust") or {}).get("target_precision") == self._config.classify.target_precision)
+                and trust.get("target_precision") == self._config.classify.target_precision
+                and (trust.get("novelty") or {}).get("false_alarm_rate") == self._config.classify.novelty_false_alarm_rate)
 
     def _head_settings(self) -> dict[str, Any]:
         """The `training` settings that shape the head (not when, how often, or what is kept and shown)."""

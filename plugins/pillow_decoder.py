@@ -104,7 +104,7 @@ def _flatten(image: Image.Image) -> Image.Image:
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # no copy of what is already RGB
 
 
 @hookimpl(trylast=True)

@@ -81,27 +81,38 @@ def test_untaught_images_go_to_review_and_teach_a_new_label(tmp_path: Path, run_
     assert last["file"] == "new-yellow.jpg" and last["label"] == "yellow" and last["review_reason"] != UNFAMILIAR
 
 
+def _classify_known(app: Any, tmp_path: Path, first_seed: int) -> list[dict[str, Any]]:
+    """12 new images of the known classes through the inbox; their result records."""
+    done = len(results(tmp_path))
+    for i in range(12):
+        write_image(tmp_path / "data" / "inbox" / f"known-{KNOWN[i % 3]}-{first_seed + i}.jpg", KNOWN[i % 3],
+                    seed=first_seed + i)
+    wait_for(lambda: len(results(tmp_path)) == done + 12, what="12 more results")
+    return results(tmp_path)[done:]
+
+
 def test_novelty_false_alarm_rate_sends_that_share_of_known_images_to_review(tmp_path: Path, run_app: Any) -> None:
-    """The Youden threshold files these known images (the test above); a false-alarm rate of 0.5 sends about
-    half of them to review as `unfamiliar`, at the threshold the out-of-fold scores give."""
-    data = tmp_path / "data"
+    """Youden's J files these known images; restarted with a false-alarm rate of 0.5, the daemon retrains and
+    sends about half of the next ones to review as `unfamiliar`, at the threshold the out-of-fold scores give."""
     seed_classes(tmp_path, per_label=30, labels=KNOWN)
+    with run_app(classify=DERIVED) as app:
+        youden = wait_for(lambda: trained_on(app, 90), what="a model of all 90 images")
+        assert youden.metrics["trust"]["novelty"]["rule"] == "youden"
+        before = _classify_known(app, tmp_path, 5000)
     with run_app(classify={**DERIVED, "novelty_false_alarm_rate": 0.5}) as app:
-        version = wait_for(lambda: trained_on(app, 90), what="a model of all 90 images")
+        version = wait_for(lambda: (v := app.serving.version) and v.number > youden.number and v,
+                           what="a model fitted at the new rate")
         novelty = version.metrics["trust"]["novelty"]
         oof = sorted(json.loads(line)["novelty"] for line in (version.directory / OUT_OF_FOLD_FILE).read_text().splitlines())
         assert (novelty["rule"], novelty["false_alarm_rate"]) == ("false_alarm_rate", 0.5)
         assert math.isclose(novelty["threshold"], oof[math.ceil(91 * 0.5) - 1], rel_tol=1e-3)  # the 46th of 90
-        for i in range(12):
-            write_image(data / "inbox" / f"known-{KNOWN[i % 3]}-{i}.jpg", KNOWN[i % 3], seed=5000 + i)
-        wait_for(lambda: len(results(tmp_path)) == 12, what="12 results")
+        after = _classify_known(app, tmp_path, 5100)
         assert "(false-alarm rate 50.0% of known images)" in daemon_status(app)
         code, meta = get(app, "/v1/models/retraind/metadata")
     assert code == 200 and meta["trust"]["novelty"]["false_alarm_rate"] == 0.5
-    records = results(tmp_path)
-    unfamiliar = [r for r in records if r["review_reason"] == UNFAMILIAR]
-    assert 2 <= len(unfamiliar) <= 10, records
-    assert all((r["novelty"] > novelty["threshold"]) == (r in unfamiliar) for r in records)
+    unfamiliar = [r for r in after if r["review_reason"] == UNFAMILIAR]
+    assert sum(r["review_reason"] == UNFAMILIAR for r in before) <= 1 and 3 <= len(unfamiliar) <= 10, (before, after)
+    assert all((r["novelty"] > novelty["threshold"]) == (r in unfamiliar) for r in after)
 
 
 def test_too_few_images_send_everything_to_review_and_say_why(tmp_path: Path, run_app: Any) -> None:
