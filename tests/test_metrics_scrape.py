@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -71,6 +72,10 @@ def scrape(port: int, accept: str = "") -> tuple[str, str]:
         return response.headers["Content-Type"], response.read().decode()
 
 
+def families_of(text: str) -> dict[str, Metric]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
 def value(samples: list[Sample], name: str, **labels: str) -> float:
     (match,) = [s.value for s in samples if s.name == name and s.labels == labels]
     return match
@@ -87,12 +92,15 @@ def test_every_design_metric_through_a_real_scrape(tmp_path: Path, run_app: Any)
         (data / "inbox" / "notes.txt").write_text("not an image")
         wait_for(lambda: not any((data / "inbox").iterdir()), what="the inbox to empty")
         assert app.http is not None
+        # the gauge is set at the end of the pipeline's turn, after the turn's moves have emptied the folder
+        wait_for(lambda: value(families_of(scrape(app.http.port)[1])["retraind_inbox_pending_files"].samples,
+                               "retraind_inbox_pending_files") == 0, what="the pending-files gauge to reach 0")
         content_type, text = scrape(app.http.port)
         open_metrics = scrape(app.http.port, "application/openmetrics-text; version=1.0.0")
 
     assert content_type.startswith("text/plain; version=0.0.4")
     assert open_metrics[0].startswith("application/openmetrics-text") and open_metrics[1].endswith("# EOF\n")
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families = families_of(text)
     for family, (kind, labels) in EXPECTED.items():
         assert family in families, f"{family} is not exported"
         assert families[family].type == kind, family
