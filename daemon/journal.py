@@ -3,9 +3,10 @@ records are; `recover()` finishes what a crash, a failed move or a failed sink l
 
 The order is journal → move → sinks → fsync → journal done: a batch's moves and records are made durable
 together (one pass over its files and folders, `daemon.atomic.GroupCommit`) before its entries close, so a
-power cut anywhere before that leaves the entries open and recovery redoes what was lost. Recovery redoes the move if it had not happened (or the
-removal of a source a cross-file-system copy left behind), then the idempotent sinks. It runs at start-up and,
-with a growing delay, whenever a move or a sink failed with an I/O error (a full disk, a read-only folder).
+power cut anywhere before that leaves the entries open and recovery redoes what was lost. Recovery redoes the
+move if it had not happened (or the removal of a source a cross-file-system copy left behind), then the
+idempotent sinks. It runs at start-up and, with a growing delay, whenever a move or a sink failed with an I/O
+error (a full disk, a read-only folder).
 """
 
 from __future__ import annotations
