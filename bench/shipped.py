@@ -153,8 +153,10 @@ def wait_for(condition: object, timeout: float, what: str, daemon: Daemon, poll:
 def wait_count(count: Callable[[], float], base: float, items: int, timeout: float, what: str,
                daemon: Daemon) -> float:
     """Wait until `count()` (a figure of `/metrics`) is `items` above `base`; the time it first was. Asked
-    twice a second while more than 32 images are left, then every 20 ms: each answer costs the daemon ~3 ms
-    of CPU, and ten a second took 3 % of its CPU during the fill."""
+    twice a second while more than 128 images are left, ten times a second down to the last 32, then every
+    20 ms: each answer costs the daemon ~3 ms of CPU, and ten a second through a whole phase took 3 % of its
+    CPU during the fill; but a half-second sleep begun with fewer images left than the daemon does in half a
+    second (about 65-90 here) overshoots the phase's end by up to that half second."""
     started = shown = time.perf_counter()
     while time.perf_counter() - started < timeout:
         done = count() - base
@@ -163,7 +165,8 @@ def wait_count(count: Callable[[], float], base: float, items: int, timeout: flo
         if time.perf_counter() - shown >= 5:
             shown = time.perf_counter()
             harness.note(f"  {what}: {done:.0f}/{items} ({shown - started:.0f} s)")
-        time.sleep(0.5 if items - done > 32 else 0.02)
+        left = items - done
+        time.sleep(0.5 if left > 128 else 0.1 if left > 32 else 0.02)
     daemon.fail(f"timed out after {timeout:.0f} s waiting for {what}")
     return 0.0
 
