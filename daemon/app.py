@@ -34,7 +34,7 @@ from daemon.instance_lock import InstanceLock
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
-from daemon.plugin_manager import Hooks
+from daemon.plugin_manager import PUBLISHER, Hooks
 from daemon.publish import Publisher, repositories
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.review import Review
@@ -163,10 +163,10 @@ class App:
 
     def _publisher(self) -> Publisher | None:
         """The `publisher` plugin, when a serving repository is configured and it is not disabled."""
-        if not repositories(self.config.publish) or self.hooks.pm.is_blocked("publisher"):
+        if not repositories(self.config.publish) or self.hooks.pm.is_blocked(PUBLISHER):
             return None
         publisher = Publisher(self.config, lambda config: build_backbone(self.hooks, config), self.metrics)
-        self.hooks.pm.register(publisher, name="publisher")
+        self.hooks.pm.register(publisher, name=PUBLISHER)
         return publisher
 
     def alive(self) -> bool:
