@@ -390,9 +390,15 @@ def parse_config(raw: Any, base: Path) -> Config:
 def load_config(path: Path) -> Config:
     """Read and validate `path`; every problem is a `ConfigError` naming the key."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"config: {path} is not UTF-8 text: line {line} holds the byte 0x{data[exc.start]:02x}; "
+                          "save the file as UTF-8") from exc
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -403,8 +409,18 @@ def load_config(path: Path) -> Config:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"config: {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     return parse_config(raw, path.parent.resolve())
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what: `line 12, column 1: found character '\\t' that cannot start any token`. PyYAML's first
+    line is often only its context ("while scanning for the next token"), without the line."""
+    if not (isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None):
+        return str(exc).splitlines()[0]
+    mark, where = exc.problem_mark, exc.context_mark
+    context = f" ({exc.context} from line {where.line + 1})" if exc.context and where is not None else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
 
 
 def _refuse_repeated_keys(node: yaml.Node, prefix: str, path: Path) -> None:

@@ -78,6 +78,21 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    (b"classify:\n  top_k: 5\n\tnovelty: true\n", "line 3, column 1: found character '\\t' that cannot start any token"),
+    (b"http:\n  port: 9721\n  host: 127.0.0.1\n  token_file: \"/etc/token\n", ("line 5, column 1: found unexpected end of "
+                                                                                  "stream (while scanning a quoted scalar from line 4)")),
+    (b"log_level: INFO\n# caf\xe9 (Latin-1)\n", "is not UTF-8 text: line 2 holds the byte 0xe9; save the file as UTF-8"),
+])
+def test_a_config_file_that_is_not_yaml_names_the_line(tmp_path: Path, text: bytes, message: str) -> None:
+    """KIND: a broken config file says where. A tab in the indentation or an unclosed quote gave only PyYAML's
+    context ("while scanning for the next token"), no line; a comment saved as Latin-1 was a traceback."""
+    (tmp_path / "config.yaml").write_bytes(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / "config.yaml")
+    assert str(raised.value).startswith(f"config: {tmp_path / 'config.yaml'} ") and str(raised.value).endswith(message)
+
+
 @pytest.mark.parametrize(
     ("folders", "message"),
     [
