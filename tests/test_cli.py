@@ -144,6 +144,20 @@ def test_classify_files(trained: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out.startswith(f"{junk}: rejected (unsupported)")
 
 
+def test_classify_a_folder_says_it_is_a_folder(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: a reject names what the path is. `retraind classify photos/` (a folder, where files are expected)
+    said `photos is a link to the folder photos; links to folders are not followed`: it is no link. A real
+    link to a folder keeps its own message."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (tmp_path / "linked").symlink_to(folder)
+    assert run(trained, "classify", str(folder), str(tmp_path / "linked"), plugins=(TinyBackbonePlugin(),)) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{folder}: rejected (unsupported): {folder} is a folder, not a file",
+        (f"{tmp_path / 'linked'}: rejected (unsupported): {tmp_path / 'linked'} is a link to the folder {folder}; "
+         "links to folders are not followed; move or copy the folder here instead")]
+
+
 def test_progress_bar_on_a_terminal(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     files = [str(write_image(tmp_path / f"in{i}.jpg", "red", seed=i)) for i in range(3)]
