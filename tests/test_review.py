@@ -85,7 +85,8 @@ def test_label_teaches_and_undo_restores(tmp_path: Path, run_app: Any) -> None:
 
 def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
     """Kind: a rejected image ends in rejected/ with a record; bad labels, unknown ids, cross-site callers and
-    non-JSON bodies are refused with a JSON error and nothing moves."""
+    non-JSON bodies are refused with a JSON error and nothing moves. A label that `watch.ignore` leaves alone
+    (`@eaDir`, `lost+found`: the image was moved there and never trained on) is a bad label too."""
     seed_classes(tmp_path)
     with run_app(**ALL_TO_REVIEW) as app:
         first_model(app)
@@ -94,6 +95,9 @@ def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
         item = group[0]["id"]
         for label in ("../etc", ".hidden", "", " padded", "a/b", 7, "two\nlines", "tab\there", "esc\x1b[2J"):
             assert_error(post(app, f"/v1/review/{item}:label", {"label": label}), 400, "label")
+        for label in ("@eaDir", "lost+found", "THUMBS.DB", "$Recycle.Bin"):  # KIND: a folder watch.ignore skips
+            assert_error(post(app, f"/v1/review/{item}:label", {"label": label}), 400, "watch.ignore")
+            assert not (app.config.folder("classes") / label).exists()
         assert_error(post(app, "/v1/review/0123456789abcdef:label", {"label": "red"}), 404, "no such item")
         assert_error(call(app, "POST", f"/v1/review/{item}:label", b'{"label": "red"}',
                           {"Content-Type": "text/plain"}), 415, "application/json")
