@@ -365,7 +365,8 @@ def _out_of_fold_rows(version: ModelVersion | None) -> list[dict[str, Any]]:
     if version is None:
         return []
     try:
-        lines = (version.directory / OUT_OF_FOLD_FILE).read_text(encoding="utf-8").splitlines()
+        # split at newlines only: splitlines() also breaks at U+2028/U+2029 and NEL, which JSON keeps raw
+        lines = (version.directory / OUT_OF_FOLD_FILE).read_text(encoding="utf-8").split("\n")
     except OSError:
         return []
     rows = []

@@ -134,6 +134,22 @@ def test_suspects_duplicates_keep_and_undo(tmp_path: Path, run_app: Any) -> None
         assert_error(post(app, f"/v1/suspects/{copy['id']}:move", {"label": "red"}), 404, "no such item")
 
 
+def test_a_suspect_named_with_a_unicode_line_separator_is_listed(tmp_path: Path, run_app: Any) -> None:
+    """KIND: line-oriented files are split at newlines only. `out_of_fold.jsonl` keeps names as they are
+    (JSON escapes a newline but not U+2028/U+2029 or NEL), and it was read back by `str.splitlines()`, which
+    breaks lines there too: the row of a training image so named fell apart and the image was never shown as
+    a suspect. INPUT: a red picture filed under blue as `odd\u2028name.jpg` beside a plain mislabelled one."""
+    seed_classes(tmp_path)
+    blue = tmp_path / "data" / "classes" / "blue"
+    for name, seed in (("odd\u2028name.jpg", 901), ("plain.jpg", 902)):
+        write_image(blue / name, "red", seed=seed)
+    with run_app() as app:
+        first_model(app)
+        suspects = call(app, "GET", "/v1/suspects")[2]["suspects"]
+    assert {(s["path"], s["suggested"]) for s in suspects if s["kind"] == "disagrees"} >= {
+        ("blue/odd\u2028name.jpg", "red"), ("blue/plain.jpg", "red")}
+
+
 def test_thumbnails_by_content_and_the_model_view(tmp_path: Path, run_app: Any) -> None:
     """Kind: thumbnails are cached by content hash (never stale), and the model view has the figures."""
     seed_classes(tmp_path)
