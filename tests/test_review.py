@@ -83,6 +83,25 @@ def test_label_teaches_and_undo_restores(tmp_path: Path, run_app: Any) -> None:
         assert app.metrics.registry.get_sample_value("retraind_review_actions_total", {"action": "undo"}) == 1
 
 
+def test_undo_after_a_labelled_file_was_deleted_leaves_no_orphan_record(tmp_path: Path, run_app: Any) -> None:
+    """KIND: undo after the files moved. A labelled image deleted from `classes/<label>/` before the undo
+    cannot come back, yet its record was written back into review/ (a record of no image, listed by nothing
+    and cleaned by nobody) and the undo said nothing. INPUT: two images labelled at once, one then deleted:
+    undo brings back the other with its record, and no record without its image."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        for name, seed in (("kept.jpg", 7), ("deleted.jpg", 8)):
+            write_image(app.config.folder("inbox") / name, "red", seed)
+        items = [item for group in in_review(app, 2)["groups"] for item in group]
+        for item in items:
+            assert post(app, f"/v1/review/{item['id']}:label", {"label": "red"})[0] == 200
+        (app.config.folder("classes") / "red" / "deleted.jpg").unlink()
+        assert post(app, "/v1/review:undo")[0] == 200 and post(app, "/v1/review:undo")[0] == 200
+    review = app.config.folder("review")
+    assert sorted(p.name for p in review.iterdir()) == ["kept.jpg", "kept.jpg.json"]
+
+
 def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
     """Kind: a rejected image ends in rejected/ with a record; bad labels, unknown ids, cross-site callers and
     non-JSON bodies are refused with a JSON error and nothing moves. A label that `watch.ignore` leaves alone
