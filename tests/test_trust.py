@@ -98,7 +98,9 @@ def test_held_out_novelty_scores_are_those_of_a_fit_without_the_rows() -> None:
     x = np.abs(means[y] + RNG.normal(0, 0.8, (240, 30))).astype(np.float32)
     folds = np.arange(240) % 5
     groups = [np.flatnonzero(folds == k) for k in range(5)] + [np.flatnonzero(y == c) for c in range(4)]
-    for group, scores in zip(groups, ClassMahalanobis.held_out_scores(x, y, groups)):
+    scorer = ClassMahalanobis.fit(x, y).held_out_scorer(x, y)
+    for group in groups:
+        scores = scorer(group)
         assert scores.shape == (len(group),)
         assert np.allclose(scores, _by_hand(x, y, group), rtol=1e-4)
     assert np.allclose(ClassMahalanobis.fit(x, y).score(x[:20]), _by_hand(np.vstack([x, x[:20]]), np.r_[y, y[:20]],
