@@ -53,6 +53,18 @@ FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
 
 
+def make_folders(config: Config) -> None:
+    """Create the daemon's folders. One that cannot be made (data_root is a file, or lies in a read-only or
+    forbidden place) is a `ConfigError` naming its key, as any other config problem: it was a traceback."""
+    for name in FOLDERS:
+        folder = config.folder(name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"folders.{name}: cannot create {folder}: {exc.strerror or exc} (data_root: "
+                              f"{config.data_root})") from exc
+
+
 def check_state_dir(config: Config) -> None:
     """Refuse a state dir on a network or FUSE file system: SQLite's locks and write-ahead log need a local one
     (https://www.sqlite.org/wal.html: "WAL does not work over a network filesystem")."""
@@ -109,8 +121,7 @@ class App:
         self.metrics = Metrics()
         self.hooks = Hooks.of(config, extra_plugins, self.metrics)
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
-        for name in FOLDERS:
-            config.folder(name).mkdir(parents=True, exist_ok=True)
+        make_folders(config)
         check_state_dir(config)
         self.lock = InstanceLock(config.folder("state"), config.data_root)
         self.lock.acquire()  # before anything reads or writes the data: one daemon per data root

@@ -128,6 +128,27 @@ def test_config_error_is_one_line_and_exit_78(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().err == "retraind: classify.top_k: expected int, got str 'many'\n"
 
 
+def test_folders_that_cannot_be_made_and_a_missing_token_file_are_config_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: a config problem found only when the daemon starts is one line naming the key, exit status 78,
+    and `check-config` finds it too. A data_root that is a file (or a state folder that is one, or a folder in
+    a read-only place) was a traceback and exit status 1 from `run` and `check-config`; a token file that
+    does not exist passed `check-config`, and `run` then refused it."""
+    (tmp_path / "file").write_text("not a folder")
+    config = tmp_path / "config.yaml"
+    for text, message in (
+            (f"data_root: {tmp_path / 'file'}\n", f"retraind: folders.classes: cannot create {tmp_path / 'file' / 'classes'}: "),
+            (f"folders: {{state: {tmp_path / 'file'}}}\n", f"retraind: folders.state: cannot create {tmp_path / 'file'}: ")):
+        config.write_text(text)
+        for command in ("check-config", "run"):
+            assert run(config, command, plugins=(TinyBackbonePlugin(),)) == EX_CONFIG, command
+            err = capsys.readouterr().err
+            assert err.startswith(message) and err.count("\n") == 1, err
+    config.write_text(f"http: {{token_file: {tmp_path / 'no-token'}}}\n")
+    assert run(config, "check-config", plugins=(TinyBackbonePlugin(),)) == EX_CONFIG
+    assert capsys.readouterr().err.startswith(f"retraind: http.token_file: cannot read {tmp_path / 'no-token'}: ")
+
+
 def test_classify_files(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     red = write_image(tmp_path / "red.jpg", "red", seed=77)
     blue = write_image(tmp_path / "blue.png", "blue", seed=78, fmt="PNG")

@@ -38,6 +38,12 @@ def test_shipped_config_is_the_defaults(tmp_path: Path) -> None:
         ({"backbone": "inception_v3"}, "backbone: expected a mapping"),
         ({"data_root": "/no/such/parent/data"}, "data_root: parent folder /no/such/parent does not exist"),
         ({"split": {"validation_percentage": 60, "testing_percentage": 40}}, "split: validation_percentage"),
+        # KIND: list entries that can never match, accepted silently (the host refused, the probe behind a token)
+        ({"http": {"allowed_hosts": ["retraind.example.org", "http://retraind.example.org"]}},
+         "http.allowed_hosts[1]: 'http://retraind.example.org' is not a host name"),
+        ({"http": {"allowed_hosts": ["retraind.example.org:9721"]}}, "http.allowed_hosts[0]: 'retraind.example.org:9721'"),
+        ({"http": {"allowed_hosts": [""]}}, "http.allowed_hosts[0]: '' is not a host name"),
+        ({"http": {"paths_without_token": ["/readyz", "healthz"]}}, "http.paths_without_token[1]: 'healthz' is not a path"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, raw: dict[str, object], message: str) -> None:
@@ -45,6 +51,11 @@ def test_errors_name_the_key(tmp_path: Path, raw: dict[str, object], message: st
         parse_config(raw, tmp_path)
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_host_names_and_addresses_are_allowed_hosts(tmp_path: Path) -> None:
+    hosts = ["retraind.example.org", "*.example.org", "10.0.0.7", "fe80::1", "*"]
+    assert parse_config({"http": {"allowed_hosts": hosts}}, tmp_path).http.allowed_hosts == hosts
 
 
 def test_int_where_float_expected_is_accepted(tmp_path: Path) -> None:
