@@ -11,6 +11,7 @@ import pty
 import re
 import select
 import struct
+import subprocess
 import sys
 import termios
 from pathlib import Path
@@ -140,10 +141,14 @@ def test_folders_that_cannot_be_made_and_a_missing_token_file_are_config_errors(
             (f"data_root: {tmp_path / 'file'}\n", f"retraind: folders.classes: cannot create {tmp_path / 'file' / 'classes'}: "),
             (f"folders: {{state: {tmp_path / 'file'}}}\n", f"retraind: folders.state: cannot create {tmp_path / 'file'}: ")):
         config.write_text(text)
-        for command in ("check-config", "run"):
-            assert run(config, command, plugins=(TinyBackbonePlugin(),)) == EX_CONFIG, command
-            err = capsys.readouterr().err
-            assert err.startswith(message) and err.count("\n") == 1, err
+        assert run(config, "check-config", plugins=(TinyBackbonePlugin(),)) == EX_CONFIG
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+        # `run` in its own process: in this one it would leave its log handler on this test's captured stderr
+        daemon = subprocess.run([sys.executable, "-m", "daemon", "--config", str(config), "run"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert daemon.returncode == EX_CONFIG and daemon.stderr.startswith(message), daemon.stderr
+        assert daemon.stderr.count("\n") == 1, daemon.stderr
     config.write_text(f"http: {{token_file: {tmp_path / 'no-token'}}}\n")
     assert run(config, "check-config", plugins=(TinyBackbonePlugin(),)) == EX_CONFIG
     assert capsys.readouterr().err.startswith(f"retraind: http.token_file: cannot read {tmp_path / 'no-token'}: ")
