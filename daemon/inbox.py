@@ -115,6 +115,7 @@ class InboxProcessor:
         outcome = InboxOutcome(retry=list(batch.journaled))
         routed: list[tuple[ClassificationResult, float]] = []
         taken: set[Path] = set()  # destinations given in this batch, before any of its files is moved
+        made: set[Path] = set()  # folders made (or found) for this batch: one mkdir each, not one per file
         usable: list[tuple[Path, str]] = []
         extraction = batch.extraction
         for path in batch.submitted:
@@ -125,7 +126,7 @@ class InboxProcessor:
                 usable.append((path, extraction.hashes[str(path)]))
         started = time.perf_counter()
         for (path, sha256), judged in zip(usable, self._judged(batch.version, usable, extraction)):
-            result = self._routed(path, sha256, batch.version, judged, taken)
+            result = self._routed(path, sha256, batch.version, judged, taken, made)
             if result is None:
                 outcome.retry.append(path)  # its folder cannot be made
             else:
@@ -171,7 +172,7 @@ class InboxProcessor:
             self._count(result, result.destination.parent, started)
 
     def _routed(self, path: Path, sha256: str, version: ModelVersion, judged: Judgement,
-                taken: set[Path]) -> ClassificationResult | None:
+                taken: set[Path], made: set[Path]) -> ClassificationResult | None:
         """The result for the file at `path`, with the free name in the folder a router chose as its
         destination; None (logged and counted) when that folder cannot be made."""
         result = ClassificationResult(
@@ -182,7 +183,9 @@ class InboxProcessor:
         if folder is None:
             raise RuntimeError("no plugin routed the result (is the built-in file_sinks plugin disabled?)")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            if folder not in made:
+                folder.mkdir(parents=True, exist_ok=True)
+                made.add(folder)
         except OSError as exc:
             log.error("%s: cannot create %s (%s); it stays in the inbox and is retried", path, folder, short(exc))
             self._metrics.internal_error("inbox_folder")
