@@ -61,11 +61,18 @@ def binned_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: 
     return total
 
 
-def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))
-    return float(-log_p.mean())
+class _Nll:
+    """The mean negative log-likelihood of softmax(logits / T) as a function of T, for one set of logits
+    (n, classes) and labels (n,): the row maxima and the labels' logits are taken once, not once per T
+    (dividing by T > 0 keeps the maximum where it is)."""
+
+    def __init__(self, logits: np.ndarray, y: np.ndarray) -> None:
+        self.shifted = logits - logits.max(axis=1, keepdims=True)
+        self.chosen = self.shifted[np.arange(len(y)), y]
+
+    def __call__(self, temperature: float) -> float:
+        log_p = self.chosen / temperature - np.log(np.exp(self.shifted / temperature).sum(axis=1))
+        return float(-log_p.mean())
 
 
 class TemperatureScaling:
@@ -93,10 +100,11 @@ class TemperatureScaling:
         logits = np.asarray(logits, dtype=np.float64)
         if not len(y):
             return cls(1.0)
+        nll = _Nll(logits, y)
         grid = np.exp(np.linspace(np.log(cls.LOWEST), np.log(cls.HIGHEST), 50))
-        best = grid[int(np.argmin([_nll(logits, y, t) for t in grid]))]
+        best = grid[int(np.argmin([nll(t) for t in grid]))]
         fine = np.clip(best * np.exp(np.linspace(-0.1, 0.1, 41)), cls.LOWEST, cls.HIGHEST)
-        return cls(float(fine[int(np.argmin([_nll(logits, y, t) for t in fine]))]))
+        return cls(float(fine[int(np.argmin([nll(t) for t in fine]))]))
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return softmax(np.asarray(logits, dtype=np.float64) / self.temperature)

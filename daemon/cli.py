@@ -46,11 +46,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the file, then build its backbone: a misspelt `backbone.name` or missing weights fail here."""
+    """Validate the file, make the folders and read the token file as `run` does, then build the backbone: a
+    misspelt `backbone.name` or missing weights fail here."""
+    from daemon.app import make_folders
     from daemon.engines import build_backbone
+    from daemon.http.security import read_token
     from daemon.plugin_manager import Hooks
 
     config = _config(args)
+    make_folders(config)
+    read_token(config.http)
     backbone = build_backbone(Hooks.of(config, args.plugins), config)
     print(f"config OK: data in {config.data_root}, backbone {backbone.id}")
     return 0

@@ -8,7 +8,6 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import PurePosixPath
 
 import numpy as np
 
@@ -77,11 +76,17 @@ class Dataset:
         return out
 
 
+def _name(path: str) -> str:
+    """The file name of a catalog path (relative, '/'-separated, no trailing '/'): what PurePosixPath's
+    `name` gives for it, without building a path object per row (10k rows: 0.13 s)."""
+    return path.rpartition("/")[2]
+
+
 def manifest_of(entries: list[CatalogEntry]) -> str:
     """A hash of (label, content, name) over `entries` in path order: equal manifests, equal training sets."""
     digest = hashlib.sha256()
     for entry in entries:
-        digest.update(f"{entry.label}\0{entry.sha256}\0{PurePosixPath(entry.path).name}\n".encode())
+        digest.update(f"{entry.label}\0{entry.sha256}\0{_name(entry.path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -91,7 +96,7 @@ def content_splits(entries: list[CatalogEntry], split: SplitConfig) -> np.ndarra
     key_of: dict[str, str] = {}
     for entry in entries:
         sha = entry.sha256 or entry.path
-        key = split_key(PurePosixPath(entry.path).name, sha)
+        key = split_key(_name(entry.path), sha)
         key_of[sha] = min(key_of.get(sha, key), key)
     return np.array([split_of(key_of[entry.sha256 or entry.path], split.validation_percentage,
                               split.testing_percentage) for entry in entries])

@@ -11,6 +11,7 @@ propagated). firstresult hooks stop at the first non-None result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,24 +164,25 @@ def retraind_fit_novelty(x: np.ndarray, labels: np.ndarray) -> NoveltyScore | No
 
     Called once per training run on all train and validation images for serving, on a worker thread of the
     trust fit while the head is fitted (`daemon.trust.TrustFit`); and once per held-out group (each fold, each
-    class left out) when no plugin answers `retraind_score_held_out`. Stops at the first non-None result; the
+    class left out) when no plugin answers `retraind_held_out_scorer`. Stops at the first non-None result; the
     built-in `mahalanobis_novelty` plugin (`trylast`) fits the class-conditional Mahalanobis distance.
     """
 
 
 @hookspec(firstresult=True)
-def retraind_score_held_out(name: str, x: np.ndarray, labels: np.ndarray,
-                            groups: list[np.ndarray]) -> list[np.ndarray] | None:
-    """Held-out novelty scores for the score called `name` (what `retraind_fit_novelty` made on `x`, `labels`):
-    for each group (int64 row indices into `x`), the scores (len(group),) float32 of its rows under a score
-    fitted on the other rows. Return None when this plugin does not make scores of that name: the trainer then
-    fits one score per group through `retraind_fit_novelty`.
+def retraind_held_out_scorer(novelty: NoveltyScore, x: np.ndarray,
+                             labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Held-out novelty scores for `novelty`, the score `retraind_fit_novelty` just fitted on `x`, `labels`:
+    a function that takes a group (int64 row indices into `x`) and returns the scores (len(group),) float32
+    of its rows under a score of the same kind fitted on the other rows. Return None when this plugin does
+    not make scores like `novelty`: the trainer then fits one score per group through `retraind_fit_novelty`.
 
-    Called once per training run on a worker thread of the trust fit, beside the head's fit and the fold
-    heads (`daemon.trust.TrustFit`), with the folds (known images scored out-of-fold) and
-    then the classes left out (leave-one-class-out) as the groups. Stops at the first non-None result; the built-in
-    `mahalanobis_novelty` plugin (`trylast`) answers for `class_mahalanobis` with one scatter matrix of the
-    rows it fits on, less each group's share.
+    Called once per training run on a worker thread of the trust fit, right after the served score's fit
+    (`daemon.trust.TrustFit`); the function is then called once per group (the folds: known images scored
+    out-of-fold; the classes left out: leave-one-class-out) on the trust fit's worker threads, several at
+    once, beside the head's fit and the fold heads, so it must be thread-safe. Stops at the first non-None
+    result; the built-in `mahalanobis_novelty` plugin (`trylast`) answers for `class_mahalanobis` with the
+    scatter matrix of the rows its fit used, less each group's share.
     """
 
 

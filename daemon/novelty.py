@@ -19,6 +19,7 @@ same trade-off curve while adapting to how separable the classes are (README "Fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -97,9 +98,10 @@ class ClassMahalanobis:
     name = "class_mahalanobis"
     FILE = "novelty.npz"
 
-    def __init__(self, transform: np.ndarray, means: np.ndarray) -> None:
+    def __init__(self, transform: np.ndarray, means: np.ndarray, fit_rows: _FitRows | None = None) -> None:
         self.transform = transform  # T, (dim, dim)
         self.means = means  # μ_c · T, (classes, dim)
+        self._fit_rows = fit_rows  # what `fit` used, handed once to `held_out_scorer`; never saved
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, shrinkage: float = SHRINKAGE) -> ClassMahalanobis:
@@ -115,21 +117,23 @@ class ClassMahalanobis:
         if info:
             raise np.linalg.LinAlgError(f"the covariance factor is singular (trtri info {info})")
         transform = inverse.T
-        return cls(transform.astype(np.float32), ((means + pool.offset) @ transform).astype(np.float32))
+        return cls(transform.astype(np.float32), ((means + pool.offset) @ transform).astype(np.float32), pool)
 
-    @classmethod
-    def held_out_scores(cls, x: np.ndarray, y: np.ndarray, groups: list[np.ndarray],
-                        shrinkage: float = SHRINKAGE) -> list[np.ndarray]:
-        """For each group (row indices into `x`), the scores (len(group),) of its rows under the score fitted
-        on the rows `fit(x, y)` takes, less the group's: one scatter matrix for all, less each group's share
-        (K folds and the classes left out cost one pass over the rows each, not one fit each)."""
-        pool = _FitRows(x, y)
-        scores = []
-        for group in groups:
+    def held_out_scorer(self, x: np.ndarray, y: np.ndarray,
+                        shrinkage: float = SHRINKAGE) -> Callable[[np.ndarray], np.ndarray]:
+        """For this score fitted by `fit(x, y)`: a function that scores a group (int64 row indices into `x`)
+        as the score fitted on the rows `fit(x, y)` takes, less the group's, would: (len(group),) float32.
+        One scatter matrix serves every group, less the group's share (K folds and the classes left out cost
+        one pass over their rows each, not one fit each); the fit's own statistics are reused, and then
+        dropped from this score. The function may run on several threads at once."""
+        pool, self._fit_rows = self._fit_rows or _FitRows(x, y), None
+
+        def scores(group: np.ndarray) -> np.ndarray:
             inside = np.zeros(len(y), dtype=bool)
             inside[group] = True
             means, factor = (pool.scatter - pool.scatter_of(inside[pool.rows])).factor(shrinkage)
-            scores.append(_distances(factor, pool.centred(x[group]), means.astype(np.float32)))
+            return _distances(factor, pool.centred(x[group]), means.astype(np.float32))
+
         return scores
 
     def score(self, x: np.ndarray) -> np.ndarray:
@@ -155,14 +159,16 @@ class _FitRows:
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.rows = spread(len(y), MAX_FIT_ROWS)
-        self.offset = np.asarray(x[self.rows], dtype=np.float64).mean(axis=0)
+        # float32 values (kept as float64 for the means): the rows are centred in float32, with no float64 copy
+        self.offset = np.asarray(x[self.rows], dtype=np.float64).mean(axis=0).astype(np.float32).astype(np.float64)
+        self._offset32 = self.offset.astype(np.float32)
         self.classes, positions = np.unique(y, return_inverse=True)
         self.positions = positions.reshape(-1)[self.rows]
         self.x = self.centred(x[self.rows])
         self.scatter = _Scatter.of(self.x, self.positions, len(self.classes))
 
     def centred(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x - self.offset, dtype=np.float32)
+        return np.asarray(x, dtype=np.float32) - self._offset32  # type: ignore[no-any-return]
 
     def scatter_of(self, mask: np.ndarray) -> _Scatter:
         """The statistics of the fit rows where `mask` (len(rows),) is true."""

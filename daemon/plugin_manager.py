@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,17 +49,25 @@ DEFAULT_PLUGINS = (
     "plugins.temperature_scaling",
     "plugins.mahalanobis_novelty",
 )
+#: The plugin the daemon registers itself once it runs (`App`): it can be disabled like any other.
+PUBLISHER = "publisher"
 
 
 def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = (),
                         settings: Mapping[str, Mapping[str, Any]] | None = None) -> pluggy.PluginManager:
-    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked.
+    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked (a name
+    that is none of them raises `ConfigError` naming `plugins.disable[i]`).
     Then each plugin that declares settings gets its section of `settings` (`config.plugins.settings`);
     a section for no such plugin, or a bad value, raises `ConfigError` naming `plugins.<name>...`."""
-    disabled = list(disabled)
+    disabled, extra = list(disabled), list(extra)
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    for name in disabled:
+    known = ({module_name.rsplit(".", 1)[1] for module_name in DEFAULT_PLUGINS} | {PUBLISHER}
+             | {entry.name for entry in importlib.metadata.entry_points(group=PROJECT)}
+             | {pm.get_canonical_name(plugin) for plugin in extra})
+    for i, name in enumerate(disabled):
+        if name not in known:  # a misspelt name would leave the plugin it meant running, silently
+            raise ConfigError(f"plugins.disable[{i}]: no plugin named {name!r} (plugins: {', '.join(sorted(known))})")
         pm.set_blocked(name)
     for module_name in DEFAULT_PLUGINS:
         name = module_name.rsplit(".", 1)[1]
@@ -198,20 +207,21 @@ class Hooks:
         found: NoveltyScore = self._required("retraind_fit_novelty", "mahalanobis_novelty", x=x, labels=labels)
         return found
 
-    def score_held_out(self, name: str, x: np.ndarray, labels: np.ndarray,
-                       groups: list[np.ndarray]) -> list[np.ndarray]:
-        """Each group's rows scored by a novelty score fitted without them: the plugin's shortcut for `name`,
-        else one `fit_novelty` per group."""
-        found: list[np.ndarray] | None = self.pm.hook.retraind_score_held_out(name=name, x=x, labels=labels,
-                                                                              groups=groups)
+    def held_out_scorer(self, novelty: NoveltyScore, x: np.ndarray,
+                        labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """A function scoring a group's rows (int64 row indices into `x`) by a score like `novelty` fitted
+        without them: the plugin's shortcut, else one `fit_novelty` per group."""
+        found: Callable[[np.ndarray], np.ndarray] | None = self.pm.hook.retraind_held_out_scorer(
+            novelty=novelty, x=x, labels=labels)
         if found is not None:
             return found
-        scores = []
-        for group in groups:
+
+        def refit(group: np.ndarray) -> np.ndarray:
             keep = np.ones(len(labels), dtype=bool)
             keep[group] = False
-            scores.append(self.fit_novelty(x[keep], labels[keep]).score(x[group]))
-        return scores
+            return self.fit_novelty(x[keep], labels[keep]).score(x[group])
+
+        return refit
 
     def load_novelty(self, name: str, directory: Path) -> NoveltyScore:
         found: NoveltyScore = self._required("retraind_load_novelty", f"novelty score {name!r}", name=name,

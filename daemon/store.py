@@ -286,8 +286,10 @@ class Store:
             for sha, blob, crc in db.execute(query, (backbone, ORIGINAL)):
                 rows = rows_of.get(sha)
                 if rows and len(blob) == dim * 4 and zlib.crc32(blob) == crc:
-                    matrix[rows] = np.frombuffer(blob, dtype=np.float32)
-                    found[rows] = True
+                    vector = np.frombuffer(blob, dtype=np.float32)
+                    for row in rows:  # a row at a time: a list index per blob cost 0.15 s per 10k rows
+                        matrix[row] = vector
+                        found[row] = True
         finally:
             db.execute("COMMIT")
         keep = np.flatnonzero(found)

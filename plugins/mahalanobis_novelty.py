@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from daemon.hookspecs import hookimpl
-from daemon.novelty import ClassMahalanobis
+from daemon.novelty import ClassMahalanobis, NoveltyScore
 
 
 @hookimpl(trylast=True)
@@ -16,9 +17,9 @@ def retraind_fit_novelty(x: np.ndarray, labels: np.ndarray) -> ClassMahalanobis:
 
 
 @hookimpl(trylast=True)
-def retraind_score_held_out(name: str, x: np.ndarray, labels: np.ndarray,
-                            groups: list[np.ndarray]) -> list[np.ndarray] | None:
-    return ClassMahalanobis.held_out_scores(x, labels, groups) if name == ClassMahalanobis.name else None
+def retraind_held_out_scorer(novelty: NoveltyScore, x: np.ndarray,
+                             labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+    return novelty.held_out_scorer(x, labels) if isinstance(novelty, ClassMahalanobis) else None
 
 
 @hookimpl(trylast=True)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from pathlib import PurePosixPath
 
+from daemon.config import SplitConfig
+from daemon.dataset import content_splits, manifest_of
 from daemon.split import TEST, TRAIN, VALIDATION, split_of
+from daemon.store import CatalogEntry
 
 
 def seed_split(file_name: str, validation: float, testing: float) -> str:
@@ -39,3 +43,17 @@ def test_percentages_are_respected() -> None:
     assert abs(counts[VALIDATION] / 20_000 - 0.10) < 0.01
     assert abs(counts[TEST] / 20_000 - 0.20) < 0.01
     assert {split_of(f"p{i}", 0, 0) for i in range(100)} == {TRAIN}
+
+
+def test_the_manifest_and_the_nohash_split_read_the_file_name_of_nested_and_unusual_paths() -> None:
+    """The manifest (which says whether a model is current) and `_nohash_` splits use each catalog path's file
+    name: as PurePosixPath gives it, for nested folders, spaces, dots and non-ASCII names."""
+    paths = ["cat/a.jpg", "cat/sub/deeper/b c.jpg", "dog/.hidden.png", "dög/ü_nohash_2.jpg", "dog/x_nohash_1.jpg"]
+    entries = [CatalogEntry(path, path.split("/")[0], f"{i:064x}", 1, 1, True) for i, path in enumerate(paths)]
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(f"{entry.label}\0{entry.sha256}\0{PurePosixPath(entry.path).name}\n".encode())
+    assert manifest_of(entries) == digest.hexdigest()
+    by_name = [split_of(PurePosixPath(p).name, 30, 30) if "_nohash_" in p else None for p in paths]
+    got = content_splits(entries, SplitConfig(validation_percentage=30, testing_percentage=30))
+    assert [s if expected else None for s, expected in zip(got, by_name)] == by_name
