@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon.cli import EX_UNAVAILABLE, main
+from daemon.cli import EX_CANTCREAT, EX_UNAVAILABLE, main
 from daemon.config import EX_CONFIG
 from tests.conftest import make_config, seed_classes, wait_for, write_image
 from tests.tiny_backbone import TinyBackbonePlugin
@@ -209,6 +209,20 @@ def test_report(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert run(trained, "report", "--out", str(out)) == 0
     assert capsys.readouterr().out == f"wrote {out} (model 1)\n"
     assert "<h1>retraind model 1</h1>" in out.read_text(encoding="utf-8")
+
+
+def test_an_output_that_cannot_be_written_is_one_line(trained: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: `--out` where nothing can be written (a folder, a path below a file) was a traceback and exit
+    status 1 from `report` (and `export`: tests/test_export.py). Now one line naming the path and the cause,
+    exit status 73 (EX_CANTCREAT), and nothing left behind."""
+    (tmp_path / "a-file").write_text("x")
+    for out, cause in ((tmp_path, "Is a directory"), (tmp_path / "a-file" / "r.html", "File exists")):
+        before = sorted(tmp_path.iterdir())
+        assert run(trained, "report", "--out", str(out)) == EX_CANTCREAT
+        err = capsys.readouterr().err
+        assert err == f"retraind: cannot write {out}: {cause}\n", err
+        assert sorted(tmp_path.iterdir()) == before  # the temporary file is gone too
 
 
 def test_report_goes_beside_the_data_by_default(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
