@@ -34,7 +34,7 @@ from daemon.instance_lock import InstanceLock
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
-from daemon.plugin_manager import Hooks
+from daemon.plugin_manager import PUBLISHER, Hooks
 from daemon.publish import Publisher, repositories
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.review import Review
@@ -51,6 +51,18 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("classes", "inbox", "outbox", "review", "rejected", "state")
 QUEUE_SIZE = 10_000
+
+
+def make_folders(config: Config) -> None:
+    """Create the daemon's folders. One that cannot be made (data_root is a file, or lies in a read-only or
+    forbidden place) is a `ConfigError` naming its key, as any other config problem: it was a traceback."""
+    for name in FOLDERS:
+        folder = config.folder(name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"folders.{name}: cannot create {folder}: {exc.strerror or exc} (data_root: "
+                              f"{config.data_root})") from exc
 
 
 def check_state_dir(config: Config) -> None:
@@ -109,8 +121,7 @@ class App:
         self.metrics = Metrics()
         self.hooks = Hooks.of(config, extra_plugins, self.metrics)
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
-        for name in FOLDERS:
-            config.folder(name).mkdir(parents=True, exist_ok=True)
+        make_folders(config)
         check_state_dir(config)
         self.lock = InstanceLock(config.folder("state"), config.data_root)
         self.lock.acquire()  # before anything reads or writes the data: one daemon per data root
@@ -163,10 +174,10 @@ class App:
 
     def _publisher(self) -> Publisher | None:
         """The `publisher` plugin, when a serving repository is configured and it is not disabled."""
-        if not repositories(self.config.publish) or self.hooks.pm.is_blocked("publisher"):
+        if not repositories(self.config.publish) or self.hooks.pm.is_blocked(PUBLISHER):
             return None
         publisher = Publisher(self.config, lambda config: build_backbone(self.hooks, config), self.metrics)
-        self.hooks.pm.register(publisher, name="publisher")
+        self.hooks.pm.register(publisher, name=PUBLISHER)
         return publisher
 
     def alive(self) -> bool:

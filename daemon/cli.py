@@ -27,6 +27,14 @@ from daemon.registry import ModelUnreadable
 from daemon.status import DaemonUnavailable
 
 EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73  # sysexits.h: an output file cannot be created
+
+
+class CannotWrite(Exception):
+    """An output path (`--out` of `report`, `export`) where nothing can be written."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -46,11 +54,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the file, then build its backbone: a misspelt `backbone.name` or missing weights fail here."""
+    """Validate the file, make the folders and read the token file as `run` does, then build the backbone: a
+    misspelt `backbone.name` or missing weights fail here."""
+    from daemon.app import make_folders
     from daemon.engines import build_backbone
+    from daemon.http.security import read_token
     from daemon.plugin_manager import Hooks
 
     config = _config(args)
+    make_folders(config)
+    read_token(config.http)
     backbone = build_backbone(Hooks.of(config, args.plugins), config)
     print(f"config OK: data in {config.data_root}, backbone {backbone.id}")
     return 0
@@ -106,8 +119,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     with foreign_output_as_debug() as stderr, tqdm(
             total=len(STEPS), desc=f"exporting model {model.version.number}", unit="step", disable=None,
             leave=False, file=stderr) as bar:
-        done = export_model(model.version, model.backbone, Path(args.out), MODEL_NAME,
-                            on_step=lambda step: (bar.set_postfix_str(step), bar.update()))
+        try:
+            done = export_model(model.version, model.backbone, Path(args.out), MODEL_NAME,
+                                on_step=lambda step: (bar.set_postfix_str(step), bar.update()))
+        except OSError as exc:
+            raise CannotWrite(Path(args.out), exc) from exc
     print(f"exported model {model.version.number} ({len(model.version.labels)} labels, {model.backbone.id})\n"
           f"  SavedModel for TF Serving / Triton: {done.saved_model}\n"
           f"  TFLite: {done.tflite} (labels: {done.labels})")
@@ -123,7 +139,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if version is None:
         raise NoModel("no model yet: nothing to report")
     out = Path(args.out) if args.out else config.data_root / "report.html"
-    write_report(version, config.folder("classes"), out)
+    try:
+        write_report(version, config.folder("classes"), out)
+    except OSError as exc:
+        raise CannotWrite(out, exc) from exc
     print(f"wrote {out.resolve()} (model {version.number})")
     return 0
 
@@ -178,6 +197,9 @@ def main(argv: list[str] | None = None, plugins: Sequence[object] = ()) -> int:
     except ModelUnreadable as exc:
         print(f"retraind: the published model {exc}", file=sys.stderr)
         return 1
+    except CannotWrite as exc:
+        print(f"retraind: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     except DaemonUnavailable as exc:
         print(f"retraind: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE

@@ -335,6 +335,7 @@ def _resolve_root(config: Config, base: Path) -> Config:
     if config.split.validation_percentage + config.split.testing_percentage >= 100:
         raise ConfigError("split: validation_percentage + testing_percentage must be below 100")
     http = config.http
+    _check_http_lists(http)
     if http.token_file:
         http = dataclasses.replace(http, token_file=_absolute(base, http.token_file))
     elif not (http.allow_unauthenticated or is_loopback(http.host)):
@@ -344,6 +345,30 @@ def _resolve_root(config: Config, base: Path) -> Config:
     publish = dataclasses.replace(publish, tf_serving_base_path=_absolute(base, publish.tf_serving_base_path),
                                   triton_model_repository=_absolute(base, publish.triton_model_repository))
     return dataclasses.replace(config, data_root=root, http=http, publish=publish)
+
+
+def _check_http_lists(http: HttpConfig) -> None:
+    """Entries that can never match are config errors, not silence: the Host header's name is compared
+    without its port (a scheme, a path or a port in an `allowed_hosts` entry would refuse that host for
+    ever), and a request's path begins with '/' (`healthz` would leave the probe behind the token)."""
+    for i, entry in enumerate(http.allowed_hosts):
+        if not entry or entry != entry.strip() or any(c in entry for c in "/@[] ") or (
+                ":" in entry and not _is_ip(entry)):
+            raise ConfigError(f"http.allowed_hosts[{i}]: {entry!r} is not a host name; give names as a Host "
+                              "header has them, without scheme, port or path: 'retraind.example.org', "
+                              "'*.example.org'")
+    for i, path in enumerate(http.paths_without_token):
+        if not path.startswith("/"):
+            raise ConfigError(f"http.paths_without_token[{i}]: {path!r} is not a path; paths begin with '/', "
+                              "e.g. '/healthz'")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_folders(config: Config) -> None:
@@ -390,9 +415,15 @@ def parse_config(raw: Any, base: Path) -> Config:
 def load_config(path: Path) -> Config:
     """Read and validate `path`; every problem is a `ConfigError` naming the key."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1 by an editor
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"config: {path} is not UTF-8 text: line {line} holds the byte 0x{data[exc.start]:02x}; "
+                          "save the file as UTF-8") from exc
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -403,8 +434,18 @@ def load_config(path: Path) -> Config:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"config: {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     return parse_config(raw, path.parent.resolve())
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what: `line 12, column 1: found character '\\t' that cannot start any token`. PyYAML's first
+    line is often only its context ("while scanning for the next token"), without the line."""
+    if not (isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None):
+        return str(exc).splitlines()[0]
+    mark, where = exc.problem_mark, exc.context_mark
+    context = f" ({exc.context} from line {where.line + 1})" if exc.context and where is not None else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
 
 
 def _refuse_repeated_keys(node: yaml.Node, prefix: str, path: Path) -> None:

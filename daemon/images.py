@@ -57,7 +57,8 @@ def read_image_file(path: Path, max_bytes: int) -> ImageFile:
     except OSError as exc:
         raise ImageRejected("unreadable", f"cannot stat {path}: {exc.strerror or exc}") from exc
     if stat.S_ISDIR(st.st_mode):
-        raise ImageRejected("unsupported", folder_link_message(path))
+        raise ImageRejected("unsupported", folder_link_message(path) if path.is_symlink() else
+                            f"{path} is a folder, not a file")
     if not stat.S_ISREG(st.st_mode):
         raise ImageRejected("unsupported", f"{path} is not a regular file")
     check_size(path, st.st_size, max_bytes)

@@ -147,6 +147,11 @@ class InboxProcessor:
                 with group.deferring():
                     move_atomic(result.source, result.destination)
             except OSError as exc:
+                if not os.path.lexists(result.source):  # moved or deleted meanwhile, by someone else
+                    log.warning("%s: moved away or deleted before it was filed; not recorded (taken again where "
+                                "it went, if that is in the inbox)", result.source)
+                    self._journal.drop(entry)
+                    continue
                 log.error("%s: cannot move to %s (%s); it stays in the inbox and the move is retried",
                           result.source, result.destination.parent, short(exc))
                 self._metrics.internal_error("inbox_move")

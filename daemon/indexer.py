@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,11 +19,17 @@ from daemon.store import CatalogEntry, Store, file_signature
 log = logging.getLogger(__name__)
 
 
+#: Control characters (C0, DEL, C1) and Unicode's line and paragraph separators: every character at which
+#: `str.splitlines()`, the reader of `labels.txt`, breaks a line is among them.
+_LINE_OR_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def label_problem(label: str) -> str | None:
-    """Why `label` (a folder name under `classes/`) cannot name a class, or None: a control character
-    (a line break would split it in two in `labels.txt`, one label per line, and shift every label after it)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in label):
-        return "has a control character"
+    """Why `label` (a folder name under `classes/`) cannot name a class, or None: a control character or a
+    line separator (a line break would split it in two in `labels.txt`, one label per line, and shift every
+    label after it)."""
+    if _LINE_OR_CONTROL.search(label):
+        return "has a control character or a line separator"
     return None
 
 

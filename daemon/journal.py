@@ -79,6 +79,12 @@ class InboxJournal:
         self._store.journal_begin_many(entries)
         return entries
 
+    def drop(self, entry: JournalEntry) -> None:
+        """Close the entry of a file that left the inbox before its move (renamed or deleted by someone else):
+        nothing is recorded for it. Left open, recovery found the file filed under its new name by the entry
+        of that name, at this entry's destination, and recorded it a second time."""
+        self._store.journal_finish(entry.id)
+
     def complete(self, done: list[tuple[JournalEntry, ClassificationResult]],
                  group: GroupCommit | None = None) -> list[bool]:
         """Run the sinks of each moved file, make their writes durable together with what `group` (the moves)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -48,17 +49,25 @@ DEFAULT_PLUGINS = (
     "plugins.temperature_scaling",
     "plugins.mahalanobis_novelty",
 )
+#: The plugin the daemon registers itself once it runs (`App`): it can be disabled like any other.
+PUBLISHER = "publisher"
 
 
 def make_plugin_manager(disabled: Iterable[str] = (), extra: Iterable[object] = (),
                         settings: Mapping[str, Mapping[str, Any]] | None = None) -> pluggy.PluginManager:
-    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked.
+    """Register built-ins, then entry-point plugins, then `extra` objects; `disabled` names are blocked (a name
+    that is none of them raises `ConfigError` naming `plugins.disable[i]`).
     Then each plugin that declares settings gets its section of `settings` (`config.plugins.settings`);
     a section for no such plugin, or a bad value, raises `ConfigError` naming `plugins.<name>...`."""
-    disabled = list(disabled)
+    disabled, extra = list(disabled), list(extra)
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    for name in disabled:
+    known = ({module_name.rsplit(".", 1)[1] for module_name in DEFAULT_PLUGINS} | {PUBLISHER}
+             | {entry.name for entry in importlib.metadata.entry_points(group=PROJECT)}
+             | {pm.get_canonical_name(plugin) for plugin in extra})
+    for i, name in enumerate(disabled):
+        if name not in known:  # a misspelt name would leave the plugin it meant running, silently
+            raise ConfigError(f"plugins.disable[{i}]: no plugin named {name!r} (plugins: {', '.join(sorted(known))})")
         pm.set_blocked(name)
     for module_name in DEFAULT_PLUGINS:
         name = module_name.rsplit(".", 1)[1]

@@ -32,6 +32,7 @@ import numpy as np
 
 from daemon.atomic import TMP_PREFIX
 from daemon.config import Config
+from daemon.ignore import IgnoreRules
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.review_actions import (
     ActionRefused,
@@ -89,6 +90,7 @@ class Review:
         self._config, self._store, self._serving, self._registry = config, store, serving, registry
         self.actions = actions
         self._backbone_id = backbone_id
+        self._ignored = IgnoreRules(config.watch.ignore).name
 
     # -- the queue ---------------------------------------------------------------------------------------
 
@@ -172,12 +174,21 @@ class Review:
     def label(self, item_ids: list[str], label: object) -> int:
         """Move review images into `classes/<label>/` (a new label makes its folder); returns the action's
         sequence number. Raises ActionRefused (bad label) or KeyError (no such image)."""
-        name = check_label(label)
+        name = self._label(label)
         paths = [self.item(i).path for i in item_ids]
         plan = Plan(moves=plan_moves([(p, self._config.folder("classes") / name) for p in paths], "reviewed"),
                     subject={"label": name})
         plan.removed = _existing_texts(sidecar_of(p) for p in paths)
         return self.actions.carry_out("label", plan)
+
+    def _label(self, label: object) -> str:
+        """`check_label`, and not a name `watch.ignore` leaves alone (images moved there are never trained on).
+        Raises ActionRefused."""
+        name = check_label(label)
+        if self._ignored(name):
+            raise ActionRefused(f"label {name!r}: watch.ignore leaves folders of that name alone, so its images "
+                                "would never be trained on; choose another name")
+        return name
 
     def reject(self, item_ids: list[str]) -> int:
         """Move review images to `rejected/` beside an error record saying a reviewer rejected them."""
@@ -250,7 +261,7 @@ class Review:
         if action == "keep":
             return self.actions.carry_out("keep", Plan(subject={"path": suspect["path"], "sha256": suspect["sha256"]}))
         if action == "move":
-            target = check_label(label if label is not None else suspect["suggested"])
+            target = self._label(label if label is not None else suspect["suggested"])
             if target == suspect["label"]:
                 raise ActionRefused(f"{suspect['path']} is already under {target!r}")
             return self.actions.carry_out("move", Plan(
@@ -354,7 +365,8 @@ def _out_of_fold_rows(version: ModelVersion | None) -> list[dict[str, Any]]:
     if version is None:
         return []
     try:
-        lines = (version.directory / OUT_OF_FOLD_FILE).read_text(encoding="utf-8").splitlines()
+        # split at newlines only: splitlines() also breaks at U+2028/U+2029 and NEL, which JSON keeps raw
+        lines = (version.directory / OUT_OF_FOLD_FILE).read_text(encoding="utf-8").split("\n")
     except OSError:
         return []
     rows = []

@@ -118,10 +118,12 @@ class ReviewActions:
                 return None
             row = done[0]
             self._store.review_set_state(row.seq, "undoing")
-            _undo(Plan.from_json(row.plan))
+            gone = _undo(Plan.from_json(row.plan))
             self._store.review_set_state(row.seq, "undone")
         self._metrics.review_actions.labels(action="undo").inc()
         log.info("review: undid %s #%d", row.kind, row.seq)
+        for path in gone:
+            log.warning("review: undo of #%d cannot bring back %s: it was deleted or moved since", row.seq, path)
         return row
 
     def kept(self) -> set[tuple[str, str]]:
@@ -175,13 +177,19 @@ def _do(plan: Plan) -> None:
         write_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
-def _undo(plan: Plan) -> None:
+def _undo(plan: Plan) -> list[Path]:
+    """Replay `plan` backwards (again after a stop: every step looks first); returns the moved files that
+    are gone since (deleted or moved away by hand): they stay gone, and so do their records."""
+    gone = []
     for path in plan.written:
         path.unlink(missing_ok=True)
     for source, destination in reversed(plan.moves):
+        if not os.path.lexists(destination) and not os.path.lexists(source):
+            gone.append(destination)
         if os.path.lexists(source) and os.path.lexists(destination):  # its old name was taken meanwhile
             source = free_name(source.parent, source.name, "undone")
         _move(destination, source)
-    for path, text in plan.removed.items():
-        if not os.path.lexists(path):
+    for path, text in plan.removed.items():  # the records (`sidecar_of`) of moved images
+        if not os.path.lexists(path) and os.path.lexists(path.with_name(path.name.removesuffix(".json"))):
             write_atomic(path, text.encode("utf-8", "surrogateescape"))
+    return gone

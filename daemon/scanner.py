@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,16 +12,32 @@ from daemon.events import EventKind, FileEvent
 from daemon.indexer import label_problem
 from daemon.store import Store, file_signature
 
+log = logging.getLogger(__name__)
+
+#: Folders already named as unlistable, with why: every periodic rescan meets them again (warned once each).
+_unlisted: set[tuple[str, int | None]] = set()
+
 
 def _nothing(name: str) -> bool:
     return False
 
 
+def _unlistable(exc: OSError) -> None:
+    """A folder the walk cannot list is named, once: its files would otherwise never be seen, without a word
+    (os.walk skips such folders silently). One deleted while it is walked is no news."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) or (str(exc.filename), exc.errno) in _unlisted:
+        return
+    _unlisted.add((str(exc.filename), exc.errno))
+    why = ("its path is longer than the system allows (PATH_MAX, 4096 bytes): move it higher up"
+           if exc.errno == errno.ENAMETOOLONG else exc.strerror or str(exc))
+    log.warning("cannot list the folder %s: %s; the files in it are not seen", exc.filename, why)
+
+
 def walk_files(root: Path, ignored: Callable[[str], bool] = _nothing) -> Iterator[Path]:
     """Every non-directory entry below `root` (symlinks included, links to folders too, none followed into)
     whose name, and the names of the folders above it, are not `ignored`; ignored folders are not entered at
-    all, so a NAS's thousands of thumbnails cost nothing."""
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    all, so a NAS's thousands of thumbnails cost nothing. A folder that cannot be listed is warned about."""
+    for folder, dirs, files in os.walk(root, onerror=_unlistable, followlinks=False):
         dirs[:] = [d for d in dirs if not ignored(d)]
         for name in dirs:
             if os.path.islink(os.path.join(folder, name)):  # os.walk lists a link to a folder as a folder

@@ -43,6 +43,11 @@ def _open(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
 
 
 def _load(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
+    # Pillow's own bomb check (a warning above its global limit, an error above twice that; also inside GIF
+    # frames) follows watch.max_image_pixels: left at its 89,478,485 default, it refused pictures a higher
+    # setting allows. Every caller passes the same configured value, so the assignment does not flip-flop.
+    if Image.MAX_IMAGE_PIXELS != max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = open_image(data)
@@ -114,7 +119,7 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("too_large", f"decompression bomb: {exc}") from exc
+        raise ImageRejected("too_large", f"decompression bomb, above watch.max_image_pixels={max_pixels}: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected("unsupported", f"not an image in a format retraind reads ({', '.join(IMAGE_FORMATS)})") from exc
     except Exception as exc:  # damaged data makes Pillow raise almost anything (struct.error, IndexError...)

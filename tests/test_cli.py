@@ -11,6 +11,7 @@ import pty
 import re
 import select
 import struct
+import subprocess
 import sys
 import termios
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon.cli import EX_UNAVAILABLE, main
+from daemon.cli import EX_CANTCREAT, EX_UNAVAILABLE, main
 from daemon.config import EX_CONFIG
 from tests.conftest import make_config, seed_classes, wait_for, write_image
 from tests.tiny_backbone import TinyBackbonePlugin
@@ -128,6 +129,31 @@ def test_config_error_is_one_line_and_exit_78(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().err == "retraind: classify.top_k: expected int, got str 'many'\n"
 
 
+def test_folders_that_cannot_be_made_and_a_missing_token_file_are_config_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: a config problem found only when the daemon starts is one line naming the key, exit status 78,
+    and `check-config` finds it too. A data_root that is a file (or a state folder that is one, or a folder in
+    a read-only place) was a traceback and exit status 1 from `run` and `check-config`; a token file that
+    does not exist passed `check-config`, and `run` then refused it."""
+    (tmp_path / "file").write_text("not a folder")
+    config = tmp_path / "config.yaml"
+    for text, message in (
+            (f"data_root: {tmp_path / 'file'}\n", f"retraind: folders.classes: cannot create {tmp_path / 'file' / 'classes'}: "),
+            (f"folders: {{state: {tmp_path / 'file'}}}\n", f"retraind: folders.state: cannot create {tmp_path / 'file'}: ")):
+        config.write_text(text)
+        assert run(config, "check-config", plugins=(TinyBackbonePlugin(),)) == EX_CONFIG
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+        # `run` in its own process: in this one it would leave its log handler on this test's captured stderr
+        daemon = subprocess.run([sys.executable, "-m", "daemon", "--config", str(config), "run"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert daemon.returncode == EX_CONFIG and daemon.stderr.startswith(message), daemon.stderr
+        assert daemon.stderr.count("\n") == 1, daemon.stderr
+    config.write_text(f"http: {{token_file: {tmp_path / 'no-token'}}}\n")
+    assert run(config, "check-config", plugins=(TinyBackbonePlugin(),)) == EX_CONFIG
+    assert capsys.readouterr().err.startswith(f"retraind: http.token_file: cannot read {tmp_path / 'no-token'}: ")
+
+
 def test_classify_files(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     red = write_image(tmp_path / "red.jpg", "red", seed=77)
     blue = write_image(tmp_path / "blue.png", "blue", seed=78, fmt="PNG")
@@ -142,6 +168,20 @@ def test_classify_files(trained: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert captured.err == "", "no progress bar when stderr is not a terminal"
     assert run(trained, "classify", str(junk), plugins=(TinyBackbonePlugin(),)) == 1
     assert capsys.readouterr().out.startswith(f"{junk}: rejected (unsupported)")
+
+
+def test_classify_a_folder_says_it_is_a_folder(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: a reject names what the path is. `retraind classify photos/` (a folder, where files are expected)
+    said `photos is a link to the folder photos; links to folders are not followed`: it is no link. A real
+    link to a folder keeps its own message."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (tmp_path / "linked").symlink_to(folder)
+    assert run(trained, "classify", str(folder), str(tmp_path / "linked"), plugins=(TinyBackbonePlugin(),)) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{folder}: rejected (unsupported): {folder} is a folder, not a file",
+        (f"{tmp_path / 'linked'}: rejected (unsupported): {tmp_path / 'linked'} is a link to the folder {folder}; "
+         "links to folders are not followed; move or copy the folder here instead")]
 
 
 def test_progress_bar_on_a_terminal(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -169,6 +209,20 @@ def test_report(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert run(trained, "report", "--out", str(out)) == 0
     assert capsys.readouterr().out == f"wrote {out} (model 1)\n"
     assert "<h1>retraind model 1</h1>" in out.read_text(encoding="utf-8")
+
+
+def test_an_output_that_cannot_be_written_is_one_line(trained: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: `--out` where nothing can be written (a folder, a path below a file) was a traceback and exit
+    status 1 from `report` (and `export`: tests/test_export.py). Now one line naming the path and the cause,
+    exit status 73 (EX_CANTCREAT), and nothing left behind."""
+    (tmp_path / "a-file").write_text("x")
+    for out, cause in ((tmp_path, "Is a directory"), (tmp_path / "a-file" / "r.html", "File exists")):
+        before = sorted(tmp_path.iterdir())
+        assert run(trained, "report", "--out", str(out)) == EX_CANTCREAT
+        err = capsys.readouterr().err
+        assert err == f"retraind: cannot write {out}: {cause}\n", err
+        assert sorted(tmp_path.iterdir()) == before  # the temporary file is gone too
 
 
 def test_report_goes_beside_the_data_by_default(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -38,6 +38,12 @@ def test_shipped_config_is_the_defaults(tmp_path: Path) -> None:
         ({"backbone": "inception_v3"}, "backbone: expected a mapping"),
         ({"data_root": "/no/such/parent/data"}, "data_root: parent folder /no/such/parent does not exist"),
         ({"split": {"validation_percentage": 60, "testing_percentage": 40}}, "split: validation_percentage"),
+        # KIND: list entries that can never match, accepted silently (the host refused, the probe behind a token)
+        ({"http": {"allowed_hosts": ["retraind.example.org", "http://retraind.example.org"]}},
+         "http.allowed_hosts[1]: 'http://retraind.example.org' is not a host name"),
+        ({"http": {"allowed_hosts": ["retraind.example.org:9721"]}}, "http.allowed_hosts[0]: 'retraind.example.org:9721'"),
+        ({"http": {"allowed_hosts": [""]}}, "http.allowed_hosts[0]: '' is not a host name"),
+        ({"http": {"paths_without_token": ["/readyz", "healthz"]}}, "http.paths_without_token[1]: 'healthz' is not a path"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, raw: dict[str, object], message: str) -> None:
@@ -45,6 +51,11 @@ def test_errors_name_the_key(tmp_path: Path, raw: dict[str, object], message: st
         parse_config(raw, tmp_path)
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_host_names_and_addresses_are_allowed_hosts(tmp_path: Path) -> None:
+    hosts = ["retraind.example.org", "*.example.org", "10.0.0.7", "fe80::1", "*"]
+    assert parse_config({"http": {"allowed_hosts": hosts}}, tmp_path).http.allowed_hosts == hosts
 
 
 def test_int_where_float_expected_is_accepted(tmp_path: Path) -> None:
@@ -76,6 +87,21 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"classify:\n  top_k: 5\n\tnovelty: true\n", "line 3, column 1: found character '\\t' that cannot start any token"),
+    (b"http:\n  port: 9721\n  host: 127.0.0.1\n  token_file: \"/etc/token\n", ("line 5, column 1: found unexpected end of "
+                                                                                  "stream (while scanning a quoted scalar from line 4)")),
+    (b"log_level: INFO\n# caf\xe9 (Latin-1)\n", "is not UTF-8 text: line 2 holds the byte 0xe9; save the file as UTF-8"),
+])
+def test_a_config_file_that_is_not_yaml_names_the_line(tmp_path: Path, text: bytes, message: str) -> None:
+    """KIND: a broken config file says where. A tab in the indentation or an unclosed quote gave only PyYAML's
+    context ("while scanning for the next token"), no line; a comment saved as Latin-1 was a traceback."""
+    (tmp_path / "config.yaml").write_bytes(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / "config.yaml")
+    assert str(raised.value).startswith(f"config: {tmp_path / 'config.yaml'} ") and str(raised.value).endswith(message)
 
 
 @pytest.mark.parametrize(

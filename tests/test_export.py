@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from daemon.backbone import Backbone
-from daemon.cli import main
+from daemon.cli import EX_CANTCREAT, main
 from daemon.config import BackboneConfig
 from daemon.export import calibrated_head
 from daemon.hookspecs import hookimpl
@@ -133,3 +133,24 @@ def test_export_refuses_a_backbone_the_model_was_not_trained_on(tmp_path: Path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "trained on tiny/seed7/v1" in err and "tiny/other/v1" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_to_a_path_that_cannot_be_written_is_one_line(tmp_path: Path, run_app: Any,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: `export --out` below a file (or anywhere nothing can be written) was a traceback, exit status 1:
+    one line naming the path and exit status 73 (EX_CANTCREAT)."""
+    seed_classes(tmp_path, per_label=4)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+    config = write_config(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+
+    class KerasTiny:
+        @hookimpl
+        def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+            return build_tiny()
+
+    out = tmp_path / "a-file" / "export"
+    assert main(["--config", str(config), "export", "--out", str(out)], plugins=[KerasTiny()]) == EX_CANTCREAT
+    err = capsys.readouterr().err
+    assert err.startswith(f"retraind: cannot write {out}: ") and err.count("\n") == 1, err

@@ -25,7 +25,7 @@ from daemon.store import Store
 from plugins.pillow_decoder import retraind_decode_image
 from tests.conftest import seed_classes, wait_for
 from tests.test_daemon_e2e import results, scrape
-from tests.test_reliability_input import encoded, pixels, png
+from tests.test_reliability_input import bomb, encoded, pixels, png
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (32, 32)
@@ -264,3 +264,19 @@ def test_heic_and_avif_photos_are_read(tmp_path: Path, run_app: Any) -> None:
     assert all(catalog[f"red/IMG_{i:04}.HEIC"].ok for i in range(3))
     assert sum(version.metrics["images"]["red"].values()) == 15
     assert {r["file"]: r["label"] for r in results(tmp_path)} == {"IMG_0100.HEIC": "blue", "photo.avif": "red"}
+
+
+def test_the_pixel_limit_is_watch_max_image_pixels_whatever_pillows_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KIND: `watch.max_image_pixels` is the one pixel limit. Pillow keeps a process-wide limit of its own
+    (89,478,485 by default: a warning above it, an error above twice it); it refused a 9472×9472 scan that a
+    user's `max_image_pixels: 100000000` allows, and named its own figure, not the key. Here Pillow's global is
+    set low (as its default is below such a setting) so the pictures stay small: one between Pillow's limit and
+    the configured one decodes, one above twice Pillow's limit too, and one above the configured limit is
+    `too_large` with a message naming the key."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (40, 60):  # 1,600 px: Pillow's warning band; 3,600 px: above twice its limit (its error)
+        assert decode(saved(Image.fromarray(pixels("red", side, (side, side)))), max_pixels=5000).shape == (32, 32, 3)
+    for data in (saved(Image.fromarray(pixels("red", 1, (80, 80)))), bomb()):  # 6,400 px; 30000×30000
+        with pytest.raises(ImageRejected) as refused:
+            decode(data, max_pixels=5000)
+        assert refused.value.reason == "too_large" and "watch.max_image_pixels=5000" in str(refused.value)

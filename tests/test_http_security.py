@@ -200,6 +200,13 @@ def test_slow_heads_and_bodies_are_cut_off(run_app: Any) -> None:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Padding: " + b"a" * 70_000)
             reply = _interim(sock, 5)
             assert reply.startswith(b"HTTP/1.1 431 "), reply
+        for head in (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 70_000 + b"\r\n\r\n",
+                     b"GET /healthz?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n"):
+            with socket.create_connection(("127.0.0.1", app.http.port), timeout=5) as sock:
+                sock.sendall(head)  # KIND: a whole head over the limit, sent at once (it was served: 200)
+                reply = _until_closed(sock, 5)
+                assert reply.startswith(b"HTTP/1.1 431 ") and reply.count(b"HTTP/1.1") == 1, reply[:200]
 
 
 def test_keep_alive_and_request_metrics(run_app: Any) -> None:

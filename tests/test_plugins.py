@@ -147,6 +147,19 @@ def test_settings_for_a_plugin_without_settings_are_refused(tmp_path: Path) -> N
         Hooks.of(config)
 
 
+def test_a_misspelt_plugin_to_disable_names_the_key(tmp_path: Path) -> None:
+    """KIND: a config typo is one line naming the key. `plugins.disable: [file_sink]` (for `file_sinks`) was
+    accepted and the plugin it meant kept running; any name that is no plugin (built-in, installed, given to
+    the manager, or the daemon's `publisher`) is refused, and real names still disable."""
+    config = parse_config({"plugins": {"disable": ["plots", "file_sink"]}}, tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        Hooks.of(config)
+    assert str(raised.value).startswith("plugins.disable[1]: no plugin named 'file_sink' (plugins: ")
+    assert "file_sinks" in str(raised.value) and "publisher" in str(raised.value)
+    pm = make_plugin_manager(disabled=["file_sinks", "publisher", "greeter"], extra=[Greeter()])
+    assert pm.is_blocked("publisher") and pm.get_plugin("greeter") is None and pm.get_plugin("file_sinks") is None
+
+
 def test_configure_without_declared_settings_is_a_plugin_error() -> None:
     class Half:
         @hookimpl

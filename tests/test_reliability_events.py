@@ -121,3 +121,43 @@ def test_inotify_overflow_triggers_a_rescan(tmp_path: Path, run_app: Any, watchd
             "Inotify queue overflowed; filesystem events were lost")
         wait_for(lambda: results(tmp_path), what="the overflow's rescan to find the lost file")
         assert scrape(app)["retraind_watch_overflows_total"] == 1
+
+
+class RenameFolderOnce:
+    """A router that, the first time it is asked, renames the inbox sub-folder the batch's files are in, as a
+    person does while the daemon files them (then lets the built-in router choose)."""
+
+    def __init__(self, folder: Path, renamed: Path) -> None:
+        self.folder, self.renamed, self.done = folder, renamed, False
+
+    @hookimpl
+    def retraind_route_result(self, result: Any, config: Any) -> None:
+        if not self.done:
+            self.done = True
+            os.rename(self.folder, self.renamed)
+
+
+def test_files_renamed_away_while_being_filed_get_one_record_each(tmp_path: Path, run_app: Any) -> None:
+    """KIND: a file moved away by someone else between its classification and its move. `mv inbox/batch
+    inbox/batch-2` while the daemon files `batch/`: each move failed (the source was gone) and left its journal
+    entry open for recovery; the files were seen again under `batch-2/` and filed, and recovery then found the
+    same file at the same destination and wrote its records a second time (two `results.jsonl` lines, two
+    ids, for each of 39 files). INPUT: that rename, made at the first file's routing: every file ends in one
+    place with exactly one record, and no entry stays open."""
+    seed_classes(tmp_path)
+    inbox = tmp_path / "data" / "inbox"
+    batch = tmp_path / "batch"
+    for i in range(6):
+        write_image(batch / f"b{i}.jpg", "red" if i % 2 else "blue", seed=900 + i)
+    router = RenameFolderOnce(inbox / "batch", inbox / "batch-2")
+    with run_app(extra=(router,), classify={"confidence_threshold": 0.0}) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        os.rename(batch, inbox / "batch")
+        wait_for(lambda: len(results(tmp_path)) >= 6 and not app.store.journal_open(), timeout=30,
+                 what="six files filed and no journal entry open")
+        time.sleep(2.5)  # recovery's first retry comes 1 s after a failed move: give it time to double a record
+        assert not app.store.journal_open()
+    records = results(tmp_path)
+    assert router.done and sorted(r["file"] for r in records) == [f"b{i}.jpg" for i in range(6)], records
+    assert all(Path(r["destination"]).exists() for r in records)
+    assert not [p for p in inbox.rglob("*") if p.is_file()]

@@ -285,6 +285,47 @@ def test_links_to_folders_are_named_as_such_and_their_images_stay(
     assert not any("not inside a label folder" in m or "not a regular file" in m for m in messages)
 
 
+def _deep_folder(top: Path, depth: int = 22) -> bytes:
+    """Folders nested below `top` until the path is over PATH_MAX (4096 bytes), made relative to each other
+    (no path that long can be named at once); their innermost, relative to `top`."""
+    names = [f"{i:02}" + "d" * 200 for i in range(depth)]
+    here = os.open(top, os.O_RDONLY)
+    for name in names:
+        os.mkdir(name, dir_fd=here)
+        inner = os.open(name, os.O_RDONLY, dir_fd=here)
+        os.close(here)
+        here = inner
+    os.close(here)
+    return os.fsencode(os.path.join(*names))
+
+
+def test_a_folder_that_cannot_be_listed_is_named_once(
+    tmp_path: Path, run_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KIND: a folder the walk cannot enter. os.walk skips what it cannot list without a word, so an image
+    below a path over PATH_MAX (a deep archive unpacked into the inbox; the same for a folder the daemon may
+    not read) was never seen, never classified, never named. INPUT: such a folder in the inbox beside a plain
+    image, with rescans every 0.3 s: the plain image is classified, the folder is named once (with what to do),
+    and its image stays where it is."""
+    data = tmp_path / "data"
+    seed_three(data)
+    (data / "inbox").mkdir()
+    deep = _deep_folder(data / "inbox")
+    with caplog.at_level(logging.WARNING, logger="daemon.scanner"), \
+            run_app(classify={"confidence_threshold": 0.0}, watch={"rescan_interval_seconds": 0.3}) as app:
+        wait_for(lambda: app.serving.version, what="first model")
+        (data / "inbox" / "plain.png").write_bytes(encoded(pixels("red", 70), "PNG"))
+        wait_for(lambda: results(tmp_path), what="the plain image classified")
+        time.sleep(1.0)  # a few rescans
+    warned = [r.getMessage() for r in caplog.records if "cannot list the folder" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].endswith("its path is longer than the system allows (PATH_MAX, 4096 bytes): move it "
+                              "higher up; the files in it are not seen")
+    assert os.fsencode(data / "inbox") + b"/" + deep.split(b"/")[0] in os.fsencode(warned[0])
+    assert [r["file"] for r in results(tmp_path)] == ["plain.png"]
+    assert os.path.isdir(os.path.join(os.fsencode(data / "inbox"), deep.split(b"/")[0]))
+
+
 def test_a_file_outside_the_label_folders_is_warned_about_once(
     tmp_path: Path, run_app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -146,23 +146,26 @@ def test_failed_training_is_retried_without_a_new_change(tmp_path: Path, run_app
     assert flaky.calls == 2 + FOLDS and failed == 1  # the failed run; the next: its head, the out-of-fold heads
 
 
+@pytest.mark.parametrize("name", ["two\nlines", "two\u2028lines", "two\x85lines"])
 def test_a_label_folder_with_a_control_character_is_skipped(tmp_path: Path, run_app: Any,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+                                                             caplog: pytest.LogCaptureFixture, name: str) -> None:
     """KIND: a label folder whose name holds a line break or another control character (Linux allows it;
     the review API made one from `{"label": "a\\nb"}`). `labels.txt` has one label per line, so such a label
     split in two: the next start could not load the model (`head has 3 outputs for 4 labels`) and the
-    exported labels were shifted. INPUT: images in `classes/two\\nlines/`; they are skipped with a warning
-    naming the folder, the model has the other labels, and a restart loads it."""
+    exported labels were shifted. Python reads `labels.txt` by `splitlines()`, which also breaks at Unicode's
+    line and paragraph separators (U+2028, U+2029, pasted from web pages) and at C1 controls (NEL, U+0085):
+    those split a label just the same. INPUT: images in `classes/two\\nlines/` (and the others); they are
+    skipped with a warning naming the folder, the model has the other labels, and a restart loads it."""
     seed_classes(tmp_path)
-    odd = tmp_path / "data" / "classes" / "two\nlines"
+    odd = tmp_path / "data" / "classes" / name
     for i in range(3):
         write_image(odd / f"g{i}.jpg", "green", seed=700 + i)
     with caplog.at_level(logging.WARNING, logger="daemon.indexer"), run_app() as app:
         version = wait_for(lambda: app.serving.version, what="first model")
     assert version.labels == ("blue", "red")
     warned = [r.getMessage() for r in caplog.records if "control character" in r.getMessage()]
-    assert f"{odd / 'g0.jpg'}: skipped for training: the label folder name 'two\\nlines' has a control " \
-        "character; rename the folder" in warned
+    assert f"{odd / 'g0.jpg'}: skipped for training: the label folder name {name!r} has a control character " \
+        "or a line separator; rename the folder" in warned
     with run_app() as app:
         assert app.serving.version is not None and app.serving.version.labels == ("blue", "red")
 

@@ -83,9 +83,29 @@ def test_label_teaches_and_undo_restores(tmp_path: Path, run_app: Any) -> None:
         assert app.metrics.registry.get_sample_value("retraind_review_actions_total", {"action": "undo"}) == 1
 
 
+def test_undo_after_a_labelled_file_was_deleted_leaves_no_orphan_record(tmp_path: Path, run_app: Any) -> None:
+    """KIND: undo after the files moved. A labelled image deleted from `classes/<label>/` before the undo
+    cannot come back, yet its record was written back into review/ (a record of no image, listed by nothing
+    and cleaned by nobody) and the undo said nothing. INPUT: two images labelled at once, one then deleted:
+    undo brings back the other with its record, and no record without its image."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        for name, seed in (("kept.jpg", 7), ("deleted.jpg", 8)):
+            write_image(app.config.folder("inbox") / name, "red", seed)
+        items = [item for group in in_review(app, 2)["groups"] for item in group]
+        for item in items:
+            assert post(app, f"/v1/review/{item['id']}:label", {"label": "red"})[0] == 200
+        (app.config.folder("classes") / "red" / "deleted.jpg").unlink()
+        assert post(app, "/v1/review:undo")[0] == 200 and post(app, "/v1/review:undo")[0] == 200
+    review = app.config.folder("review")
+    assert sorted(p.name for p in review.iterdir()) == ["kept.jpg", "kept.jpg.json"]
+
+
 def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
     """Kind: a rejected image ends in rejected/ with a record; bad labels, unknown ids, cross-site callers and
-    non-JSON bodies are refused with a JSON error and nothing moves."""
+    non-JSON bodies are refused with a JSON error and nothing moves. A label that `watch.ignore` leaves alone
+    (`@eaDir`, `lost+found`: the image was moved there and never trained on) is a bad label too."""
     seed_classes(tmp_path)
     with run_app(**ALL_TO_REVIEW) as app:
         first_model(app)
@@ -94,6 +114,9 @@ def test_reject_and_refusals(tmp_path: Path, run_app: Any) -> None:
         item = group[0]["id"]
         for label in ("../etc", ".hidden", "", " padded", "a/b", 7, "two\nlines", "tab\there", "esc\x1b[2J"):
             assert_error(post(app, f"/v1/review/{item}:label", {"label": label}), 400, "label")
+        for label in ("@eaDir", "lost+found", "THUMBS.DB", "$Recycle.Bin"):  # KIND: a folder watch.ignore skips
+            assert_error(post(app, f"/v1/review/{item}:label", {"label": label}), 400, "watch.ignore")
+            assert not (app.config.folder("classes") / label).exists()
         assert_error(post(app, "/v1/review/0123456789abcdef:label", {"label": "red"}), 404, "no such item")
         assert_error(call(app, "POST", f"/v1/review/{item}:label", b'{"label": "red"}',
                           {"Content-Type": "text/plain"}), 415, "application/json")
@@ -128,6 +151,22 @@ def test_suspects_duplicates_keep_and_undo(tmp_path: Path, run_app: Any) -> None
         assert post(app, f"/v1/suspects/{copy['id']}:move", {"label": "red"})[0] == 200
         assert (classes / "red" / "looks-red.jpg").exists() and not (classes / "blue" / "looks-red.jpg").exists()
         assert_error(post(app, f"/v1/suspects/{copy['id']}:move", {"label": "red"}), 404, "no such item")
+
+
+def test_a_suspect_named_with_a_unicode_line_separator_is_listed(tmp_path: Path, run_app: Any) -> None:
+    """KIND: line-oriented files are split at newlines only. `out_of_fold.jsonl` keeps names as they are
+    (JSON escapes a newline but not U+2028/U+2029 or NEL), and it was read back by `str.splitlines()`, which
+    breaks lines there too: the row of a training image so named fell apart and the image was never shown as
+    a suspect. INPUT: a red picture filed under blue as `odd\u2028name.jpg` beside a plain mislabelled one."""
+    seed_classes(tmp_path)
+    blue = tmp_path / "data" / "classes" / "blue"
+    for name, seed in (("odd\u2028name.jpg", 901), ("plain.jpg", 902)):
+        write_image(blue / name, "red", seed=seed)
+    with run_app() as app:
+        first_model(app)
+        suspects = call(app, "GET", "/v1/suspects")[2]["suspects"]
+    assert {(s["path"], s["suggested"]) for s in suspects if s["kind"] == "disagrees"} >= {
+        ("blue/odd\u2028name.jpg", "red"), ("blue/plain.jpg", "red")}
 
 
 def test_thumbnails_by_content_and_the_model_view(tmp_path: Path, run_app: Any) -> None:

@@ -34,6 +34,10 @@ def _json_reply(status: int, reason: str, message: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback once a request's head is over `MAX_HEAD_BYTES` (its 431 is sent)."""
+
+
 class _GuardedProtocol(HttpToolsProtocol):
     """Uvicorn's httptools protocol with a deadline and a size limit for each request's head."""
 
@@ -43,6 +47,7 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = 0  # None once the head is complete
+        self._head_parsed = 0  # the request line's target and the headers parsed so far, in bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -62,9 +67,27 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_parsed = 0
         if self._head_bytes is None:
             self._head_bytes = 0
             self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        """The limit on what the parser has taken: `data_received` counts only heads still incomplete after
+        a read, so a whole head that arrived in one or two reads (70 KB sent at once) went through."""
+        self._head_parsed += size
+        if self._head_parsed > MAX_HEAD_BYTES:
+            self._refuse(431, "Request Header Fields Too Large",
+                         f"the request line and headers are above {MAX_HEAD_BYTES} bytes")
+            raise _HeadTooLarge  # stops the parser; Uvicorn's handler of parser errors finds the reply sent
 
     def on_headers_complete(self) -> None:
         self._disarm()
