@@ -145,9 +145,10 @@ def _place(dst: Path, make: Callable[[Path], object]) -> None:
     try:
         make(tmp)
         os.replace(tmp, dst)
-    finally:
-        if os.path.lexists(tmp):
+    except BaseException:
+        if os.path.lexists(tmp):  # only a failure leaves one: a rename that succeeded took it
             tmp.unlink()
+        raise
 
 
 def name_max(folder: Path) -> int:

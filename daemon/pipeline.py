@@ -258,19 +258,31 @@ class Pipeline(threading.Thread):
             self.idle.set()
 
     def _classify_due(self, paths: list[Path]) -> None:
-        """Inbox files in backbone-sized batches, the next batch read and embedded (`_ahead`) while this one's
-        files are moved and recorded: in a burst the first results land after one forward batch, and the
-        durable writes cost no engine time."""
+        """Inbox files in backbone-sized batches. The next batch is read and decoded on the decoding pool and
+        then embedded (`_ahead`) while this one's files are moved and recorded: in a burst the first results
+        land after one forward batch, the engine does not wait for a batch's decoding, and the durable writes
+        cost no engine time."""
         size = self._config.backbone.batch_size
         batches = [paths[start : start + size] for start in range(0, len(paths), size)]
-        ahead = self._ahead.submit(self._inbox.prepare, batches[0]) if batches else None
+        ahead = self._begin(batches[0]) if batches else None
         for index, batch in enumerate(batches):
             assert ahead is not None
             prepared = ahead
             if index + 1 < len(batches):
-                ahead = self._ahead.submit(self._inbox.prepare, batches[index + 1])
+                ahead = self._begin(batches[index + 1])
             self._guarded(functools.partial(self._finish, prepared, batch), batch)
             self._progress.went_round()
+
+    def _begin(self, batch: list[Path]) -> Future[PreparedBatch]:
+        """`batch` begun (its decoding queued behind the batches begun before it) and then embedded on `_ahead`;
+        a failure to begin it is the future's, so that the batch is tried file by file like any failed one."""
+        try:
+            begun = self._inbox.begin(batch)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the future's result(), inside `_guarded`
+            failed: Future[PreparedBatch] = Future()
+            failed.set_exception(exc)
+            return failed
+        return self._ahead.submit(self._inbox.prepare, begun)
 
     def _finish(self, prepared: Future[PreparedBatch], batch: list[Path], paths: list[Path]) -> list[Path]:
         """The prepared `batch` when `paths` is it; a file tried alone after its batch failed, afresh."""

@@ -4,6 +4,7 @@ the settle wait, and a start-up is ready before its reconcile scan has run."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -236,3 +237,56 @@ def test_an_urgent_image_waits_for_a_piece_of_a_background_batch_not_all_of_it(t
     store.close()
     assert engine.ran.count(0) == 32
     assert engine.ran.index(1) - asked_at <= 4, f"the urgent image waited for {engine.ran.index(1) - asked_at} images"
+
+
+class HeldEngine(TinyBackbonePlugin):
+    """The tiny backbone, whose forward pass waits for `release` while `hold` is set (`held` tells one is
+    waiting), and a decoder that notes the content it was given (sha256) and leaves decoding to Pillow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.decoded: set[str] = set()
+
+    @hookimpl(tryfirst=True)
+    def retraind_decode_image(self, data: bytes, size: tuple[int, int], max_pixels: int) -> None:
+        self.decoded.add(hashlib.sha256(data).hexdigest())
+
+    @hookimpl
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        inner = super().retraind_make_backbone(config, cache_dir)
+        if inner is None:
+            return None
+        plugin = self
+
+        class Held:
+            id, input_size, dim = inner.id, inner.input_size, inner.dim
+
+            def embed(self, images: np.ndarray) -> np.ndarray:
+                if plugin.hold.is_set():
+                    plugin.held.set()
+                    plugin.release.wait(60)
+                return inner.embed(images)
+
+        return Held()
+
+
+def test_the_next_inbox_batch_is_decoded_while_one_is_embedded(tmp_path: Path) -> None:
+    """A burst of 8 inbox files in batches of 4: while the first batch is in the engine, the second one's files
+    are read and decoded already, so the engine never waits for a batch's decoding."""
+    seed_classes(tmp_path)
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    engine = HeldEngine()
+    with App(make_config(tmp_path, backbone={"batch_size": 4}), extra_plugins=(engine,)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+        burst = [write_image(outside / "burst" / f"query-{i}.jpg", "red", seed=9300 + i) for i in range(8)]
+        contents = {hashlib.sha256(path.read_bytes()).hexdigest() for path in burst}
+        engine.hold.set()
+        try:
+            os.rename(outside / "burst", data / "inbox" / "burst")  # one folder renamed in: one burst of 8
+            wait_for(engine.held.is_set, what="the first batch in the engine")
+            wait_for(lambda: contents <= engine.decoded, timeout=10,
+                     what="every file of the burst decoded while its first batch is in the engine")
+        finally:
+            engine.release.set()
+        wait_for(lambda: len(list(data.glob("outbox/*/query-*.jpg.json"))) == 8, what="eight results")
