@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.config import ConfigError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bottlenecks (
     sha256 TEXT NOT NULL, backbone TEXT NOT NULL, variant TEXT NOT NULL,
@@ -105,6 +107,10 @@ class JournalEntry:
     source_stat: str = ""
 
 
+#: SQLite's answers for a file that is not a database, or one damaged past opening
+_DAMAGED = (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
+
+
 class Store:
     """One SQLite database; each thread gets its own connection (SQLite connections are not shareable)."""
 
@@ -114,8 +120,18 @@ class Store:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._db().executescript(_SCHEMA)
-        self._add_columns()
+        try:
+            self._db().executescript(_SCHEMA)
+            self._add_columns()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:  # locked, I/O, permissions: not damage
+                raise
+            raise ConfigError(
+                f"folders.state: {path} cannot be opened as a SQLite database ({exc}); it holds the bottleneck "
+                "cache, the training catalog and the inbox journal: restore it from a backup, or move it aside to "
+                "start afresh (bottlenecks are computed again; an inbox file whose filing a crash interrupted "
+                "may then lack its record)") from exc
 
     def _add_columns(self) -> None:
         db = self._db()
@@ -129,8 +145,12 @@ class Store:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error:
+                db.close()
+                raise
             self._local.db = db
             with self._lock:
                 self._connections.append(db)

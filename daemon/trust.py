@@ -19,13 +19,14 @@ from `label` with a high `probability`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,11 +272,31 @@ class TrustFit:
         self._stack.close()
 
     def _fit_novelty(self) -> tuple[NoveltyScore, list[Future[np.ndarray]]]:
-        """The served score; then each held-out group's scores, queued on the workers one job per group."""
+        """The served score; then the held-out groups' scores, one job per group, `threads` at a time."""
         novelty = self.hooks.fit_novelty(self.pool.x, self.pool.y)
         scorer = self.hooks.held_out_scorer(novelty, self.pool.x, self.pool.y)
         known, unknown = _held_out_groups(self.pool, self.folds)
-        return novelty, [self._executor.submit(scorer, group) for group in known + unknown]
+        jobs: collections.deque[tuple[np.ndarray, Future[np.ndarray]]] = collections.deque(
+            (group, Future()) for group in known + unknown)
+        scores = [future for _, future in jobs]
+        for _ in range(self._threads):
+            self._executor.submit(self._score_next, scorer, jobs)
+        return novelty, scores
+
+    def _score_next(self, scorer: Callable[[np.ndarray], np.ndarray],
+                    jobs: collections.deque[tuple[np.ndarray, Future[np.ndarray]]]) -> None:
+        """Score the next held-out group, then queue this lane again behind what was submitted meanwhile: the
+        fold heads, queued once the served head is fitted, run first (the calibrator waits for all of them),
+        and the groups left fill the cores while the last fold heads and the calibrator run."""
+        try:
+            group, future = jobs.popleft()
+        except IndexError:
+            return
+        try:
+            future.set_result(scorer(group))
+        except Exception as error:  # noqa: BLE001 - raised again to the trainer by `novelty()`; the lane goes on
+            future.set_exception(error)
+        self._executor.submit(self._score_next, scorer, jobs)
 
     def novelty(self) -> tuple[NoveltyScore, np.ndarray, np.ndarray]:
         """The served novelty score, the pool's out-of-fold scores (n,) and the stand-in unknowns' scores."""

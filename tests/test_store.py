@@ -6,7 +6,9 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from daemon.config import ConfigError
 from daemon.store import CatalogEntry, JournalEntry, Store
 
 BACKBONE = "test/v1"
@@ -81,3 +83,24 @@ def test_training_matrix_skips_files_without_a_valid_vector(tmp_path: Path) -> N
     assert [e.path for e in entries] == [f"l/{i:05d}.jpg" for i in expected]
     assert matrix.shape == (len(expected), 3) and matrix[:, 2].tolist() == expected
     store.close()
+
+
+def test_a_store_that_is_not_a_database_is_one_config_line(tmp_path: Path) -> None:
+    """KIND: the daemon's own state damaged (a disk error, a half-copied backup, another file put in its place).
+    `retraind run` on a `store.sqlite` that is not SQLite was a traceback and exit status 1, restarted by
+    systemd again and again. It is a `ConfigError` naming `folders.state` and the file, saying what to do
+    (exit status 78: not restarted)."""
+    from daemon.app import App
+    from tests.conftest import make_config
+    from tests.tiny_backbone import TinyBackbonePlugin
+
+    store = tmp_path / "data" / "state" / "store.sqlite"
+    store.parent.mkdir(parents=True)
+    store.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ConfigError) as raised:
+        Store(store)
+    assert str(raised.value).startswith(f"folders.state: {store} cannot be opened as a SQLite database (")
+    assert "move it aside" in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(ConfigError, match="^folders.state: .* cannot be opened as a SQLite database"):
+        App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),))
+    assert store.read_bytes() == bytes(range(256)) * 20  # left as it was, for the user to look at

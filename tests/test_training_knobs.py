@@ -12,7 +12,7 @@ import pytest
 
 from daemon.config import ConfigError, TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
-from plugins.softmax_head import retraind_train_head
+from plugins.softmax_head import _Objective, retraind_train_head
 from tests.conftest import seed_classes, wait_for, write_image
 
 
@@ -73,6 +73,29 @@ def test_lbfgs_default_ignores_the_sgd_knobs_and_fits_the_variant_rows() -> None
     assert head.hyperparameters["trainer"] == "lbfgs_softmax"
     assert head.hyperparameters["train_rows"] == 240  # 120 train rows and 120 variant rows
     assert dataset(variants).counts() == {label: {"train": 40, "validation": 20, "test": 20} for label in "abc"}
+
+
+def test_the_objective_over_row_blocks_is_the_weighted_cross_entropy_and_its_gradient() -> None:
+    """The L-BFGS objective walks the rows in blocks (1,300 rows: three, the last partial): its loss is the
+    class-weighted cross-entropy plus the L2 term computed over all rows at once, and its gradient matches
+    central differences."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 1300)
+    y[:100] = 0  # unequal classes: the balanced row weights differ
+    part = Part((rng.normal(0, 1, (1300, 5)) + y[:, None]).astype(np.float32), y, ())
+    objective = _Objective(part, 3, l2=0.01, balanced=True)
+    theta = rng.normal(0, 0.3, 5 * 3 + 3)
+    loss, grad = objective(theta)
+    weights, bias = theta[:15].reshape(5, 3), theta[15:]
+    logits = part.x.astype(np.float64) @ weights + bias
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    row_weights = 1.0 / (3 * np.bincount(y)[y])
+    expected = -(row_weights * log_p[np.arange(1300), y]).sum() + 0.005 * (weights**2).sum()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert objective.last == pytest.approx((-log_p[np.arange(1300), y].mean(), np.mean(logits.argmax(1) == y)), rel=1e-5)
+    step = np.eye(len(theta)) * 1e-3
+    numeric = [(objective(theta + e)[0] - objective(theta - e)[0]) / 2e-3 for e in step]
+    assert np.allclose(grad, numeric, atol=2e-4)
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
