@@ -6,13 +6,6 @@ from typing import Protocol
 
 import numpy as np
 
-#: The version of the shipped preprocessing (decoding and resizing to the input size, `plugins.pillow_decoder`),
-#: the last part of each built-in backbone's id, so bottlenecks cached under another preprocessing are never
-#: mixed with new ones: a change recomputes them and retrains. v1: Pillow's BILINEAR for every picture. v2:
-#: pictures enlarged to the input by OpenCV's INTER_LINEAR (within 1 level of v1's pixels, yet bottlenecks
-#: differ by 2.4 % in L2 on average on tuxpaint6, far beyond the engines' 1e-4: not the same preprocessing).
-PREPROCESSING = "v2"
-
 
 class BackboneUnavailable(Exception):
     """The configured backbone cannot be built (weights missing, offline, ...); the message says what to set."""

@@ -3,19 +3,13 @@ TIFF, AVIF, HEIF; see `daemon.images.IMAGE_FORMATS`), applies EXIF orientation, 
 white, converts any mode (CMYK, 16-bit, greyscale, palette) to 8-bit RGB, and refuses decompression bombs
 before allocating them. Metadata is never a reason to refuse pixels: text chunks are skipped and a malformed
 EXIF block only loses its orientation. Whatever Pillow raises on damaged content becomes an `ImageRejected`,
-so no input can fail more than its own file.
-
-Resizing to the backbone's input: a picture no larger than the input on either side is enlarged by OpenCV's
-bilinear `cv2.resize` (INTER_LINEAR; within 1 level of Pillow's BILINEAR, 4-5x cheaper: Pillow's resampling
-is scalar C), anything larger is reduced by Pillow's antialiased BILINEAR (OpenCV's INTER_LINEAR does not
-antialias when reducing). Which of the two applies is the preprocessing `daemon.backbone.PREPROCESSING` names."""
+so no input can fail more than its own file."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 
-import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -32,10 +26,6 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
             7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 _WHITE = (255, 255, 255, 255)
-
-# Decoding threads are the parallelism (the HTTP pool, the extractor's pool): OpenCV's own worker pool inside
-# each resize would only add threads competing with the engine for the same cores.
-cv2.setNumThreads(1)
 
 
 def _open(data: bytes, size: tuple[int, int], max_pixels: int) -> Image.Image:
@@ -122,18 +112,10 @@ def _flatten(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of what is already RGB
 
 
-def _resized(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """8-bit RGB `image` as uint8 pixels of `size` (width, height), shape (height, width, 3): enlarged by
-    OpenCV's bilinear filter when no side is reduced, else reduced by Pillow's antialiased bilinear filter."""
-    if image.width <= size[0] and image.height <= size[1]:
-        return cv2.resize(np.asarray(image), size, interpolation=cv2.INTER_LINEAR)
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
 @hookimpl(trylast=True)
 def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
     try:
-        return _resized(_flatten(_upright(_open(data, size, max_pixels))), size)
+        rgb = _flatten(_upright(_open(data, size, max_pixels))).resize(size, Image.Resampling.BILINEAR)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -142,3 +124,4 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
         raise ImageRejected("unsupported", f"not an image in a format retraind reads ({', '.join(IMAGE_FORMATS)})") from exc
     except Exception as exc:  # damaged data makes Pillow raise almost anything (struct.error, IndexError...)
         raise ImageRejected("corrupt", f"image data is damaged: {type(exc).__name__}: {exc}") from exc
+    return np.asarray(rgb, dtype=np.uint8)
