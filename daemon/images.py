@@ -51,22 +51,41 @@ class ImageFile:
 
 
 def read_image_file(path: Path, max_bytes: int) -> ImageFile:
-    """Read a regular file (symlinks are followed once, loops and specials rejected) and hash its bytes."""
+    """Read a regular file (symlinks are followed once, loops and specials rejected) and hash its bytes.
+
+    The file is opened once, without blocking (a FIFO put in its place never stalls the reader), judged by the
+    open file's own status, and read to at most `max_bytes`: a file that grows after it was judged, or a name
+    swapped meanwhile for a link to a device, is refused (`too_large`, `unsupported`), never read whole.
+    Raises `ImageRejected` ("unreadable", "unsupported", "empty", "too_large")."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ImageRejected("unreadable", f"cannot stat {path}: {exc.strerror or exc}") from exc
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageRejected("unsupported", folder_link_message(path) if path.is_symlink() else
-                            f"{path} is a folder, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageRejected("unsupported", f"{path} is not a regular file")
-    check_size(path, st.st_size, max_bytes)
+        raise ImageRejected("unreadable", f"cannot open {path}: {exc.strerror or exc}") from exc
     try:
-        data = path.read_bytes()
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageRejected("unsupported", folder_link_message(path) if path.is_symlink() else
+                                f"{path} is a folder, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageRejected("unsupported", f"{path} is not a regular file")
+        check_size(path, st.st_size, max_bytes)
+        data = _read_at_most(fd, max_bytes + 1, st.st_size + 1)
     except OSError as exc:
         raise ImageRejected("unreadable", f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    check_size(path, len(data), max_bytes)  # it grew (or shrank to nothing) after it was judged
     return ImageFile(path, data, hashlib.sha256(data).hexdigest())
+
+
+def _read_at_most(fd: int, limit: int, step: int) -> bytes:
+    """Up to `limit` bytes from `fd`, fewer only at its end, asked for `step` bytes at a time (the size the file
+    had plus one: a file read whole in one `os.read`, without a buffer of `limit` bytes each time)."""
+    chunks: list[bytes] = []
+    while limit > 0 and (chunk := os.read(fd, min(limit, step))):
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
 
 
 def folder_link_message(path: Path) -> str:

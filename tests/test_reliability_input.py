@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from daemon import images
 from daemon.scanner import walk_files
 from plugins.pillow_decoder import retraind_decode_image
 from tests.conftest import seed_classes, wait_for
@@ -348,3 +349,26 @@ def test_a_file_outside_the_label_folders_is_warned_about_once(
         loose.write_bytes(encoded(pixels("red", 61), "JPEG"))  # changed: worth one more line
         wait_for(lambda: sum("loose.jpg: not inside" in r.getMessage() for r in caplog.records) == 2,
                  what="a second warning for the changed file")
+
+
+def test_a_file_that_grows_after_it_was_judged_is_refused_not_read_whole(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """KIND: a file is judged (regular, size under watch.max_file_bytes) and then read; what it holds by then
+    may differ (a writer still appending, a name swapped for a link to /dev/zero). The read must stay within
+    the limit it was judged by. INPUT: a writer appends 1 MB at the instant the size check has passed (the
+    real check runs first; this only times an outside writer). Before the fix the whole file was read."""
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"\xff\xd8" + b"x" * 998)
+    real_check = images.check_size
+
+    def check_then_grow(name: object, size: int, max_bytes: int) -> None:
+        real_check(name, size, max_bytes)
+        if size == 1000:  # the judgement of the file as it was; then the outside writer appends
+            with path.open("ab") as fh:
+                fh.write(b"y" * 1_000_000)
+
+    monkeypatch.setattr(images, "check_size", check_then_grow)
+    with pytest.raises(images.ImageRejected) as refused:
+        images.read_image_file(path, max_bytes=10_000)
+    assert refused.value.reason == "too_large" and "watch.max_file_bytes=10000" in str(refused.value)
+    assert images.read_image_file(tmp_path / "growing.jpg", max_bytes=2_000_000).data.startswith(b"\xff\xd8")
