@@ -5,6 +5,7 @@ host's `fs.inotify.*` (which `unshare -Ur`'s root could write too) are checked t
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.inotify import InotifyObserver
 from tests.conftest import wait_for, write_image
 from tests.crash_child import EVENTS_LOG
 
@@ -148,3 +150,20 @@ def test_no_inotify_instance_at_start_up_is_one_line_and_the_daemon_polls(tmp_pa
     assert len(errors) == 1 and "instance limit is reached (0 instances for this user)" in errors[0], errors
     assert "sysctl -w fs.inotify.max_user_instances=1024" in errors[0]
     assert "Traceback" not in daemon.log() and daemon.process.returncode == 0
+
+
+def test_watchdogs_shutdown_race_line_is_not_an_error_of_ours(caplog: pytest.LogCaptureFixture) -> None:
+    """KIND: watchdog's inotify emitter can begin one more read after `stop()` closed its instance and logs
+    that at ERROR ("queue_events() called when the thread is inactive"): a harmless race inside watchdog's
+    shutdown, seen in about one daemon stop in seven, which failed tests that hold a clean stop to no ERROR
+    line. INPUT: a real observer, started and stopped, and the line as watchdog logs it; other lines of that
+    logger still pass."""
+    observer = InotifyObserver(lambda folder: None)
+    observer.start()
+    observer.stop()
+    observer.join()
+    source = logging.getLogger("watchdog.observers.inotify")
+    with caplog.at_level(logging.WARNING):
+        source.error("InotifyEmitter.queue_events() called when the thread is inactive")
+        source.error("another watchdog error")
+    assert [r.getMessage() for r in caplog.records] == ["another watchdog error"]
