@@ -104,7 +104,7 @@ class InboxProcessor:
         """Embed a begun batch (any thread): the pipeline prepares the next batch while it finishes this one,
         so the forward pass overlaps the moves and durable writes."""
         if batch.version is not None:
-            batch.extraction = self._extractor.gather(batch.jobs, urgent=True)
+            batch.extraction = self._extractor.gather(batch.jobs, urgent=True, keep=False)
             batch.jobs = []
         return batch
 
@@ -131,7 +131,7 @@ class InboxProcessor:
                 outcome.retry.append(path)  # its folder cannot be made
             else:
                 routed.append((result, started))
-        self._move_and_record(routed)
+        self._move_and_record(routed, extraction.unstored)
         return outcome
 
     def _judged(self, version: ModelVersion, files: list[tuple[Path, str]], extraction: Extraction) -> list[Judgement]:
@@ -141,13 +141,16 @@ class InboxProcessor:
             return []
         return judge(version, np.stack([extraction.vectors[sha256] for _, sha256 in files]), self._config.classify)
 
-    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]]) -> None:
-        """Journal the batch (one commit), move each file, run the sinks, make the moves and records durable
-        in one pass, close the entries (one commit). A file that cannot be moved stays in the inbox with its
-        entry open: recovery retries the move."""
+    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]],
+                         bottlenecks: list[tuple[str, str, np.ndarray]]) -> None:
+        """Journal the batch and store its new bottlenecks (one commit), move each file, run the sinks, make
+        the moves and records durable in one pass, close the entries (one commit). A file that cannot be
+        moved stays in the inbox with its entry open: recovery retries the move."""
+        backbone = self._extractor.backbone.id
         if not routed:
+            self._extractor.keep(bottlenecks)
             return
-        entries = self._journal.begin([result for result, _ in routed])
+        entries = self._journal.begin([result for result, _ in routed], backbone, bottlenecks)
         moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
         group = GroupCommit()  # the moves' folders are made durable with the records, before the entries close
         for entry, (result, started) in zip(entries, routed):
