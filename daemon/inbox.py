@@ -26,6 +26,7 @@ from daemon.atomic import GroupCommit, free_name, move_atomic, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
 from daemon.extractor import Extraction, Extractor, Job
+from daemon.ignore import below
 from daemon.images import ImageRejected, read_image_file
 from daemon.journal import InboxJournal
 from daemon.logs import short
@@ -214,11 +215,11 @@ class InboxProcessor:
     def _announce(self, result: ClassificationResult) -> None:
         """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg` (`(0.412, low_confidence)` for a review), summed up
         per destination during a burst."""
-        root, destination = self._config.data_root, result.destination or result.source
-        shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
+        destination = result.destination or result.source
+        shown = below(destination, self._config.data_root) or os.fspath(destination)
         why = f", {result.review_reason}" if result.review_reason else ""
-        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f%s) -> %s", result.source.name, result.label,
-                         result.confidence, why, shown)
+        self._lines.info(os.path.dirname(shown) or ".", "%s -> %s (%.3f%s) -> %s", result.source.name,
+                         result.label, result.confidence, why, shown)
 
     def flush_log(self) -> None:
         """Log the summary of a burst whose window has ended (the pipeline calls this every loop)."""

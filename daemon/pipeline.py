@@ -30,7 +30,7 @@ from typing import Protocol
 from daemon.backfill import Backfill, guarded
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
-from daemon.ignore import IgnoreRules
+from daemon.ignore import IgnoreRules, below
 from daemon.inbox import InboxProcessor, PreparedBatch
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -213,9 +213,9 @@ class Pipeline(threading.Thread):
             return items
 
     def _area(self, path: Path) -> str | None:
-        if path.is_relative_to(self._classes) and path != self._classes:
+        if below(path, self._classes) is not None:
             return "classes"
-        if path.is_relative_to(self._inbox_root) and path != self._inbox_root:
+        if below(path, self._inbox_root) is not None:
             return "inbox"
         return None
 
