@@ -64,5 +64,6 @@ def below(path: Path, root: Path) -> str | None:
     """`path` relative to `root` as text ("cat/IMG_1.jpg"), or None when `path` is not below `root` (or is
     `root`). `Path.relative_to` and `is_relative_to` give the same answer for the absolute, normalised paths the
     daemon handles, at 13-22 us a call on Python 3.11, called several times per inbox file; this 1 us."""
-    text, prefix = os.fspath(path), os.path.join(os.fspath(root), "")
-    return text[len(prefix):] if text.startswith(prefix) and len(text) > len(prefix) else None
+    text, top = os.fspath(path), os.fspath(root).rstrip(os.sep)
+    cut = len(top) + 1
+    return text[cut:] if len(text) > cut and text[cut - 1] == os.sep and text.startswith(top) else None
