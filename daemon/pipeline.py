@@ -289,13 +289,14 @@ class Pipeline(threading.Thread):
 
     def _arrived(self) -> list[Path]:
         """Inbox files due now, from the events queued since the turn began (training-file events go to
-        `_later` as in every turn; `STOP` is held for the loop, after this turn)."""
+        `_later` as in every turn). Once `STOP` has come (it is held for the loop, after this turn) none join:
+        the batches begun are finished and the rest waits in the inbox for the next start."""
         for item in self._drain(wait=False):
             if item is STOP:
                 self._held.append(item)
             else:
                 self._safely(self._dispatch, item)
-        return self._pending["inbox"].due()
+        return [] if STOP in self._held else self._pending["inbox"].due()
 
     def _begin(self, batch: list[Path]) -> Future[PreparedBatch]:
         """`batch` begun (its decoding queued behind the batches begun before it) and then embedded on `_ahead`;
