@@ -91,7 +91,7 @@ class SourceReader:
             self._systems[root] = open_source(root)[0]
         try:
             with self._systems[root].open_input_stream(path) as stream:
-                data = bytes(stream.readall())
+                data = bytes(stream.read(self._max_bytes + 1))  # never past the limit, whatever the file became
         except OSError as exc:
             raise ImageRejected("unreadable", f"cannot read {shown}: {exc}") from exc
         check_size(shown, len(data), self._max_bytes)  # it may have changed since it was listed

@@ -8,7 +8,9 @@ import io
 import json
 import logging
 import os
+import stat
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -372,3 +374,50 @@ def test_a_file_that_grows_after_it_was_judged_is_refused_not_read_whole(tmp_pat
         images.read_image_file(path, max_bytes=10_000)
     assert refused.value.reason == "too_large" and "watch.max_file_bytes=10000" in str(refused.value)
     assert images.read_image_file(tmp_path / "growing.jpg", max_bytes=2_000_000).data.startswith(b"\xff\xd8")
+
+
+def test_recovery_never_reads_a_fifo_found_under_a_journalled_name(tmp_path: Path, run_app: Any) -> None:
+    """KIND: recovery hashes the files a journal entry names to learn whether a move landed; that read was
+    unbounded and blocking (`read_bytes`), so anything found under the name — a FIFO, a link to a device, a
+    file grown huge — stalled or flooded the start. INPUT: an open entry whose destination name is now a FIFO
+    with no writer; the start must finish recovery (the entry dropped, the inbox file classified afresh)."""
+    import hashlib
+    import json as json_
+
+    from daemon.journal import file_identity
+    from daemon.store import JournalEntry, Store
+
+    data = tmp_path / "data"
+    seed_classes(tmp_path)
+    with run_app() as app:
+        wait_for(lambda: app.serving.version, what="first model")
+    content = (data / "classes" / "red" / "red-1.jpg").read_bytes()
+    source = data / "inbox" / "piped.jpg"
+    destination = data / "outbox" / "red" / "piped.jpg"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(content)
+    os.mkfifo(destination)
+    record = {"id": "r1", "file": "piped.jpg", "destination": str(destination), "label": "red",
+              "confidence": 0.9, "top_k": [{"label": "red", "score": 0.9}], "model_version": 1,
+              "backbone": "tiny", "sha256": hashlib.sha256(content).hexdigest(), "time": "2026-01-01T00:00:00"}
+    store = Store(data / "state" / "store.sqlite")
+    store.journal_begin(JournalEntry("r1", json_.dumps(str(source)), json_.dumps(str(destination)),
+                                     json_.dumps(record), "moving", file_identity(source)))
+    store.close()
+    started = threading.Event()
+
+    def start() -> None:
+        with run_app() as app:
+            started.set()
+            wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")
+            wait_for(lambda: not source.exists(), what="the inbox file classified afresh")
+
+    runner = threading.Thread(target=start, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    stalled = runner.is_alive()
+    if stalled:  # give the stalled reader its end of file, so the failing run ends
+        os.close(os.open(destination, os.O_WRONLY | os.O_NONBLOCK))
+        runner.join(timeout=60)
+    assert started.is_set() and not stalled, "the start stalled reading the FIFO"
+    assert stat.S_ISFIFO(os.lstat(destination).st_mode)
