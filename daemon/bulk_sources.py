@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.images import ImageRejected, check_size
+from daemon.indexer import label_of
 
 
 class SourceError(Exception):
@@ -72,7 +73,7 @@ def list_sources(sources: Iterable[str], accept: Callable[[Path], bool]) -> list
             parts = Path(info.path).relative_to(root).parts if info.path != root else ()
             if parts and not accept(Path(*parts)):
                 continue
-            label = parts[0] if len(parts) >= 2 else None
+            label = label_of(parts[0]) if len(parts) >= 2 else None
             found.append(SourceFile(src, info.path, _shown(src, root, info.path), label, int(info.size or 0)))
     return found
 
