@@ -47,7 +47,7 @@ def test_the_engine_starts_on_a_chunk_before_the_pool_has_decoded_all_of_it(tmp_
     engine = Engine()
     allowed = threading.Event()
 
-    def decode(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    def decode(data: bytes, size: tuple[int, int], max_pixels: int, preprocessing: str) -> np.ndarray:
         if data[0] >= 4:
             allowed.wait(60)
         return np.zeros((size[1], size[0], 3), dtype=np.uint8)
@@ -85,7 +85,7 @@ def test_files_handed_over_one_at_a_time_are_begun_together(tmp_path: Path) -> N
     engine = Engine()
     store = Store(tmp_path / "store.sqlite")
     metrics = Metrics()
-    extractor = Extractor(engine, lambda data, size, max_pixels: np.zeros((8, 8, 3), dtype=np.uint8), store,
+    extractor = Extractor(engine, lambda data, size, max_pixels, preprocessing: np.zeros((8, 8, 3), dtype=np.uint8), store,
                           metrics, 10**8, batch_size=32)
     indexer = TrainingIndexer(classes, store, extractor, metrics, 10**6, on_change=lambda: None)
     backfill = Backfill(indexer, NoProgress(), metrics, on_retry=lambda paths: None, on_idle=lambda: None)
