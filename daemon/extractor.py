@@ -19,17 +19,18 @@ is the point: no core stays idle while there is work.
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon.backbone import Backbone
+from daemon.backbone import Backbone, ServedAs, network_of, preprocessing_of
 from daemon.engines import default_threads, gains_from_batches
 from daemon.images import Decoder, ImageFile, ImageRejected, decode_or_reject
 from daemon.metrics import Metrics
@@ -63,11 +64,14 @@ class Job:
 
 
 class Extractor:
+    """`preprocessings`: the versions the decoder makes besides the backbone's own (`runs`)."""
+
     def __init__(
         self, backbone: Backbone, decode: Decoder, store: Store, metrics: Metrics, max_pixels: int,
-        batch_size: int,
+        batch_size: int, preprocessings: Collection[str] = frozenset(),
     ) -> None:
         self.backbone = backbone
+        self._preprocessings = frozenset(preprocessings)
         #: the images a background turn embeds at most
         self._piece = batch_size if gains_from_batches(backbone) else BACKGROUND_PIECE
         self._decode = decode
@@ -84,9 +88,29 @@ class Extractor:
         for pool in self._pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def runs(self, backbone_id: str) -> bool:
+        """Whether this extractor can make bottlenecks for a model trained on `backbone_id`: its backbone's own
+        id, or the same network with a preprocessing version the decoder makes (`running_as`)."""
+        return backbone_id == self.backbone.id or (
+            network_of(backbone_id) == network_of(self.backbone.id)
+            and preprocessing_of(backbone_id) in self._preprocessings)
+
+    def running_as(self, backbone_id: str) -> Extractor:
+        """This extractor for a model trained on `backbone_id` (`runs` must say yes): the same engine, engine
+        turns and decoding pools, with images decoded by that id's preprocessing and bottlenecks looked up and
+        stored under that id. `self` for the backbone's own id."""
+        if backbone_id == self.backbone.id:
+            return self
+        if not self.runs(backbone_id):
+            raise ValueError(f"{backbone_id} cannot be run here: the configured backbone is {self.backbone.id}")
+        view = copy.copy(self)  # shares the pools, the turns and the store; `close` is the original's
+        view.backbone = ServedAs(self.backbone, backbone_id)
+        return view
+
     def decode(self, data: bytes) -> np.ndarray:
-        """Decode one image to the backbone's input size; raises ImageRejected."""
-        return decode_or_reject(self._decode, data, self.backbone.input_size, self._max_pixels)
+        """Decode one image to the backbone's input size with its id's preprocessing; raises ImageRejected."""
+        return decode_or_reject(self._decode, data, self.backbone.input_size, self._max_pixels,
+                                preprocessing_of(self.backbone.id))
 
     def embed(self, images: np.ndarray, urgent: bool = False) -> np.ndarray:
         """Bottlenecks (N, dim) for uint8 images (N, height, width, 3), in the engine's next turn for `urgent`
@@ -123,11 +147,15 @@ class Extractor:
         return [pool.submit(self._job, key, load) for key, load in loads]
 
     def gather(self, jobs: Sequence[Future[Job]], urgent: bool = False, keep: bool = True) -> Extraction:
-        """Wait for `jobs` in order and embed their decoded images a batch at a time, while the pool goes on
-        decoding the rest; the new bottlenecks are stored in one commit, or, unless `keep`, left in `unstored`
-        for the caller to store with its own writes (the inbox: in its journal's commit, off the engine's
-        thread, which stood still for the 3.5-4 ms of each batch's commit)."""
+        """Wait for `jobs` in order and embed their decoded images a batch at a time (background work: a
+        piece at a time, as soon as a piece is decoded), while the pool goes on decoding the rest; the new
+        bottlenecks are stored in one commit, or, unless `keep`, left in `unstored` for the caller to store
+        with its own writes (the inbox: in its journal's commit, off the engine's thread, which stood still for
+        the 3.5-4 ms of each batch's commit). A background piece on an engine that runs one image per pass
+        costs what a batch does, and embedding it at once keeps the engine busy beside the decoding: a
+        chunk of phone photos had the engine wait for 32 decodes, then embed 32 with the pool idle."""
         result = Extraction()
+        size = self._batch_size if urgent else self._piece
         batch: list[Job] = []
         computed: list[tuple[str, str, np.ndarray]] = []
         for future in jobs:
@@ -141,7 +169,7 @@ class Extractor:
                 self._metrics.cache_hits.inc()
             elif job.sha256 not in result.vectors and all(j.sha256 != job.sha256 for j in batch):
                 batch.append(job)  # a second file with the same content shares the first one's vector
-            if len(batch) == self._batch_size:
+            if len(batch) == size:
                 computed += self._embed_batch(batch, result, urgent)
         if batch:
             computed += self._embed_batch(batch, result, urgent)

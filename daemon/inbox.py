@@ -85,7 +85,8 @@ class InboxProcessor:
 
     def begin(self, paths: list[Path]) -> PreparedBatch:
         """Start reading, hashing and decoding a batch on the inbox decoding pool and return at once (no journal
-        entry, no move). The pipeline begins the next batch while this one is embedded: its files are
+        entry, no move). Its files are decoded and embedded as the serving model was trained (its backbone id:
+        another preprocessing version while the store is re-cached under the configured one). The pipeline begins the next batch while this one is embedded: its files are
         decoded while the engine runs, not after (the engine waited 30-45 ms of each 0.23 s batch for them)."""
         version = self._serving.version
         if version is None:
@@ -97,7 +98,7 @@ class InboxProcessor:
             if not os.path.lexists(path):
                 continue
             (batch.journaled if path in journaled else batch.submitted).append(path)
-        batch.jobs = self._extractor.submit(
+        batch.jobs = self._extractor.running_as(version.backbone).submit(
             [(str(path), functools.partial(read_image_file, path, limit)) for path in batch.submitted], urgent=True)
         return batch
 
@@ -105,7 +106,8 @@ class InboxProcessor:
         """Embed a begun batch (any thread): the pipeline prepares the next batch while it finishes this one,
         so the forward pass overlaps the moves and durable writes."""
         if batch.version is not None:
-            batch.extraction = self._extractor.gather(batch.jobs, urgent=True, keep=False)
+            batch.extraction = self._extractor.running_as(batch.version.backbone).gather(batch.jobs, urgent=True,
+                                                                                         keep=False)
             batch.jobs = []
         return batch
 
@@ -132,7 +134,7 @@ class InboxProcessor:
                 outcome.retry.append(path)  # its folder cannot be made
             else:
                 routed.append((result, started))
-        self._move_and_record(routed, extraction.unstored)
+        self._move_and_record(routed, batch.version.backbone, extraction.unstored)
         return outcome
 
     def _judged(self, version: ModelVersion, files: list[tuple[Path, str]], extraction: Extraction) -> list[Judgement]:
@@ -142,14 +144,14 @@ class InboxProcessor:
             return []
         return judge(version, np.stack([extraction.vectors[sha256] for _, sha256 in files]), self._config.classify)
 
-    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]],
+    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]], backbone: str,
                          bottlenecks: list[tuple[str, str, np.ndarray]]) -> None:
-        """Journal the batch and store its new bottlenecks (one commit), move each file, run the sinks, make
-        the moves and records durable in one pass, close the entries (one commit). A file that cannot be
-        moved stays in the inbox with its entry open: recovery retries the move."""
-        backbone = self._extractor.backbone.id
+        """Journal the batch and store its new bottlenecks (under `backbone`, the serving model's id: they were
+        computed for it) in one commit, move each file, run the sinks, make the moves and records durable in
+        one pass, close the entries (one commit). A file that cannot be moved stays in the inbox with its
+        entry open: recovery retries the move."""
         if not routed:
-            self._extractor.keep(bottlenecks)
+            self._extractor.running_as(backbone).keep(bottlenecks)
             return
         entries = self._journal.begin([result for result, _ in routed], backbone, bottlenecks)
         moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
