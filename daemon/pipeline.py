@@ -274,6 +274,7 @@ class Pipeline(threading.Thread):
         size = self._config.backbone.batch_size
         todo = collections.deque(paths)
         flight: collections.deque[tuple[Future[PreparedBatch], list[Path]]] = collections.deque()
+        taken = set(paths)  # not finished yet: a name due again meanwhile (a file renamed onto it) waits
         joined = 0
         while todo or flight:
             while todo and len(flight) < _AHEAD_BATCHES:
@@ -281,11 +282,16 @@ class Pipeline(threading.Thread):
                 flight.append((self._begin(batch), batch))
             prepared, batch = flight.popleft()
             self._guarded(functools.partial(self._finish, prepared, batch), batch)
+            taken.difference_update(batch)
             self._progress.went_round()
             if joined < _JOIN_PER_TURN:
-                arrived = self._arrived()
-                joined += len(arrived)
-                todo.extend(arrived)
+                for path in self._arrived():
+                    if path in taken:
+                        self._pending["inbox"].retry(path, _FIRST_RETRY_SECONDS)
+                    else:
+                        taken.add(path)
+                        todo.append(path)
+                        joined += 1
 
     def _arrived(self) -> list[Path]:
         """Inbox files due now, from the events queued since the turn began (training-file events go to
