@@ -379,12 +379,22 @@ def _fit_trust(head: Head, parts: TrustFit, training: TrainingConfig, classify: 
         "fit_seconds": round(time.perf_counter() - finishing, 4),
         "started_seconds": round(time.perf_counter() - parts.started, 4),
     }
-    labels = dataset.labels
-    rows = [{"path": path, "sha256": sha256_of.get(path), "label": labels[pool.y[i]],
-             "predicted": labels[predicted[i]], "probability": round(float(confidence[i]), 6),
-             "label_probability": round(float(calibrated[i, pool.y[i]]), 6), "novelty": round(float(known[i]), 4),
-             "fold": int(folds[i])} for i, path in enumerate(pool.paths)]
+    rows = _out_of_fold_rows(dataset.labels, pool, sha256_of, predicted, confidence, calibrated, known, folds)
     return FittedTrust(trust, summary, rows)
+
+
+def _out_of_fold_rows(labels: tuple[str, ...], pool: Part, sha256_of: Mapping[str, str | None],
+                      predicted: np.ndarray, confidence: np.ndarray, calibrated: np.ndarray, known: np.ndarray,
+                      folds: np.ndarray) -> list[dict[str, Any]]:
+    """`out_of_fold.jsonl`'s rows, one per pool image; the columns turned into Python lists once (10k rows:
+    0.06 s through one numpy scalar per cell)."""
+    y = pool.y.tolist()
+    label_probability = calibrated[np.arange(len(y)), pool.y].tolist()
+    columns = zip(pool.paths, y, predicted.tolist(), confidence.tolist(), label_probability,
+                  known.tolist(), folds.tolist())
+    return [{"path": path, "sha256": sha256_of.get(path), "label": labels[label], "predicted": labels[guess],
+             "probability": round(probability, 6), "label_probability": round(own, 6), "novelty": round(novelty, 4),
+             "fold": fold} for path, label, guess, probability, own, novelty, fold in columns]
 
 
 def _unreachable(target: float, pool: Part, predicted: np.ndarray) -> str:
