@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.images import ImageRejected, check_size
+from daemon.indexer import label_of
 
 
 class SourceError(Exception):
@@ -72,7 +73,7 @@ def list_sources(sources: Iterable[str], accept: Callable[[Path], bool]) -> list
             parts = Path(info.path).relative_to(root).parts if info.path != root else ()
             if parts and not accept(Path(*parts)):
                 continue
-            label = parts[0] if len(parts) >= 2 else None
+            label = label_of(parts[0]) if len(parts) >= 2 else None
             found.append(SourceFile(src, info.path, _shown(src, root, info.path), label, int(info.size or 0)))
     return found
 
@@ -91,7 +92,7 @@ class SourceReader:
             self._systems[root] = open_source(root)[0]
         try:
             with self._systems[root].open_input_stream(path) as stream:
-                data = bytes(stream.readall())
+                data = bytes(stream.read(self._max_bytes + 1))  # never past the limit, whatever the file became
         except OSError as exc:
             raise ImageRejected("unreadable", f"cannot read {shown}: {exc}") from exc
         check_size(shown, len(data), self._max_bytes)  # it may have changed since it was listed

@@ -28,6 +28,9 @@ DEFAULT_IGNORE: tuple[str, ...] = (
     "lost+found",                 # fsck's recovered fragments
     "Thumbs.db", "desktop.ini",   # Windows Explorer's thumbnail cache and folder settings
     "*@SynoEAStream", "*@SynoResource",  # Synology extended attributes beside a file
+    "*.part", "*.partial",        # downloads under way (Firefox, wget, curl -C, KDE), renamed when complete
+    "*.crdownload", "*.download",  # Chrome's and Safari's downloads under way; a paused one keeps its name
+    "*.tmp", "*~",                # writers' scratch copies and editors' backups
 )
 
 

@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ def label_problem(label: str) -> str | None:
     if _LINE_OR_CONTROL.search(label):
         return "has a control character or a line separator"
     return None
+
+
+def label_of(folder: str) -> str:
+    """The class a folder under `classes/` names: its name in Unicode's composed form (NFC, UAX #15). macOS
+    writes names decomposed (NFD) and most other systems composed, so one name copied from both would
+    otherwise be two labels that look the same; both folders' images train the one label."""
+    return unicodedata.normalize("NFC", folder)
 
 
 def _storable(rel: str) -> bool:
@@ -138,7 +146,7 @@ class TrainingIndexer:
         if not _storable(rel):
             self._warn_once(path, f"{path}: skipped for training: its name is not valid UTF-8; rename it")
             return None
-        label = rel.split("/", 1)[0]
+        label = label_of(rel.split("/", 1)[0])
         problem = label_problem(label)
         if problem is not None:
             self._warn_once(path, f"{path}: skipped for training: the label folder name {label!r} {problem}; "
@@ -153,7 +161,8 @@ class TrainingIndexer:
             return None
         has_vector = bool(known and known.ok and known.sha256 and not self._store.missing_bottlenecks(
             self._extractor.backbone.id, [known.sha256]))
-        if known and known.signature == file_signature(st) and (has_vector or not known.ok):
+        if (known and known.label == label  # a row from before `label_of` is written again
+                and known.signature == file_signature(st) and (has_vector or not known.ok)):
             return None
         return _Planned(path, rel, label, st, known, has_vector)
 

@@ -11,7 +11,6 @@ error (a full disk, a read-only folder).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from daemon.atomic import GroupCommit, fsync_dir, move_atomic
 from daemon.config import Config
+from daemon.images import ImageRejected, read_image_file
 from daemon.logs import short
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks
@@ -49,10 +49,12 @@ def file_identity(path: Path) -> str:
     return json.dumps([st.st_dev, st.st_ino, st.st_ctime_ns])
 
 
-def _sha256_of(path: Path) -> str | None:
+def _sha256_of(path: Path, max_bytes: int) -> str | None:
+    """The sha256 of a regular file of at most `max_bytes`; None for anything else found under the name (a
+    FIFO, a device, a folder, a file grown past the limit: none of them is the file a move wrote)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        return read_image_file(path, max_bytes).sha256
+    except ImageRejected:
         return None
 
 
@@ -144,7 +146,7 @@ class InboxJournal:
     def _recover_one(self, entry: JournalEntry) -> bool:
         source, destination = _loaded(entry.source), _loaded(entry.destination)
         record = json.loads(entry.record)
-        moved = os.path.lexists(destination) and _sha256_of(destination) == record["sha256"]
+        moved = os.path.lexists(destination) and _sha256_of(destination, self._config.watch.max_file_bytes) == record["sha256"]
         if not moved and (not os.path.lexists(source) or os.path.lexists(destination)):
             # gone meanwhile, or its name was taken: no record was written; a file left in the inbox is
             # classified afresh
@@ -155,7 +157,7 @@ class InboxJournal:
         # next scan would classify the same file a second time. Only that very file (device, inode, ctime as
         # journaled): a new file dropped under its name is never deleted without a record.
         left_behind = (moved and bool(entry.source_stat) and file_identity(source) == entry.source_stat
-                       and _sha256_of(source) == record["sha256"])
+                       and _sha256_of(source, self._config.watch.max_file_bytes) == record["sha256"])
         if (not moved and not self._redo_move(source, destination)) or (
                 left_behind and not self._remove_copied_source(source, destination)):
             return False

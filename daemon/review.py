@@ -33,6 +33,7 @@ import numpy as np
 from daemon.atomic import TMP_PREFIX
 from daemon.config import Config
 from daemon.ignore import IgnoreRules
+from daemon.indexer import label_of
 from daemon.registry import ModelRegistry, ModelVersion
 from daemon.review_actions import (
     ActionRefused,
@@ -176,7 +177,7 @@ class Review:
         sequence number. Raises ActionRefused (bad label) or KeyError (no such image)."""
         name = self._label(label)
         paths = [self.item(i).path for i in item_ids]
-        plan = Plan(moves=plan_moves([(p, self._config.folder("classes") / name) for p in paths], "reviewed"),
+        plan = Plan(moves=plan_moves([(p, self._label_folder(name)) for p in paths], "reviewed"),
                     subject={"label": name})
         plan.removed = _existing_texts(sidecar_of(p) for p in paths)
         return self.actions.carry_out("label", plan)
@@ -189,6 +190,16 @@ class Review:
             raise ActionRefused(f"label {name!r}: watch.ignore leaves folders of that name alone, so its images "
                                 "would never be trained on; choose another name")
         return name
+
+    def _label_folder(self, label: str) -> Path:
+        """Where images taught `label` go: its folder under `classes/`, or the one that spells it in another
+        Unicode normal form (`label_of`), so a decision never makes a second folder of one label."""
+        classes = self._config.folder("classes")
+        try:
+            names = {e.name for e in os.scandir(classes) if e.is_dir(follow_symlinks=False) and label_of(e.name) == label}
+        except OSError:
+            names = set()
+        return classes / (label if label in names or not names else min(names))
 
     def reject(self, item_ids: list[str]) -> int:
         """Move review images to `rejected/` beside an error record saying a reviewer rejected them."""
@@ -265,7 +276,7 @@ class Review:
             if target == suspect["label"]:
                 raise ActionRefused(f"{suspect['path']} is already under {target!r}")
             return self.actions.carry_out("move", Plan(
-                moves=plan_moves([(source, self._config.folder("classes") / target)], "reviewed"),
+                moves=plan_moves([(source, self._label_folder(target))], "reviewed"),
                 subject={"path": suspect["path"], "label": target}))
         if action == "remove":
             plan = self._to_rejected([source], {"reason": "removed_from_training", "label": suspect["label"],

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.atomic import free_name, move_atomic, write_atomic
-from daemon.indexer import label_problem
+from daemon.indexer import label_of, label_problem
 from daemon.metrics import Metrics
 from daemon.store import ReviewActionRow, Store
 
@@ -71,7 +71,7 @@ class Plan:
 def check_label(label: object) -> str:
     """A label is a folder name under `classes/`: non-empty text, no path separator, not hidden (a leading dot:
     hidden and tool folders are never labels), no surrounding blanks, no control character (`label_problem`), at
-    most 255 bytes. Raises ActionRefused."""
+    most 255 bytes. Returns it in composed form (`label_of`). Raises ActionRefused."""
     if not isinstance(label, str) or not label or label != label.strip():
         raise ActionRefused("label: give a non-empty name without leading or trailing blanks")
     if "/" in label or "\\" in label or "\0" in label or label.startswith("."):
@@ -81,7 +81,7 @@ def check_label(label: object) -> str:
         raise ActionRefused(f"label {label!r} {problem}")
     if len(os.fsencode(label)) > _MAX_NAME_BYTES:
         raise ActionRefused(f"label: at most {_MAX_NAME_BYTES} bytes")
-    return label
+    return label_of(label)
 
 
 def sidecar_of(path: Path) -> Path:

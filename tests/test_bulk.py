@@ -11,6 +11,8 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,3 +269,27 @@ def test_the_last_line_says_what_starting_and_stopping_ray_cost() -> None:
     joined = BulkRun(10, {}, 2.0, 1, RayTimes())  # a Ray started already: nothing of it to count
     assert _summary("embedded", joined, "/out") == "embedded 10 files in 2.0 s (5.0 files/s, 1 workers); " \
         "errors: none; wrote /out"
+
+
+def test_a_source_is_read_to_the_size_limit_never_to_its_end(tmp_path: Path) -> None:
+    """KIND: a listed file was read whole (`readall`) and only then compared with `watch.max_file_bytes`, so a
+    file that grew after the listing (a log, a download, a disk image dropped under the name) filled memory.
+    INPUT: a file listed at 3 bytes that is now a sparse GiB, read with a limit of 10 bytes in a fresh process:
+    it is refused as too large and the process never holds the GiB (its own peak RSS, VmHWM: `ru_maxrss` would count the forked test process)."""
+    grown = tmp_path / "grown.jpg"
+    with grown.open("wb") as sparse:
+        sparse.truncate(1 << 30)
+    probe = (
+        "import re, sys\n"
+        "from daemon.bulk_sources import SourceReader\n"
+        "from daemon.images import ImageRejected\n"
+        "try:\n"
+        "    SourceReader(max_bytes=10).read(sys.argv[1], sys.argv[2], 'grown.jpg', 3)\n"
+        "except ImageRejected as exc:\n"
+        "    print(exc)\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path), str(grown)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    said, peak_mib = done.stdout.splitlines()
+    assert "above watch.max_file_bytes=10" in said
+    assert int(peak_mib) < 512, f"peak RSS {peak_mib} MiB: the file was read whole"

@@ -8,7 +8,9 @@ import io
 import json
 import logging
 import os
+import stat
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -222,11 +224,11 @@ def test_same_bad_content_twice_is_rejected_twice(tmp_path: Path, run_app: Any) 
                  what="both twins rejected")
 
 
-def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, run_app: Any) -> None:
-    """Across file systems a move is copy-then-unlink; a stop between the two left both files. Recovery
-    must finish the move (remove the source) so the file is not classified a second time."""
+def interrupted_move(tmp_path: Path, run_app: Any, name: str, leave: Callable[[Path, bytes], None]) -> tuple[Path, Path]:
+    """A daemon trained once, then an open journal entry for `inbox/<name>` moving to `outbox/red/<name>`, as
+    a stop mid-move leaves it; `leave` puts what the stop left at the destination. Returns (source,
+    destination)."""
     import hashlib
-    import json as json_
 
     from daemon.journal import file_identity
     from daemon.store import JournalEntry, Store
@@ -236,22 +238,29 @@ def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, r
     with run_app() as app:
         wait_for(lambda: app.serving.version, what="first model")
     content = (data / "classes" / "red" / "red-1.jpg").read_bytes()
-    source = data / "inbox" / "copied.jpg"
-    destination = data / "outbox" / "red" / "copied.jpg"
+    source = data / "inbox" / name
+    destination = data / "outbox" / "red" / name
     destination.parent.mkdir(parents=True, exist_ok=True)
     source.write_bytes(content)
-    destination.write_bytes(content)
-    record = {"id": "r1", "file": "copied.jpg", "destination": str(destination), "label": "red",
+    leave(destination, content)
+    record = {"id": "r1", "file": name, "destination": str(destination), "label": "red",
               "confidence": 0.9, "top_k": [{"label": "red", "score": 0.9}], "model_version": 1,
               "backbone": "tiny", "sha256": hashlib.sha256(content).hexdigest(), "time": "2026-01-01T00:00:00"}
     store = Store(data / "state" / "store.sqlite")
-    store.journal_begin(JournalEntry("r1", json_.dumps(str(source)), json_.dumps(str(destination)),
-                                     json_.dumps(record), "moving", file_identity(source)))
+    store.journal_begin(JournalEntry("r1", json.dumps(str(source)), json.dumps(str(destination)),
+                                     json.dumps(record), "moving", file_identity(source)))
     store.close()
+    return source, destination
+
+
+def test_recovery_removes_a_source_left_by_an_interrupted_copy(tmp_path: Path, run_app: Any) -> None:
+    """Across file systems a move is copy-then-unlink; a stop between the two left both files. Recovery
+    must finish the move (remove the source) so the file is not classified a second time."""
+    source, destination = interrupted_move(tmp_path, run_app, "copied.jpg", Path.write_bytes)
     with run_app() as app:
         wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")
         assert not source.exists() and destination.exists()
-        assert [json_.loads(line)["id"] for line in (data / "results.jsonl").read_text().splitlines()] == ["r1"]
+        assert [json.loads(line)["id"] for line in (tmp_path / "data" / "results.jsonl").read_text().splitlines()] == ["r1"]
 
 
 def test_links_to_folders_are_named_as_such_and_their_images_stay(
@@ -372,3 +381,28 @@ def test_a_file_that_grows_after_it_was_judged_is_refused_not_read_whole(tmp_pat
         images.read_image_file(path, max_bytes=10_000)
     assert refused.value.reason == "too_large" and "watch.max_file_bytes=10000" in str(refused.value)
     assert images.read_image_file(tmp_path / "growing.jpg", max_bytes=2_000_000).data.startswith(b"\xff\xd8")
+
+
+def test_recovery_never_reads_a_fifo_found_under_a_journalled_name(tmp_path: Path, run_app: Any) -> None:
+    """KIND: recovery hashes the files a journal entry names to learn whether a move landed; that read was
+    unbounded and blocking (`read_bytes`), so anything found under the name — a FIFO, a link to a device, a
+    file grown huge — stalled or flooded the start. INPUT: an open entry whose destination name is now a FIFO
+    with no writer; the start must finish recovery (the entry dropped, the inbox file classified afresh)."""
+    source, destination = interrupted_move(tmp_path, run_app, "piped.jpg", lambda path, _: os.mkfifo(path))
+    started = threading.Event()
+
+    def start() -> None:
+        with run_app() as app:
+            started.set()
+            wait_for(lambda: not app.store.journal_open(), what="the journal entry finished")
+            wait_for(lambda: not source.exists(), what="the inbox file classified afresh")
+
+    runner = threading.Thread(target=start, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    stalled = runner.is_alive()
+    if stalled:  # give the stalled reader its end of file, so the failing run ends
+        os.close(os.open(destination, os.O_WRONLY | os.O_NONBLOCK))
+        runner.join(timeout=60)
+    assert started.is_set() and not stalled, "the start stalled reading the FIFO"
+    assert stat.S_ISFIFO(os.lstat(destination).st_mode)

@@ -22,6 +22,7 @@ from plugins.softmax_head import retraind_train_head as fit_softmax
 from tests.conftest import seed_classes, wait_for, write_image
 from tests.test_daemon_e2e import results, scrape
 from tests.test_reliability_input import encoded, pixels
+from tests.test_review import in_review, post
 
 YELLOW, DARK_GREEN = (230, 220, 30), (20, 110, 40)
 
@@ -188,3 +189,26 @@ def test_a_store_from_before_the_control_character_rule_is_mended(tmp_path: Path
     with run_app() as app:
         wait_for(lambda: labels_become(app, ("blue", "red")), what="a model without the odd label")
         assert not [rel for rel in app.store.catalog() if rel.startswith("two")]
+
+
+def test_a_label_spelt_in_two_unicode_normal_forms_is_one_label(tmp_path: Path, run_app: Any) -> None:
+    """KIND: the same folder name in two Unicode normal forms. macOS writes names decomposed (NFD: `e` and a
+    combining accent), Linux and Windows tools usually composed (NFC), so `café/` copied from a Mac beside a
+    `café/` made here are two folders that look the same; each became its own label, two identical names in
+    `labels.txt`, the model split between them. INPUT: `classes/café/` in both forms; one label `café` (NFC)
+    is trained on the images of both, and a review decision typed in NFD goes into an existing folder."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    seed_classes(tmp_path, per_label=8)
+    classes = tmp_path / "data" / "classes"
+    for i, spelling in enumerate((composed, decomposed) * 4):
+        write_image(classes / spelling / f"c{i}.jpg", "green", seed=800 + i)
+    with run_app(classify={"confidence_threshold": 1.0}) as app:
+        version = wait_for(lambda: labels_become(app, ("blue", composed, "red")), what="one label café")
+        cafe = [e.label for e in app.store.catalog().values() if e.path.startswith(("caf\u00e9/", "cafe\u0301/"))]
+        assert version and cafe == [composed] * 8
+        write_image(app.config.folder("inbox") / "late.jpg", "green", seed=900)
+        (group,) = in_review(app, 1)["groups"]
+        assert post(app, f"/v1/review/{group[0]['id']}:label", {"label": decomposed})[0] == 200
+        wait_for(lambda: not any(app.config.folder("review").rglob("late*.jpg")), what="the decision carried out")
+    assert sorted(p.name for p in classes.iterdir()) == sorted(["blue", "red", composed, decomposed])
+    assert sum(1 for p in classes.rglob("late*.jpg")) == 1

@@ -213,3 +213,18 @@ def test_a_decision_interrupted_by_a_stop_is_finished_at_start(tmp_path: Path, r
         assert not os.path.lexists(data / "review" / "late.jpg.json")
         assert post(app, "/v1/review:undo")[0] == 200
         assert (data / "review" / "late.jpg").exists()
+
+
+def test_a_thumbnail_never_reads_more_than_the_size_limit(tmp_path: Path, run_app: Any) -> None:
+    """KIND: the thumbnail of a review image read the file whole (`read_bytes`), past `watch.max_file_bytes`,
+    so a file grown huge in its place (or swapped for a link to a device) filled memory or never ended.
+    INPUT: the review image replaced by a sparse file one byte over the limit: a 400 that names the limit."""
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        write_image(app.config.folder("inbox") / "t.jpg", "red", 3)
+        (group,) = in_review(app, 1)["groups"]
+        (image,) = app.config.folder("review").rglob("t*.jpg")
+        with image.open("r+b") as grown:
+            grown.truncate(app.config.watch.max_file_bytes + 1)
+        assert_error(call(app, "GET", f"/v1/thumbnails/{group[0]['sha256']}"), 400, "above watch.max_file_bytes")

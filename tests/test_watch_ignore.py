@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from daemon.config import ConfigError
 from daemon.ignore import DEFAULT_IGNORE
-from tests.conftest import make_config, seed_classes, wait_for, write_image
+from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
 from tests.test_daemon_e2e import results
 
 #: Where such folders appear, each with an image inside that would otherwise be a label or a training image.
@@ -77,3 +78,31 @@ def test_ignore_patterns_are_configurable_and_validated(tmp_path: Path, run_app:
         with pytest.raises(ConfigError, match=rf"watch\.ignore\[{len(bad) - 1}\]: .*{problem}"):
             make_config(tmp_path, watch={"ignore": bad})
     assert make_config(tmp_path).watch.ignore == list(DEFAULT_IGNORE)
+
+
+def test_a_download_paused_in_the_inbox_stays_its_writers_until_renamed(tmp_path: Path, run_app: Any) -> None:
+    """KIND: browsers and download tools write under a working name (`*.part`, `*.crdownload`, `*.download`,
+    `*.partial`, `*.tmp`) and rename the file when it is complete; a paused download keeps that name for
+    minutes or days. Such a name used to be taken after 10 × `watch.settle_seconds`: the half file was
+    rejected and moved out of the inbox, so the browser could not resume it. INPUT: half a JPEG as
+    `photo.jpg.part` and as `Unconfirmed 1234.crdownload` in the inbox beside a complete image; both are left
+    untouched well past that wait, and the finished download, renamed into place, is classified."""
+    data = tmp_path / "data"
+    seed_classes(tmp_path, per_label=8)
+    whole = image_bytes("red", 7)
+    with run_app(watch={"settle_seconds": 0.1}, classify={"confidence_threshold": 0.0}) as app:
+        wait_for(lambda: app.serving.version, what="a first model")
+        paused = [data / "inbox" / "photo.jpg.part", data / "inbox" / "Unconfirmed 1234.crdownload"]
+        for path in paused:
+            path.write_bytes(whole[: len(whole) // 2])
+        write_image(data / "inbox" / "real.jpg", "blue", seed=8)
+        wait_for(lambda: results(tmp_path), what="the complete image classified")
+        time.sleep(2.0)  # 20 × settle_seconds: twice the wait after which working names used to be taken
+        wait_for(app.pipeline.idle.is_set, what="an idle pipeline")
+        assert all(path.read_bytes() == whole[: len(whole) // 2] for path in paused)
+        assert not os.listdir(data / "rejected")
+        paused[0].write_bytes(whole)
+        os.replace(paused[0], data / "inbox" / "photo.jpg")
+        wait_for(lambda: len(results(tmp_path)) == 2, what="the finished download classified")
+    assert [r["file"] for r in results(tmp_path)] == ["real.jpg", "photo.jpg"]
+    assert (data / "inbox" / "Unconfirmed 1234.crdownload").exists()

@@ -35,7 +35,7 @@ from daemon.http.api import Api
 from daemon.http.body import parse_json, read_parsed
 from daemon.http.errors import ApiError
 from daemon.http.security import StateChangingRoute
-from daemon.images import ImageRejected
+from daemon.images import ImageRejected, read_image_file
 from daemon.review import Review
 from daemon.review_actions import ActionRefused
 
@@ -171,7 +171,7 @@ async def thumbnail(request: Request) -> Response:
         if source is None:
             raise KeyError(sha)
         try:
-            pixels = api.extractor.decode(source.read_bytes())
+            pixels = api.extractor.decode(read_image_file(source, api.config.watch.max_file_bytes).data)
         except (OSError, ImageRejected) as exc:
             raise ActionRefused(f"cannot make a thumbnail: {exc}") from exc
         buffer = io.BytesIO()
