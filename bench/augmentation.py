@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.augment import Augmenter, variant_bottlenecks
+from daemon.backbone import preprocessing_of
 from daemon.config import AugmentationConfig, TrainingConfig, parse_config
 from daemon.dataset import Dataset, Part
 from daemon.engines import build_backbone
@@ -146,7 +147,7 @@ def main() -> None:
             augmentation = AugmentationConfig(**setting.distortions, variants_per_image=setting.variants,
                                               seed=seed)  # type: ignore[arg-type]
             augmenter = Augmenter(hooks.register_distortions(augmentation), augmentation, hooks.decode_image,
-                                  backbone.input_size, max_pixels)
+                                  backbone.input_size, max_pixels, preprocessing_of(backbone.id))
             variants, cost = (make_variants(images, augmenter, extractor, made_before) if augmenter.variants
                               else (None, 0.0))
             accuracy, fit = cross_validate(images, variants)

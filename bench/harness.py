@@ -191,6 +191,7 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, poll:
 
 
 def decoded(images: list[tuple[str, str, bytes]], size: tuple[int, int]) -> np.ndarray:
+    from daemon.backbone import PREPROCESSING
     from plugins.pillow_decoder import retraind_decode_image
 
-    return np.stack([retraind_decode_image(payload, size, 10**9) for _, _, payload in images])
+    return np.stack([retraind_decode_image(payload, size, 10**9, PREPROCESSING) for _, _, payload in images])

@@ -113,6 +113,7 @@ def ab(url: str, body: Path, concurrency: int, requests: int) -> dict[str, Any]:
 def engine_figures(backbone: Any, payload: bytes, batch: np.ndarray) -> tuple[float, float, float]:
     """(batched img/s, decode + single forward p50 in seconds, CPU seconds per image of the batched forward) of
     the bare engine."""
+    from daemon.backbone import preprocessing_of
     from plugins.pillow_decoder import retraind_decode_image
 
     cpu = time.process_time()
@@ -121,7 +122,7 @@ def engine_figures(backbone: Any, payload: bytes, batch: np.ndarray) -> tuple[fl
     times = []
     for _ in range(40):
         started = time.perf_counter()
-        backbone.embed(retraind_decode_image(payload, backbone.input_size, 10**9)[None])
+        backbone.embed(retraind_decode_image(payload, backbone.input_size, 10**9, preprocessing_of(backbone.id))[None])
         times.append(time.perf_counter() - started)
     return batched, statistics.median(times), cpu_per_image
 

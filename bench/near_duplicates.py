@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from daemon.app import build_backbone
+from daemon.backbone import preprocessing_of
 from daemon.config import parse_config
 from daemon.metrics import Metrics
 from daemon.plugin_manager import Hooks, make_plugin_manager
@@ -53,7 +54,8 @@ def main() -> None:
     files = random.Random(0).sample(files, min(args.images, len(files)))
 
     def unit(payloads: list[bytes]) -> np.ndarray:
-        images = [hooks.decode_image(data, backbone.input_size, config.watch.max_image_pixels) for data in payloads]
+        images = [hooks.decode_image(data, backbone.input_size, config.watch.max_image_pixels,
+                                     preprocessing_of(backbone.id)) for data in payloads]
         vectors = backbone.embed(np.stack(images))
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)  # type: ignore[no-any-return]
 

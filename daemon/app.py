@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from daemon import trust
 from daemon.augment import Augmenter, VariantCache
+from daemon.backbone import preprocessing_of
 from daemon.batcher import Batcher
 from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone, gains_from_batches, warm_up
@@ -33,6 +34,7 @@ from daemon.indexer import TrainingIndexer
 from daemon.instance_lock import InstanceLock
 from daemon.journal import InboxJournal
 from daemon.metrics import Metrics
+from daemon.migration import Migration, MigrationProgress
 from daemon.pipeline import MODEL_CHANGED, STOP, NoProgress, Pipeline, Progress
 from daemon.plugin_manager import PUBLISHER, Hooks
 from daemon.publish import Publisher, repositories
@@ -79,7 +81,8 @@ def check_state_dir(config: Config) -> None:
 def _variant_cache(config: Config, hooks: Hooks, store: Store, extractor: Extractor) -> VariantCache:
     """The cached distorted variants of training images, with the distortions the plugins contribute."""
     augmenter = Augmenter(hooks.register_distortions(config.augmentation), config.augmentation,
-                          hooks.decode_image, extractor.backbone.input_size, config.watch.max_image_pixels)
+                          hooks.decode_image, extractor.backbone.input_size, config.watch.max_image_pixels,
+                          preprocessing_of(extractor.backbone.id))
     return VariantCache(augmenter, store, extractor, config.folder("classes"), config.watch.max_file_bytes,
                         config.backbone.batch_size)
 
@@ -137,11 +140,13 @@ class App:
         if getattr(self.backbone, "fell_back_from", None) is not None:  # logged where it happened
             self.metrics.internal_error("engine_fallback")
         self.store = Store(state / STORE_FILE)
+        self.migration = Migration(self.store, self.metrics, self.backbone.id)
         self.registry = ModelRegistry.of(config)
         self.serving = ServingModel()
         self.events: queue.Queue[object] = queue.Queue(maxsize=QUEUE_SIZE)
         self.extractor = Extractor(self.backbone, self.hooks.decode_image, self.store, self.metrics,
-                                   config.watch.max_image_pixels, config.backbone.batch_size)
+                                   config.watch.max_image_pixels, config.backbone.batch_size,
+                                   self.hooks.preprocessing_versions())
         variants = _variant_cache(config, self.hooks, self.store, self.extractor)
         self.trainer = Trainer(config, self.store, self.backbone, variants, self.registry, self.serving,
                                self.hooks, self.metrics)
@@ -152,8 +157,8 @@ class App:
         self.watcher = Watcher({area: config.folder(area) for area in ("classes", "inbox")}, self.events,
                                self.metrics, config.watch)
         self.pipeline = Pipeline(config, self.events, self.hooks, self.store, self.indexer, self.inbox,
-                                 self.journal, self.metrics, self.watcher.rescan_needed, progress,
-                                 self.trainer.set_backlog)
+                                 self.journal, self.metrics, self.watcher.rescan_needed,
+                                 MigrationProgress(progress, self.migration), self.trainer.set_backlog)
         self.review_actions = ReviewActions(self.store, self.metrics)
         self._blas = OneBlasThread()
         self.publisher = self._publisher()
@@ -200,6 +205,8 @@ class App:
     def retraind_on_model_published(self, version: ModelVersion) -> None:
         """Show the new model in the metrics and classify the inbox files that waited for a first model."""
         self._show(version)
+        if version.backbone == self.backbone.id:
+            self.migration.end()
         self.events.put(MODEL_CHANGED)
 
     def _show(self, version: ModelVersion) -> None:
@@ -216,20 +223,37 @@ class App:
         trust.show(self.metrics, version)
 
     def _load_current(self) -> None:
-        """Serve the published model if it was trained on this backbone. Whether the data or settings moved
-        on is the trainer's first question, on its own thread: reading the whole catalog must not delay
-        serving."""
+        """Serve the published model if this daemon can run it: trained on this backbone, or on the same network
+        under another preprocessing version the decoder makes (served with its own until a model trained on
+        this backbone replaces it: a migration, `daemon.migration`). Whether the data or settings moved on is
+        the trainer's first question, on its own thread: reading the whole catalog must not delay serving."""
         try:
             version = self.registry.current()
         except (OSError, ValueError, KeyError) as exc:
             log.error("the published model %s; a new one will be trained", exc)
             self.metrics.internal_error("model_load")
             version = None
-        if version is not None and version.backbone == self.backbone.id:
+        if version is None:
+            return
+        served = self.extractor.runs(version.backbone)
+        if served:
             version = dataclasses.replace(version, trust=self._trust_of(version))
             self.serving.swap(version)
             self._show(version)
             log.info("serving model %d (%s)", version.number, version.backbone)
+        if version.backbone == self.backbone.id:
+            return
+        if served:
+            log.warning("model %d was trained on backbone %s and the config builds %s (the same network, another "
+                        "preprocessing): it keeps serving, with its own preprocessing, while the training images "
+                        "are cached again under %s; a model trained on them then replaces it", version.number,
+                        version.backbone, self.backbone.id, self.backbone.id)
+        else:
+            log.warning("model %d was trained on backbone %s, another network than the configured %s: it cannot "
+                        "be served (nothing is, and inbox files wait) until the training images are cached "
+                        "under %s and a model is trained on them", version.number, version.backbone,
+                        self.backbone.id, self.backbone.id)
+        self.migration.begin(version.backbone, served)
 
     def _trust_of(self, version: ModelVersion) -> Trust | None:
         """The version's calibrator and novelty score; None (everything goes to review until a retrain, which

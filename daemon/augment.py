@@ -78,7 +78,7 @@ class Augmenter:
     through every distortion in order, and sized to the backbone input."""
 
     def __init__(self, distortions: Sequence[Distortion], config: AugmentationConfig, decode: Decoder,
-                 input_size: tuple[int, int], max_pixels: int) -> None:
+                 input_size: tuple[int, int], max_pixels: int, preprocessing: str) -> None:
         self.distortions = tuple(distortions)
         self.variants = _variant_count(self.distortions, config.variants_per_image)
         self._seed = config.seed
@@ -86,6 +86,7 @@ class Augmenter:
         self.recipe = hashlib.sha256(text.encode()).hexdigest()[:12] if self.variants else ""
         self.keys = tuple(f"{self.recipe}.{i}" for i in range(self.variants))
         self._decode, self._size, self._max_pixels = decode, input_size, max_pixels
+        self._preprocessing = preprocessing  # the backbone's (`daemon.backbone.preprocessing_of`)
         oversample = max((d.oversample for d in self.distortions), default=1.0)
         self._decode_size = (math.ceil(input_size[0] * oversample), math.ceil(input_size[1] * oversample))
 
@@ -101,7 +102,7 @@ class Augmenter:
         """The uint8 input-sized image of variant `index`; raises ImageRejected."""
         key = hashlib.sha256(f"{sha256}/{self.keys[index]}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
-        image = self._decode(data, self._decode_size, self._max_pixels)
+        image = self._decode(data, self._decode_size, self._max_pixels, self._preprocessing)
         if image is None:
             raise ImageRejected("unsupported", "no decoder plugin could read this content")
         for distortion in self.distortions:

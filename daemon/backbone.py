@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import numpy as np
+
+#: The preprocessing (decoding and resizing to the input size, `plugins.pillow_decoder`) new bottlenecks are made
+#: with: the last part of each built-in backbone's id, so bottlenecks of two preprocessing versions never mix.
+#: v1: Pillow's BILINEAR for every picture.
+PREPROCESSING = "v1"
+#: The preprocessing of an id without a version part (a third-party backbone's): the only one there was before
+#: versions were named, so such a backbone keeps its pixels when the shipped preprocessing moves on.
+UNVERSIONED = "v1"
+_VERSION = re.compile(r"v[0-9]+")
 
 
 class BackboneUnavailable(Exception):
@@ -27,3 +37,35 @@ class Backbone(Protocol):
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Map uint8 images of shape (N, height, width, 3) to float32 bottlenecks of shape (N, dim)."""
         ...
+
+
+def preprocessing_of(backbone_id: str) -> str:
+    """The preprocessing version an id names: its last `/` part when that is `v<digits>` (`efficientnet_lite0/
+    0123abcd/v1` -> `v1`), else `UNVERSIONED`."""
+    last = backbone_id.rsplit("/", 1)[-1]
+    return last if _VERSION.fullmatch(last) else UNVERSIONED
+
+
+def network_of(backbone_id: str) -> str:
+    """The network and weights an id names: the id without its preprocessing part (`efficientnet_lite0/
+    0123abcd/v1` -> `efficientnet_lite0/0123abcd`); the whole id when it has none."""
+    head, _, last = backbone_id.rpartition("/")
+    return head if head and _VERSION.fullmatch(last) else backbone_id
+
+
+class ServedAs:
+    """`backbone`'s network under another id of the same network (another preprocessing version): what a model
+    trained on that id is served with while the store is re-cached under the configured one. `embed` is the
+    backbone's own (the one engine); only `id`, hence the store key and the decoder's preprocessing, differ.
+    Raises ValueError when `backbone_id` names another network."""
+
+    def __init__(self, backbone: Backbone, backbone_id: str) -> None:
+        if network_of(backbone_id) != network_of(backbone.id):
+            raise ValueError(f"{backbone_id} is another network than {backbone.id}")
+        self.id, self.input_size, self.dim = backbone_id, backbone.input_size, backbone.dim
+        self.one_image_per_pass = getattr(backbone, "one_image_per_pass", False)
+        self._backbone = backbone
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """The backbone's bottlenecks (N, dim) for uint8 images (N, height, width, 3)."""
+        return self._backbone.embed(images)

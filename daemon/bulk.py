@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from daemon.atomic import TMP_PREFIX
+from daemon.backbone import preprocessing_of
 from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
 from daemon.config import Config
@@ -84,7 +85,7 @@ class BulkWorker:
         try:
             data, sha = self._reader.read(root, path, shown, size)
             return sha, decode_or_reject(self._hooks.decode_image, data, self.backbone.input_size,
-                                         self._config.watch.max_image_pixels)
+                                         self._config.watch.max_image_pixels, preprocessing_of(self.backbone.id))
         except ImageRejected as exc:
             return sha, f"{exc.reason}: {exc}"
         except Exception as exc:  # a decoder plugin's bug fails its file, not the backfill

@@ -19,17 +19,18 @@ is the point: no core stays idle while there is work.
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon.backbone import Backbone
+from daemon.backbone import Backbone, ServedAs, network_of, preprocessing_of
 from daemon.engines import default_threads, gains_from_batches
 from daemon.images import Decoder, ImageFile, ImageRejected, decode_or_reject
 from daemon.metrics import Metrics
@@ -61,11 +62,14 @@ class Job:
 
 
 class Extractor:
+    """`preprocessings`: the versions the decoder makes besides the backbone's own (`runs`)."""
+
     def __init__(
         self, backbone: Backbone, decode: Decoder, store: Store, metrics: Metrics, max_pixels: int,
-        batch_size: int,
+        batch_size: int, preprocessings: Collection[str] = frozenset(),
     ) -> None:
         self.backbone = backbone
+        self._preprocessings = frozenset(preprocessings)
         #: the images a background turn embeds at most
         self._piece = batch_size if gains_from_batches(backbone) else BACKGROUND_PIECE
         self._decode = decode
@@ -82,9 +86,29 @@ class Extractor:
         for pool in self._pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def runs(self, backbone_id: str) -> bool:
+        """Whether this extractor can make bottlenecks for a model trained on `backbone_id`: its backbone's own
+        id, or the same network with a preprocessing version the decoder makes (`running_as`)."""
+        return backbone_id == self.backbone.id or (
+            network_of(backbone_id) == network_of(self.backbone.id)
+            and preprocessing_of(backbone_id) in self._preprocessings)
+
+    def running_as(self, backbone_id: str) -> Extractor:
+        """This extractor for a model trained on `backbone_id` (`runs` must say yes): the same engine, engine
+        turns and decoding pools, with images decoded by that id's preprocessing and bottlenecks looked up and
+        stored under that id. `self` for the backbone's own id."""
+        if backbone_id == self.backbone.id:
+            return self
+        if not self.runs(backbone_id):
+            raise ValueError(f"{backbone_id} cannot be run here: the configured backbone is {self.backbone.id}")
+        view = copy.copy(self)  # shares the pools, the turns and the store; `close` is the original's
+        view.backbone = ServedAs(self.backbone, backbone_id)
+        return view
+
     def decode(self, data: bytes) -> np.ndarray:
-        """Decode one image to the backbone's input size; raises ImageRejected."""
-        return decode_or_reject(self._decode, data, self.backbone.input_size, self._max_pixels)
+        """Decode one image to the backbone's input size with its id's preprocessing; raises ImageRejected."""
+        return decode_or_reject(self._decode, data, self.backbone.input_size, self._max_pixels,
+                                preprocessing_of(self.backbone.id))
 
     def embed(self, images: np.ndarray, urgent: bool = False) -> np.ndarray:
         """Bottlenecks (N, dim) for uint8 images (N, height, width, 3), in the engine's next turn for `urgent`

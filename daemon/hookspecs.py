@@ -74,9 +74,16 @@ def retraind_make_backbone(config: BackboneConfig, cache_dir: Path) -> Backbone 
 
 
 @hookspec(firstresult=True)
-def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int,
+                          preprocessing: str) -> np.ndarray | None:
     """Decode encoded image bytes into a uint8 RGB array of shape (size[1], size[0], 3), or return None to
     let the next decoder try.
+
+    `preprocessing` is the version (`v1`, `v2`, ...) named by the id of the backbone the pixels are for
+    (`daemon.backbone.preprocessing_of`): a model trained on one version is served with that version while the
+    store is re-cached under another. A decoder that makes one kind of pixels may leave the argument out; one
+    that makes several returns None for a version it does not make, and lists those it makes in
+    `retraind_preprocessing_versions`.
 
     Called from the `retraind-decode-cache` and `retraind-decode-inbox` pool threads (one per core each)
     at once for training and inbox images (so it must be thread-safe), on HTTP threads for classify requests, and on the trainer thread (at a larger `size`) for
@@ -84,6 +91,17 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -
     `daemon.images.ImageRejected(reason, message)` for content that is not a usable image; the file then goes
     to `rejected/` (inbox) or is skipped with a warning (classes). `max_pixels` bounds decompression bombs.
     Stops at the first non-None result; the built-in Pillow decoder is `trylast`.
+    """
+
+
+@hookspec
+def retraind_preprocessing_versions() -> list[str]:  # type: ignore[empty-body]
+    """The preprocessing versions this plugin's `retraind_decode_image` makes (e.g. `["v1", "v2"]`).
+
+    Called on the main thread at start-up; the lists are joined. A published model whose backbone id differs
+    from the configured one only in its preprocessing version is served (HTTP and inbox filing, decoded with its
+    own version) while the training images are cached again under the configured id, if one of these lists
+    names its version; else nothing is served until a model is trained on the configured backbone.
     """
 
 

@@ -29,8 +29,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG chunks that hold text (XMP, comments, ImageMagick's raw profiles) and never pixels
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 
-#: The decoder hook's shape: (encoded bytes, (width, height), max pixels) → uint8 RGB, or None for "not mine".
-Decoder = Callable[[bytes, tuple[int, int], int], "np.ndarray | None"]
+#: The decoder hook's shape: (encoded bytes, (width, height), max pixels, preprocessing version) → uint8 RGB, or
+#: None for "not mine".
+Decoder = Callable[[bytes, tuple[int, int], int, str], "np.ndarray | None"]
 
 
 class ImageRejected(Exception):
@@ -157,10 +158,11 @@ def check_size(path: object, size: int, max_bytes: int) -> None:
         raise ImageRejected("too_large", f"{path} is {size} bytes, above watch.max_file_bytes={max_bytes}")
 
 
-def decode_or_reject(decode: Decoder, data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    """`decode` (the decoder hook) as uint8 pixels of `size` (width, height); raises `ImageRejected`, also when
-    no decoder plugin took the content."""
-    image = decode(data, size, max_pixels)
+def decode_or_reject(decode: Decoder, data: bytes, size: tuple[int, int], max_pixels: int,
+                     preprocessing: str) -> np.ndarray:
+    """`decode` (the decoder hook) as uint8 pixels of `size` (width, height) made by the `preprocessing` version;
+    raises `ImageRejected`, also when no decoder plugin took the content."""
+    image = decode(data, size, max_pixels, preprocessing)
     if image is None:
         raise ImageRejected("unsupported", "no decoder plugin could read this content")
     return image

@@ -78,6 +78,13 @@ class Metrics:
             "retraind_model_filing_suspended", "1 when no threshold reaches the target precision and every "
             "image goes to review (the log and `retraind status` say why)", registry=r)
         self.inbox_pending = Gauge("retraind_inbox_pending_files", "Inbox files waiting", registry=r)
+        self.migration_info = Gauge(
+            "retraind_migration_info", "1 while the training images are cached again under the configured "
+            "backbone id (target) and the published model (source; served meanwhile: serving) waits for its "
+            "successor", ["source", "target", "serving"], registry=r)
+        self.migration_images = Gauge(
+            "retraind_migration_images", "During a backbone migration: training images cached under the target "
+            "id (cached), of all usable ones (total)", ["state"], registry=r)
         self.rejected = Counter("retraind_rejected_files", "Files that are not usable images", ["reason"], registry=r)
         self.overflows = Counter(
             "retraind_watch_overflows", "File-event queue overflows (each triggers a rescan)", registry=r)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.backbone import Backbone
+from daemon.backbone import Backbone, preprocessing_of
 from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone
 from daemon.images import ImageRejected, read_image_file
@@ -56,7 +56,8 @@ def classify_files(
     for path in files:
         try:
             f = read_image_file(path, config.watch.max_file_bytes)
-            image = model.hooks.decode_image(f.data, backbone.input_size, config.watch.max_image_pixels)
+            image = model.hooks.decode_image(f.data, backbone.input_size, config.watch.max_image_pixels,
+                                             preprocessing_of(backbone.id))
             if image is None:
                 raise ImageRejected("unsupported", "no decoder plugin could read this content")
         except ImageRejected as exc:

@@ -181,8 +181,15 @@ class Hooks:
     def make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         return self.pm.hook.retraind_make_backbone(config=config, cache_dir=cache_dir)  # type: ignore[no-any-return]
 
-    def decode_image(self, data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray | None:
-        return self.pm.hook.retraind_decode_image(data=data, size=size, max_pixels=max_pixels)  # type: ignore[no-any-return]
+    def decode_image(self, data: bytes, size: tuple[int, int], max_pixels: int,
+                     preprocessing: str) -> np.ndarray | None:
+        return self.pm.hook.retraind_decode_image(  # type: ignore[no-any-return]
+            data=data, size=size, max_pixels=max_pixels, preprocessing=preprocessing)
+
+    def preprocessing_versions(self) -> frozenset[str]:
+        """The preprocessing versions the decoder plugins make (`retraind_preprocessing_versions`)."""
+        lists: list[list[str]] = self.pm.hook.retraind_preprocessing_versions()
+        return frozenset(version for versions in lists for version in versions)
 
     def accept_path(self, path: Path, area: str) -> bool:
         return self.pm.hook.retraind_accept_path(path=path, area=area) is not False

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.atomic import TMP_PREFIX, fsync_tree, write_atomic
+from daemon.backbone import network_of
 from daemon.config import Config, ConfigError, PublishConfig
 from daemon.hookspecs import hookimpl
 from daemon.metrics import Metrics
@@ -211,7 +212,7 @@ class Publisher(threading.Thread):
         if self._backbone is None:
             keras = dataclasses.replace(self._config.backbone, engine="keras")
             self._backbone = keras_network(self._make_backbone(dataclasses.replace(self._config, backbone=keras)))
-        if self._backbone.id != version.backbone:
+        if network_of(self._backbone.id) != network_of(version.backbone):  # the SavedModel decodes in its graph
             raise ConfigError(f"model {version.number} was trained on {version.backbone}, but the configured "
                               f"backbone is {self._backbone.id}")
         started = time.perf_counter()

@@ -140,7 +140,8 @@ class Review:
     def _vector(self, sha: str | None) -> np.ndarray | None:
         if sha is None:
             return None
-        return self._store.get_bottlenecks(self._backbone_id, [sha]).get(sha)
+        version = self._serving.version  # its bottlenecks: another id than the configured one during a migration
+        return self._store.get_bottlenecks(version.backbone if version else self._backbone_id, [sha]).get(sha)
 
     def _grouped(self, items: list[ReviewItem]) -> list[list[ReviewItem]]:
         """Union of items whose bottlenecks are near-duplicates (or whose content is identical)."""

@@ -1,6 +1,7 @@
 """`retraind status`: what the daemon is doing, asked over its HTTP API, or read from the state dir when no
 daemon answers. Both give the same dict: `source`, `model` (None before the first training), `images` per
-label and split, `inbox_pending`, `last_training` (a Unix time or None) and `training_runs` (daemon only)."""
+label and split, `inbox_pending`, `last_training` (a Unix time or None), `training_runs` and `migration` (daemon
+only: None, or the backbone migration under way, `daemon.migration`)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,18 @@ def from_daemon(config: Config) -> dict[str, Any]:
         "inbox_pending": int(samples.get("retraind_inbox_pending_files", [({}, 0.0)])[0][1]),
         "last_training": last or None,
         "training_runs": {labels["result"]: int(v) for labels, v in samples.get("retraind_training_runs_total", [])},
+        "migration": _migration(samples),
     }
+
+
+def _migration(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, Any] | None:
+    """The backbone migration the daemon's metrics show, or None."""
+    info = [labels for labels, value in samples.get("retraind_migration_info", []) if value]
+    if not info:
+        return None
+    images = {labels["state"]: int(value) for labels, value in samples.get("retraind_migration_images", [])}
+    return {"source": info[0]["source"], "target": info[0]["target"], "serving": info[0]["serving"] == "true",
+            "cached": images.get("cached", 0), "total": images.get("total", 0)}
 
 
 def from_state(config: Config) -> dict[str, Any]:
@@ -93,6 +105,7 @@ def from_state(config: Config) -> dict[str, Any]:
         "inbox_pending": len(inbox),
         "last_training": m.get("created"),
         "training_runs": None,
+        "migration": None,
     }
 
 
@@ -158,6 +171,10 @@ def format_status(status: dict[str, Any]) -> str:
     if status["training_runs"] is not None:
         lines.append("training runs: " + ", ".join(f"{n} {r}" for r, n in sorted(status["training_runs"].items())))
     lines.append(f"inbox:         {status['inbox_pending']} files waiting")
+    if migration := status.get("migration"):
+        meanwhile = "served meanwhile" if migration["serving"] else "another network: nothing is served meanwhile"
+        lines.append(f"migration:     {migration['cached']} of {migration['total']} training images cached under "
+                     f"{migration['target']}; the model of {migration['source']} is {meanwhile}")
     images = status["images"]
     if images:
         width = max(len("label"), *(len(label) for label in images))

@@ -148,7 +148,8 @@ class Trainer(threading.Thread):
                 if not self._changes:
                     continue
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
-                                     self._config.training.quiet_period_seconds, self._forced, self._backlog)
+                                     self._config.training.quiet_period_seconds,
+                                     self._forced and not self._recaching(), self._backlog)
             self.prepare()
             try:
                 retrain = self._hooks.should_retrain(state)
@@ -160,6 +161,12 @@ class Trainer(threading.Thread):
                 with self._cond:
                     self._changes, self._forced = 0, False
                 self.train_once()
+
+    def _recaching(self) -> bool:
+        """The serving model was trained on another backbone id and training images still wait to be cached
+        under this one: a forced run waits for them (a head trained on part of the set would replace it)."""
+        version = self._serving.version
+        return version is not None and version.backbone != self._backbone.id and self._backlog > 0
 
     def _check_current(self) -> None:
         """Retrain if the serving model is not what the stored training set and settings would give (or there

@@ -112,8 +112,19 @@ def _flatten(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of what is already RGB
 
 
+#: The preprocessing versions this decoder makes (`daemon.backbone.PREPROCESSING`)
+VERSIONS = ("v1",)
+
+
+@hookimpl
+def retraind_preprocessing_versions() -> list[str]:
+    return list(VERSIONS)
+
+
 @hookimpl(trylast=True)
-def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int, preprocessing: str) -> np.ndarray | None:
+    if preprocessing not in VERSIONS:
+        return None
     try:
         rgb = _flatten(_upright(_open(data, size, max_pixels))).resize(size, Image.Resampling.BILINEAR)
     except ImageRejected:

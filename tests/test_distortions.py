@@ -12,6 +12,7 @@ import pytest
 
 from daemon.app import App
 from daemon.augment import Augmenter
+from daemon.backbone import PREPROCESSING
 from daemon.config import AugmentationConfig
 from daemon.dataset import content_splits
 from daemon.hookspecs import hookimpl
@@ -32,7 +33,7 @@ def gradient(width: int, height: int) -> np.ndarray:
 
 def augmenter(hooks: Hooks, **settings: Any) -> Augmenter:
     config = AugmentationConfig(**settings)
-    return Augmenter(hooks.register_distortions(config), config, hooks.decode_image, SIZE, 10**8)
+    return Augmenter(hooks.register_distortions(config), config, hooks.decode_image, SIZE, 10**8, PREPROCESSING)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from daemon.backbone import PREPROCESSING
 from daemon.images import ImageRejected
 from daemon.store import Store
 from plugins.pillow_decoder import retraind_decode_image
@@ -32,7 +33,7 @@ SIZE = (32, 32)
 
 
 def decode(data: bytes, size: tuple[int, int] = SIZE, max_pixels: int = 10**8) -> np.ndarray:
-    return retraind_decode_image(data, size, max_pixels)
+    return retraind_decode_image(data, size, max_pixels, PREPROCESSING)
 
 
 def saved(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:

@@ -227,7 +227,7 @@ def test_an_urgent_image_waits_for_a_piece_of_a_background_batch_not_all_of_it(t
     image asked for while it runs goes after at most one piece."""
     engine = OneImagePerPass()
     store = Store(tmp_path / "store.sqlite")
-    extractor = Extractor(engine, lambda data, size, max_pixels: None, store, Metrics(), 10**8, batch_size=32)
+    extractor = Extractor(engine, lambda data, size, max_pixels, preprocessing: None, store, Metrics(), 10**8, batch_size=32)
     background = threading.Thread(target=extractor.embed, args=(np.zeros((32, 8, 8, 3), dtype=np.uint8),))
     background.start()
     wait_for(lambda: len(engine.ran) >= 2, what="the background batch under way")

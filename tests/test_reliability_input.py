@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from daemon import images
+from daemon.backbone import PREPROCESSING
 from daemon.scanner import walk_files
 from plugins.pillow_decoder import retraind_decode_image
 from tests.conftest import seed_classes, wait_for
@@ -95,14 +96,14 @@ def seed_three(data: Path, per_label: int = 10) -> None:
 
 def test_exif_orientation_is_applied() -> None:
     left_red_right_blue = np.concatenate([pixels("red", 1, (30, 40)), pixels("blue", 2, (30, 40))], axis=1)
-    decoded = retraind_decode_image(exif_rotated(left_red_right_blue), (32, 32), 10**8).astype(int)
+    decoded = retraind_decode_image(exif_rotated(left_red_right_blue), (32, 32), 10**8, PREPROCESSING).astype(int)
     top, bottom = decoded[:14].reshape(-1, 3).mean(axis=0), decoded[18:].reshape(-1, 3).mean(axis=0)
     assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # displayed upright: red above blue
 
 
 def test_sixteen_bit_keeps_its_brightness() -> None:
     dark = png(8, 8, 16, 0, (np.full(8, 40 * 257, ">u2").tobytes() for _ in range(8)))
-    assert abs(int(retraind_decode_image(dark, (8, 8), 10**8).mean()) - 40) <= 1
+    assert abs(int(retraind_decode_image(dark, (8, 8), 10**8, PREPROCESSING).mean()) - 40) <= 1
 
 
 READABLE: dict[str, tuple[Callable[[], bytes], str]] = {  # inbox name -> (content, expected label)

@@ -15,21 +15,23 @@ from daemon.keras_engine import KerasBackbone
 NAME = "tiny"
 
 
-def build_tiny() -> Backbone:
+def build_tiny(preprocessing: str = "v1") -> Backbone:
     import keras
 
     init = keras.initializers.GlorotUniform(seed=7)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", kernel_initializer=init)(inputs)
     outputs = keras.layers.GlobalAveragePooling2D()(x)
-    return KerasBackbone(keras.Model(inputs, outputs), f"{NAME}/seed7/v1", scale=1.0 / 255.0, offset=0.0)
+    return KerasBackbone(keras.Model(inputs, outputs), f"{NAME}/seed7/{preprocessing}", scale=1.0 / 255.0, offset=0.0)
 
 
 class TinyBackbonePlugin:
     """Counts forward calls so tests can prove what was (not) recomputed: `images_embedded` counts the images
-    of the test, `warm_ups` the sizes of the engine's all-black warm-up batches, in order."""
+    of the test, `warm_ups` the sizes of the engine's all-black warm-up batches, in order. `preprocessing`: the
+    version its id names (`tiny/seed7/<preprocessing>`; the network is the same whatever it is)."""
 
-    def __init__(self) -> None:
+    def __init__(self, preprocessing: str = "v1") -> None:
+        self.preprocessing = preprocessing
         self.backbone: Backbone | None = None
         self.images_embedded = 0
         self.warm_ups: list[int] = []
@@ -37,14 +39,14 @@ class TinyBackbonePlugin:
     def __getstate__(self) -> dict[str, object]:
         """Sent to `retraind bulk`'s Ray workers without its network (a traced graph cannot be pickled): each
         worker builds its own, and counts only its own forward passes."""
-        return {"backbone": None, "images_embedded": 0, "warm_ups": []}
+        return {"preprocessing": self.preprocessing, "backbone": None, "images_embedded": 0, "warm_ups": []}
 
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         if config.name != NAME:
             return None
         if self.backbone is None:
-            self.backbone = build_tiny()
+            self.backbone = build_tiny(self.preprocessing)
         plugin = self
 
         class Counting:

@@ -74,14 +74,15 @@ class Api:
         return version
 
     def versions(self) -> list[int]:
-        """Kept versions trained on the running backbone (the only ones this daemon can serve)."""
+        """Kept versions this daemon can serve: trained on the running backbone, or on its network under another
+        preprocessing version the decoder makes (`Extractor.runs`)."""
         numbers = []
         for number in self.registry.versions():
             try:
-                if self.version(number).backbone == self.extractor.backbone.id:
-                    numbers.append(number)
+                self.version(number)
             except ApiError:
                 continue
+            numbers.append(number)
         return numbers
 
     def version(self, number: int | None = None, label: str | None = None) -> ModelVersion:
@@ -102,7 +103,7 @@ class Api:
             except (OSError, ValueError, KeyError) as exc:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} cannot be loaded: {exc}") from exc
         version = self._loaded[number]
-        if version.backbone != self.extractor.backbone.id:
+        if not self.extractor.runs(version.backbone):
             raise ApiError(HTTPStatus.NOT_FOUND, f"version {number} was trained on backbone {version.backbone}; "
                                                  f"this daemon runs {self.extractor.backbone.id}")
         return version
@@ -117,14 +118,15 @@ class Api:
             return candidate
         raise ApiError(HTTPStatus.NOT_FOUND, f"no version labelled {label!r}; labels are {', '.join(LABELS)}")
 
-    async def bottlenecks(self, payloads: Sequence[bytes]) -> np.ndarray:
-        """Decode `payloads` in parallel off the loop, then run them through the batcher: float32 [N, dim]."""
+    async def bottlenecks(self, payloads: Sequence[bytes], version: ModelVersion) -> np.ndarray:
+        """Decode `payloads` in parallel off the loop as `version` was trained (its backbone id's preprocessing),
+        then run them through the batcher: float32 [N, dim]."""
         if not 0 < len(payloads) <= MAX_INSTANCES:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"send 1 to {MAX_INSTANCES} images, not {len(payloads)}")
         loop = asyncio.get_running_loop()
         if self._waker is None or self._waker.loop is not loop:
             self._waker = _Waker(loop)
-        inference = _Inference(self, payloads, self._waker)
+        inference = _Inference(self, payloads, self._waker, self.extractor.running_as(version.backbone))
         for index in range(len(payloads)):
             self.pool.submit(inference.decode, index)
         try:
@@ -140,16 +142,18 @@ class Api:
 
     async def probabilities(self, payloads: Sequence[bytes], version: ModelVersion) -> np.ndarray:
         """Calibrated probabilities [N, labels] in `version.labels` order."""
-        return trust.probabilities(version, await self.bottlenecks(payloads))
+        return trust.probabilities(version, await self.bottlenecks(payloads, version))
 
-    def decode(self, index: int, data: bytes, count: int) -> np.ndarray:
-        """Image `index` of `count` in a request, decoded: uint8 [H, W, 3]; ApiError 422 if it is not an image."""
-        try:
-            return self.extractor.decode(data)
-        except ImageRejected as exc:
-            where = f"instance {index}: " if count > 1 else ""
-            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
-                           f"{where}not a usable image ({exc.reason}): {exc}") from exc
+
+def _decoded(extractor: Extractor, index: int, data: bytes, count: int) -> np.ndarray:
+    """Image `index` of `count` in a request, decoded by `extractor` (the version's: `Extractor.running_as`):
+    uint8 [H, W, 3]; ApiError 422 if it is not an image."""
+    try:
+        return extractor.decode(data)
+    except ImageRejected as exc:
+        where = f"instance {index}: " if count > 1 else ""
+        raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{where}not a usable image ({exc.reason}): {exc}") from exc
 
 
 class _Waker:
@@ -183,8 +187,8 @@ class _Inference:
     batcher, and the batcher's answer (or the first error) comes back to the loop through the `_Waker`. The
     loop is woken once per request, not once per decoded image and once more per answer."""
 
-    def __init__(self, api: Api, payloads: Sequence[bytes], waker: _Waker) -> None:
-        self._api, self._payloads, self._waker = api, payloads, waker
+    def __init__(self, api: Api, payloads: Sequence[bytes], waker: _Waker, extractor: Extractor) -> None:
+        self._api, self._payloads, self._waker, self._extractor = api, payloads, waker, extractor
         self.answer: asyncio.Future[np.ndarray] = waker.loop.create_future()
         self._images: list[np.ndarray | None] = [None] * len(payloads)
         self._left = len(payloads)  # images still decoding, under _lock
@@ -196,7 +200,7 @@ class _Inference:
     def decode(self, index: int) -> None:
         """On a decoding thread: decode image `index`; the last one queues the request in the batcher."""
         try:
-            image = self._api.decode(index, self._payloads[index], len(self._payloads))
+            image = _decoded(self._extractor, index, self._payloads[index], len(self._payloads))
         except Exception as exc:  # noqa: BLE001 - ApiError for what is not an image; a bug is answered 500
             self._end(exc)
             return
