@@ -92,11 +92,14 @@ class _Scatter:
         if not present.any():
             raise ValueError("a novelty score needs at least one image")
         sums, counts = self.sums[present], self.counts[present]
-        covariance = (self.matrix - (sums.T / counts) @ sums) / counts.sum()
-        scale = float(np.trace(covariance)) / covariance.shape[0] or 1.0
-        covariance *= 1 - shrinkage
+        between = (sums.T / counts) @ sums
+        within = np.subtract(self.matrix, between, out=between)  # float64: the subtraction cancels
+        total = int(counts.sum())
+        scale = float(np.trace(within)) / (total * within.shape[0]) or 1.0
+        covariance = within.astype(np.float32)  # scaled and shrunk in float32: 2 passes of 13 MB fewer per fit
+        covariance *= (1 - shrinkage) / total
         covariance.flat[:: covariance.shape[0] + 1] += shrinkage * scale
-        return sums / counts[:, None], cholesky(covariance.astype(np.float32), lower=True, check_finite=False)
+        return sums / counts[:, None], cholesky(covariance, lower=True, check_finite=False)
 
 
 class ClassMahalanobis:
