@@ -253,7 +253,7 @@ class TrustFit:
         self.folds = folds_of(self.pool.paths) if len(self.pool.y) else np.zeros(0, dtype=np.int64)
         self._threads = threads or workers()
         self._stack = contextlib.ExitStack()
-        self._novelty: Future[tuple[NoveltyScore, list[Future[np.ndarray]], list[Future[np.ndarray]]]] | None = None
+        self._novelty: Future[tuple[NoveltyScore, list[Future[np.ndarray]]]] | None = None
         self.started = 0.0
 
     def __enter__(self) -> Self:
@@ -271,20 +271,17 @@ class TrustFit:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._stack.close()
 
-    def _fit_novelty(self) -> tuple[NoveltyScore, list[Future[np.ndarray]], list[Future[np.ndarray]]]:
-        """The served score; then the held-out groups' scores (the folds', the classes left out), one job per
-        group, `threads` at a time. The classes left out go first: the built-in score keeps each one's
-        statistics until its group is scored (65 MiB for 10 classes), so they are gone before the fold
-        heads copy their rows."""
+    def _fit_novelty(self) -> tuple[NoveltyScore, list[Future[np.ndarray]]]:
+        """The served score; then the held-out groups' scores, one job per group, `threads` at a time."""
         novelty = self.hooks.fit_novelty(self.pool.x, self.pool.y)
         scorer = self.hooks.held_out_scorer(novelty, self.pool.x, self.pool.y)
         known, unknown = _held_out_groups(self.pool, self.folds)
         jobs: collections.deque[tuple[np.ndarray, Future[np.ndarray]]] = collections.deque(
-            (group, Future()) for group in unknown + known)
+            (group, Future()) for group in known + unknown)
         scores = [future for _, future in jobs]
         for _ in range(self._threads):
             self._executor.submit(self._score_next, scorer, jobs)
-        return novelty, scores[len(unknown):], scores[: len(unknown)]
+        return novelty, scores
 
     def _score_next(self, scorer: Callable[[np.ndarray], np.ndarray],
                     jobs: collections.deque[tuple[np.ndarray, Future[np.ndarray]]]) -> None:
@@ -305,12 +302,12 @@ class TrustFit:
         """The served novelty score, the pool's out-of-fold scores (n,) and the stand-in unknowns' scores."""
         if self._novelty is None:
             raise ValueError("calibration needs at least 2 train or validation images")
-        novelty, fold_scores, left_out_scores = self._novelty.result()
+        novelty, scores = self._novelty.result()
         fold_groups = _held_out_groups(self.pool, self.folds)[0]
         known = np.zeros(len(self.pool.y), dtype=np.float32)
-        for group, scores in zip(fold_groups, fold_scores):
-            known[group] = scores.result()
-        unknown = [scores.result() for scores in left_out_scores]
+        for group, fold_scores in zip(fold_groups, scores):
+            known[group] = fold_scores.result()
+        unknown = [group_scores.result() for group_scores in scores[len(fold_groups):]]
         return novelty, known, np.concatenate(unknown) if unknown else np.empty(0, dtype=np.float32)
 
     def out_of_fold(self, head: Head, training: TrainingConfig) -> np.ndarray:
