@@ -93,6 +93,7 @@ def during_the_recache(app: App, tmp_path: Path, probes: list[bytes], before: li
              what="model 2, trained on the re-cached images")
     assert app.serving.version.backbone == V2
     assert app.store.count_cached(V2) == (24, 24)
+    wait_for(lambda: app.store.count_bottlenecks(V1) == 0, what="the v1 bottlenecks dropped")
     assert not any(name.startswith("retraind_migration") for name in scrape(app))
     after = classify(app, probes[0])
     assert after["model_version"] == 2 and after["predictions"][0]["top_k"][0]["label"] == "red"
