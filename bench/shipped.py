@@ -286,20 +286,21 @@ def run_phases(daemon: Daemon, args: object, staged: dict[str, list[tuple[str, P
     wait_quiet(daemon)  # a follow-up training run and its plots finish: the burst is timed on an idle daemon
 
     # -- inbox burst --------------------------------------------------------------------------------------
-    engine, bare_cpu = bare_rate(bare, pixels)
-    harness.emit("shipped.bare_engine_before_burst", engine, "img/s")
-    classified = lambda: daemon.metric("retraind_classifications_total")
-    base, started, forward_base = classified(), time.perf_counter(), forward()
-    cpu = process_cpu(daemon.process.pid)
-    for _label, path in staged["burst"]:
-        os.rename(path, inbox / path.name)
-    done = wait_count(classified, base, a.burst, 1800, "the inbox burst", daemon)
-    rate = a.burst / (done - started)
-    harness.emit("shipped.inbox_burst", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine_before_burst")
-    busy = forward() - forward_base
-    harness.note(f"burst: the forward pass took {busy:.1f} s of {done - started:.1f} s ({a.burst / busy:.0f} img/s "
-                 "while it ran)")
-    cpu_note("burst", cpu, process_cpu(daemon.process.pid), a.burst, done - started, bare_cpu)
+    if a.burst:
+        engine, bare_cpu = bare_rate(bare, pixels)
+        harness.emit("shipped.bare_engine_before_burst", engine, "img/s")
+        classified = lambda: daemon.metric("retraind_classifications_total")
+        base, started, forward_base = classified(), time.perf_counter(), forward()
+        cpu = process_cpu(daemon.process.pid)
+        for _label, path in staged["burst"]:
+            os.rename(path, inbox / path.name)
+        done = wait_count(classified, base, a.burst, 1800, "the inbox burst", daemon)
+        rate = a.burst / (done - started)
+        harness.emit("shipped.inbox_burst", rate, "img/s", ratio=rate / engine, vs="shipped.bare_engine_before_burst")
+        busy = forward() - forward_base
+        harness.note(f"burst: the forward pass took {busy:.1f} s of {done - started:.1f} s ({a.burst / busy:.0f} img/s "
+                     "while it ran)")
+        cpu_note("burst", cpu, process_cpu(daemon.process.pid), a.burst, done - started, bare_cpu)
 
     # -- backfill with inbox files dropped meanwhile --------------------------------------------------------
     base, runs_before = computed(), runs()

@@ -58,14 +58,20 @@ class Backfill(threading.Thread):
 
     def run(self) -> None:
         """Chunks in queue order; while a chunk is embedded, the next one already queued is begun (read and
-        decoded on the pool), so the engine does not wait at a chunk's edge."""
+        decoded on the pool), so the engine does not wait at a chunk's edge. Chunks queued one after another
+        are begun as one (`_merged`)."""
         begun: tuple[list[Path], Indexing | None] | None = None
+        held: object = None  # an item taken off the queue while merging, handled next
         while True:
-            try:
-                item = self._work.get(block=begun is None)
-            except queue.Empty:
-                item = None
+            if held is not None:
+                item, held = held, None
+            else:
+                try:
+                    item = self._work.get(block=begun is None)
+                except queue.Empty:
+                    item = None
             if isinstance(item, list):
+                item, held = self._merged(item)
                 following = (item, self._begin(item))
                 if begun is not None:
                     self._end(*begun)
@@ -78,8 +84,24 @@ class Backfill(threading.Thread):
                 self._forget(item)
             if item is STOP:
                 return
-            if self._work.empty():
+            if held is None and self._work.empty():
                 self._on_idle()
+
+    def _merged(self, paths: list[Path]) -> tuple[list[Path], object]:
+        """`paths` with the chunks queued right behind it, up to `_CHUNK` files, and the first item taken that
+        did not fit (None if none). Files copied in one by one reach the caching thread as chunks of 1-4
+        (each pipeline turn hands over what closed since the last): begun alone, a chunk of one phone photo
+        kept one of the pool's threads busy and had the engine embed one image and commit its row."""
+        paths = list(paths)
+        while len(paths) < _CHUNK:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                return paths, None
+            if not isinstance(item, list) or len(paths) + len(item) > _CHUNK:
+                return paths, item
+            paths += item
+        return paths, None
 
     def _begin(self, paths: list[Path]) -> Indexing | None:
         try:

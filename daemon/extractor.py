@@ -145,9 +145,13 @@ class Extractor:
         return [pool.submit(self._job, key, load) for key, load in loads]
 
     def gather(self, jobs: Sequence[Future[Job]], urgent: bool = False) -> Extraction:
-        """Wait for `jobs` in order and embed their decoded images a batch at a time, while the pool goes on
-        decoding the rest; the new bottlenecks are stored in one commit."""
+        """Wait for `jobs` in order and embed their decoded images a batch at a time (background work: a
+        piece at a time, as soon as a piece is decoded), while the pool goes on decoding the rest; the new
+        bottlenecks are stored in one commit. A background piece on an engine that runs one image per pass
+        costs what a batch does, and embedding it at once keeps the engine busy beside the decoding: a
+        chunk of phone photos had the engine wait for 32 decodes, then embed 32 with the pool idle."""
         result = Extraction()
+        size = self._batch_size if urgent else self._piece
         batch: list[Job] = []
         computed: list[tuple[str, str, np.ndarray]] = []
         for future in jobs:
@@ -161,7 +165,7 @@ class Extractor:
                 self._metrics.cache_hits.inc()
             elif job.sha256 not in result.vectors and all(j.sha256 != job.sha256 for j in batch):
                 batch.append(job)  # a second file with the same content shares the first one's vector
-            if len(batch) == self._batch_size:
+            if len(batch) == size:
                 computed += self._embed_batch(batch, result, urgent)
         if batch:
             computed += self._embed_batch(batch, result, urgent)

@@ -127,6 +127,17 @@ def retraind_should_retrain(state: RetrainState) -> bool | None:
     """
 
 
+@hookspec
+def retraind_on_training_pending() -> None:
+    """A first training run is coming: the training set changed, or the start-up check found the serving model
+    out of date, and the trainer waits for the retrain policy (the quiet period).
+
+    Called once per trainer (start-up, config reload), on the trainer thread, before its first run (while the
+    quiet period runs, when there is one). Load here what a fit needs, so the first run does not pay for it: the built-in head and
+    novelty plugins import SciPy (~0.5 s in a fresh process). A failure is logged and counted, never
+    propagated; the run still happens."""
+
+
 @hookspec(firstresult=True)
 def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head | None:
     """Train a classifier head on cached bottlenecks and return it, or None to defer to the next trainer.

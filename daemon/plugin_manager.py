@@ -108,7 +108,7 @@ def _configure(pm: pluggy.PluginManager, settings: Mapping[str, Mapping[str, Any
 
 #: Hooks the facade calls one implementation at a time (so one failure stops none of the others)
 ISOLATED_HOOKS = ("retraind_write_model_artifacts", "retraind_on_model_published", "retraind_on_result",
-                  "retraind_on_file_event", "retraind_on_rejected")
+                  "retraind_on_file_event", "retraind_on_rejected", "retraind_on_training_pending")
 
 
 def _refuse_wrappers_of_isolated_hooks(pm: pluggy.PluginManager) -> None:
@@ -196,6 +196,9 @@ class Hooks:
 
     def should_retrain(self, state: RetrainState) -> bool:
         return bool(self.pm.hook.retraind_should_retrain(state=state))
+
+    def on_training_pending(self) -> None:
+        self._notify("retraind_on_training_pending")
 
     def train_head(self, dataset: Dataset, config: TrainingConfig) -> Head | None:
         return self.pm.hook.retraind_train_head(dataset=dataset, config=config)  # type: ignore[no-any-return]

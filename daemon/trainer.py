@@ -64,6 +64,7 @@ class Trainer(threading.Thread):
         self._backlog = 0
         self._failures = 0
         self._retry_at: float | None = None
+        self._prepared = False
         self.runs = 0  # finished runs, whatever their result
 
     def notify_change(self) -> None:
@@ -116,6 +117,14 @@ class Trainer(threading.Thread):
         settings = dataclasses.asdict(self._config.training)
         return {key: value for key, value in settings.items() if key not in _NOT_HEAD_SETTINGS}
 
+    def prepare(self) -> None:
+        """Load what a fit needs (`retraind_on_training_pending`: SciPy for the built-in plugins), once per
+        trainer; the trainer thread does it while the first quiet period runs, so the first run does not pay
+        for it. Later calls return at once."""
+        if not self._prepared:
+            self._prepared = True
+            self._hooks.on_training_pending()
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -141,6 +150,7 @@ class Trainer(threading.Thread):
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
                                      self._config.training.quiet_period_seconds,
                                      self._forced and not self._recaching(), self._backlog)
+            self.prepare()
             try:
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
@@ -174,6 +184,7 @@ class Trainer(threading.Thread):
         """One training run; a failure is logged and counted, and the current model keeps serving. A new
         version is announced (`retraind_on_model_published`) once the run is over and counted: what plugins
         do then (the pictures) neither delays the model nor counts as training."""
+        self.prepare()
         version = self._run_once()
         if version is not None:
             self._hooks.on_model_published(version)

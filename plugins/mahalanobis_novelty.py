@@ -11,6 +11,11 @@ from daemon.hookspecs import hookimpl
 from daemon.novelty import ClassMahalanobis, NoveltyScore
 
 
+@hookimpl
+def retraind_on_training_pending() -> None:
+    import scipy.linalg  # noqa: F401 - a fresh process's first import: in the quiet period, not on the first run's path
+
+
 @hookimpl(trylast=True)
 def retraind_fit_novelty(x: np.ndarray, labels: np.ndarray) -> ClassMahalanobis:
     return ClassMahalanobis.fit(x, labels)

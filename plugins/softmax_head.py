@@ -194,6 +194,11 @@ def _with_path(fits: list[Head]) -> Head:
     return Head(last.weights, last.bias, last.hyperparameters, history)
 
 
+@hookimpl
+def retraind_on_training_pending() -> None:
+    import scipy.optimize  # noqa: F401 - a fresh process's first import: in the quiet period, not on the first run's path
+
+
 @hookimpl(trylast=True)
 def retraind_train_head(dataset: Dataset, config: TrainingConfig) -> Head:
     """Fit one head per L2 strength (strongest first, each warm-starting the next) and keep the best on

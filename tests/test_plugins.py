@@ -4,6 +4,7 @@ one failing plugin stops neither the others nor the daemon; a plugin's own setti
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,42 @@ def test_a_failing_plugin_logs_one_short_line_per_attempt(tmp_path: Path, caplog
                                "KeyError: "), line
         assert len(line) < 400 and "\n" not in line and "Config(" not in line
     assert [bool(record.exc_info) for record in caplog.records] == [True, False, False]
+
+
+class Preparer:
+    """Records, in order, the trainer's call to prepare and each retrain-policy question and head fit."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = fail
+
+    @hookimpl
+    def retraind_on_training_pending(self) -> None:
+        self.calls.append(("pending", threading.current_thread().name))
+        if self.fail:
+            raise RuntimeError("cannot prepare")
+
+    @hookimpl(tryfirst=True)
+    def retraind_should_retrain(self, state: Any) -> bool | None:
+        if not self.calls or self.calls[-1][0] != "policy":  # one entry per run of questions
+            self.calls.append(("policy", threading.current_thread().name))
+        return None
+
+    @hookimpl(tryfirst=True)
+    def retraind_train_head(self, dataset: Any, config: Any) -> None:
+        if threading.current_thread().name == "retraind-trainer":  # the served head, not the fold heads
+            self.calls.append(("head", threading.current_thread().name))
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["prepares", "a-failing-plugin"])
+def test_the_trainer_prepares_once_in_the_quiet_period_before_its_first_run(tmp_path: Path, run_app: Any,
+                                                                             fail: bool) -> None:
+    preparer, recorder = Preparer(fail), Recorder()
+    seed_classes(tmp_path)
+    with run_app(extra=(preparer, recorder)) as app:
+        wait_for(lambda: recorder.published, what="a first model")
+        write_image(tmp_path / "data" / "classes" / "red" / "red-new.jpg", "red", seed=999)
+        wait_for(lambda: len(recorder.published) == 2 or app.trainer.runs == 2, what="a second run")
+    assert [kind for kind, _ in preparer.calls][:3] == ["pending", "policy", "head"]
+    assert [kind for kind, _ in preparer.calls].count("pending") == 1
+    assert {thread for _, thread in preparer.calls} == {"retraind-trainer"}
