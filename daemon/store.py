@@ -206,6 +206,11 @@ class Store:
         query = "SELECT COUNT(*) FROM bottlenecks WHERE backbone=?"
         return int(self._db().execute(query, (backbone,)).fetchone()[0])
 
+    def drop_bottlenecks(self, backbone: str) -> int:
+        """Drop every vector of `backbone` (a migration away from it is over); returns how many went."""
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM bottlenecks WHERE backbone = ?", (backbone,)).rowcount)
+
     def prune_bottlenecks(self, older_than_seconds: float) -> int:
         """Drop vectors no catalog file refers to, once they are older than the given age."""
         cutoff = time.time() - older_than_seconds
