@@ -26,6 +26,7 @@ from daemon.atomic import GroupCommit, free_name, move_atomic, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
 from daemon.extractor import Extraction, Extractor, Job
+from daemon.ignore import below
 from daemon.images import ImageRejected, read_image_file
 from daemon.journal import InboxJournal
 from daemon.logs import short
@@ -105,7 +106,8 @@ class InboxProcessor:
         """Embed a begun batch (any thread): the pipeline prepares the next batch while it finishes this one,
         so the forward pass overlaps the moves and durable writes."""
         if batch.version is not None:
-            batch.extraction = self._extractor.running_as(batch.version.backbone).gather(batch.jobs, urgent=True)
+            batch.extraction = self._extractor.running_as(batch.version.backbone).gather(batch.jobs, urgent=True,
+                                                                                         keep=False)
             batch.jobs = []
         return batch
 
@@ -132,7 +134,7 @@ class InboxProcessor:
                 outcome.retry.append(path)  # its folder cannot be made
             else:
                 routed.append((result, started))
-        self._move_and_record(routed)
+        self._move_and_record(routed, batch.version.backbone, extraction.unstored)
         return outcome
 
     def _judged(self, version: ModelVersion, files: list[tuple[Path, str]], extraction: Extraction) -> list[Judgement]:
@@ -142,13 +144,16 @@ class InboxProcessor:
             return []
         return judge(version, np.stack([extraction.vectors[sha256] for _, sha256 in files]), self._config.classify)
 
-    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]]) -> None:
-        """Journal the batch (one commit), move each file, run the sinks, make the moves and records durable
-        in one pass, close the entries (one commit). A file that cannot be moved stays in the inbox with its
+    def _move_and_record(self, routed: list[tuple[ClassificationResult, float]], backbone: str,
+                         bottlenecks: list[tuple[str, str, np.ndarray]]) -> None:
+        """Journal the batch and store its new bottlenecks (under `backbone`, the serving model's id: they were
+        computed for it) in one commit, move each file, run the sinks, make the moves and records durable in
+        one pass, close the entries (one commit). A file that cannot be moved stays in the inbox with its
         entry open: recovery retries the move."""
         if not routed:
+            self._extractor.running_as(backbone).keep(bottlenecks)
             return
-        entries = self._journal.begin([result for result, _ in routed])
+        entries = self._journal.begin([result for result, _ in routed], backbone, bottlenecks)
         moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
         group = GroupCommit()  # the moves' folders are made durable with the records, before the entries close
         for entry, (result, started) in zip(entries, routed):
@@ -212,11 +217,11 @@ class InboxProcessor:
     def _announce(self, result: ClassificationResult) -> None:
         """`cat.jpg -> red (0.973) -> outbox/red/cat.jpg` (`(0.412, low_confidence)` for a review), summed up
         per destination during a burst."""
-        root, destination = self._config.data_root, result.destination or result.source
-        shown = destination.relative_to(root) if destination.is_relative_to(root) else destination
+        destination = result.destination or result.source
+        shown = below(destination, self._config.data_root) or os.fspath(destination)
         why = f", {result.review_reason}" if result.review_reason else ""
-        self._lines.info(shown.parent.as_posix(), "%s -> %s (%.3f%s) -> %s", result.source.name, result.label,
-                         result.confidence, why, shown)
+        self._lines.info(os.path.dirname(shown) or ".", "%s -> %s (%.3f%s) -> %s", result.source.name,
+                         result.label, result.confidence, why, shown)
 
     def flush_log(self) -> None:
         """Log the summary of a burst whose window has ended (the pipeline calls this every loop)."""

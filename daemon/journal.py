@@ -15,7 +15,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from daemon.atomic import GroupCommit, fsync_dir, move_atomic
 from daemon.config import Config
@@ -71,14 +74,16 @@ class InboxJournal:
         """Inbox files whose journal entry is open: they belong to recovery, not to a new classification."""
         return {_loaded(entry.source) for entry in self._store.journal_open()}
 
-    def begin(self, results: list[ClassificationResult]) -> list[JournalEntry]:
-        """Journal `results` (their `destination` set) in one transaction, before their files are moved."""
+    def begin(self, results: list[ClassificationResult], backbone: str = "",
+              bottlenecks: Sequence[tuple[str, str, np.ndarray]] = ()) -> list[JournalEntry]:
+        """Journal `results` (their `destination` set) in one transaction, before their files are moved; the
+        batch's new bottlenecks of `backbone` (sha256, variant, vector) are stored in the same commit."""
         entries = []
         for result in results:
             assert result.destination is not None, "a journal entry needs the destination"
             entries.append(JournalEntry(result.id, _stored(result.source), _stored(result.destination),
                                         json.dumps(result.record()), "moving", file_identity(result.source)))
-        self._store.journal_begin_many(entries)
+        self._store.journal_begin_many(entries, backbone, bottlenecks)
         return entries
 
     def drop(self, entry: JournalEntry) -> None:

@@ -61,11 +61,15 @@ class Migration:
             self._metrics.migration_images.labels(state="total").set(total)
 
     def end(self) -> None:
-        """A model trained on the target id is published: nothing is under way any more."""
+        """A model trained on the target id is published: nothing is under way any more, and the source id's
+        bottlenecks are dropped (one vector per image, as large as the target's; kept versions of the source
+        addressed by number are computed afresh)."""
         with self._lock:
             if self.source is None:
                 return
-            log.info("backbone migration from %s to %s finished", self.source, self.target)
+            dropped = self._store.drop_bottlenecks(self.source)
+            log.info("backbone migration from %s to %s finished; %d bottlenecks of %s dropped", self.source,
+                     self.target, dropped, self.source)
             self.source = None
             self._metrics.migration_info.clear()
             self._metrics.migration_images.clear()

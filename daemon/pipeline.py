@@ -30,7 +30,7 @@ from typing import Protocol
 from daemon.backfill import Backfill, guarded
 from daemon.config import Config
 from daemon.events import EventKind, FileEvent
-from daemon.ignore import IgnoreRules
+from daemon.ignore import IgnoreRules, below
 from daemon.inbox import InboxProcessor, PreparedBatch
 from daemon.indexer import TrainingIndexer
 from daemon.journal import InboxJournal
@@ -58,6 +58,11 @@ _FIRST_RETRY_SECONDS, _MAX_RETRY_SECONDS = 0.5, 60.0
 _RESCAN_AFTER_FAILURE_SECONDS = 5.0
 _SCAN_SLICE_SECONDS = 0.05  # of each turn a scan may take: inbox files go on meanwhile
 _LATER_PER_TURN = 500  # training-file events handled per turn (a flood of them must not hold up the inbox)
+#: Inbox batches begun (decoding, then embedding) before the oldest is finished: one being finished, one in
+#: the engine, one decoding; the third absorbs a finish slower than a forward batch
+_AHEAD_BATCHES = 3
+#: Inbox files that may join a turn as they arrive: then the turn ends and the loop's other work gets its go
+_JOIN_PER_TURN = 2048
 
 
 class Progress(Protocol):
@@ -100,6 +105,7 @@ class Pipeline(threading.Thread):
         self._next_rescan = math.inf
         self._scanning: Iterator[FileEvent] | None = None  # the reconcile scan under way
         self._later: collections.deque[FileEvent] = collections.deque()  # training-file events not handled yet
+        self._held: list[object] = []  # `STOP`, taken off the queue inside a turn: the loop's next item
         self._progress = progress
         self.idle = threading.Event()  # set whenever nothing is pending (tests and benches wait on it)
         self.inbox_waiting = 0  # inbox files not yet classified (set by the worker, read by any thread)
@@ -187,13 +193,14 @@ class Pipeline(threading.Thread):
         elif isinstance(item, FileEvent):
             self._handle(item)
 
-    def _drain(self) -> list[object]:
-        """Take everything queued; events of training files go to `_later` (handled a slice per turn, after
-        the inbox), the rest (inbox events, control items) is returned in order."""
+    def _drain(self, wait: bool = True) -> list[object]:
+        """Take everything queued (waiting for a first item until the next deadline when nothing is in hand and
+        `wait`); events of training files go to `_later` (handled a slice per turn, after the inbox), the rest
+        (inbox events, control items) is returned in order."""
+        items, self._held = self._held, []
         deadlines = [d for d in (p.next_deadline() for p in self._pending.values()) if d is not None]
-        busy = self._scanning is not None or self._later
+        busy = not wait or items or self._scanning is not None or self._later
         timeout = 0.0 if busy else min([0.5, *(max(d, 0.01) for d in deadlines)])
-        items: list[object] = []
         try:
             item = self._events.get(timeout=timeout)
             while True:
@@ -206,9 +213,9 @@ class Pipeline(threading.Thread):
             return items
 
     def _area(self, path: Path) -> str | None:
-        if path.is_relative_to(self._classes) and path != self._classes:
+        if below(path, self._classes) is not None:
             return "classes"
-        if path.is_relative_to(self._inbox_root) and path != self._inbox_root:
+        if below(path, self._inbox_root) is not None:
             return "inbox"
         return None
 
@@ -258,20 +265,44 @@ class Pipeline(threading.Thread):
             self.idle.set()
 
     def _classify_due(self, paths: list[Path]) -> None:
-        """Inbox files in backbone-sized batches. The next batch is read and decoded on the decoding pool and
-        then embedded (`_ahead`) while this one's files are moved and recorded: in a burst the first results
-        land after one forward batch, the engine does not wait for a batch's decoding, and the durable writes
-        cost no engine time."""
+        """Inbox files in backbone-sized batches, streamed: up to `_AHEAD_BATCHES` batches are begun (read and
+        decoded on the decoding pool, then embedded on `_ahead`) while the oldest one's files are moved and
+        recorded, and inbox files that become due meanwhile (a burst still arriving) join the stream instead
+        of waiting for the next turn. In a burst the first results land after one forward batch, the engine
+        waits neither for a batch's decoding nor for a slow finish (an fsync behind another process's writes),
+        and the durable writes cost no engine time."""
         size = self._config.backbone.batch_size
-        batches = [paths[start : start + size] for start in range(0, len(paths), size)]
-        ahead = self._begin(batches[0]) if batches else None
-        for index, batch in enumerate(batches):
-            assert ahead is not None
-            prepared = ahead
-            if index + 1 < len(batches):
-                ahead = self._begin(batches[index + 1])
+        todo = collections.deque(paths)
+        flight: collections.deque[tuple[Future[PreparedBatch], list[Path]]] = collections.deque()
+        taken = set(paths)  # not finished yet: a name due again meanwhile (a file renamed onto it) waits
+        joined = 0
+        while todo or flight:
+            while todo and len(flight) < _AHEAD_BATCHES:
+                batch = [todo.popleft() for _ in range(min(size, len(todo)))]
+                flight.append((self._begin(batch), batch))
+            prepared, batch = flight.popleft()
             self._guarded(functools.partial(self._finish, prepared, batch), batch)
+            taken.difference_update(batch)
             self._progress.went_round()
+            if joined < _JOIN_PER_TURN:
+                for path in self._arrived():
+                    if path in taken:
+                        self._pending["inbox"].retry(path, _FIRST_RETRY_SECONDS)
+                    else:
+                        taken.add(path)
+                        todo.append(path)
+                        joined += 1
+
+    def _arrived(self) -> list[Path]:
+        """Inbox files due now, from the events queued since the turn began (training-file events go to
+        `_later` as in every turn). Once `STOP` has come (it is held for the loop, after this turn) none join:
+        the batches begun are finished and the rest waits in the inbox for the next start."""
+        for item in self._drain(wait=False):
+            if item is STOP:
+                self._held.append(item)
+            else:
+                self._safely(self._dispatch, item)
+        return [] if STOP in self._held else self._pending["inbox"].due()
 
     def _begin(self, batch: list[Path]) -> Future[PreparedBatch]:
         """`batch` begun (its decoding queued behind the batches begun before it) and then embedded on `_ahead`;

@@ -178,15 +178,10 @@ class Store:
 
     def put_bottlenecks(self, backbone: str, items: Iterable[tuple[str, str, np.ndarray]]) -> None:
         """Store (sha256, variant, vector) triples for `backbone` in one transaction."""
-        now = time.time()
-        rows = []
-        for sha, variant, vector in items:
-            blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-            rows.append((sha, backbone, variant, blob, zlib.crc32(blob), now))
-        if not rows:
-            return
-        with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO bottlenecks VALUES (?,?,?,?,?,?)", rows)
+        rows = _bottleneck_rows(backbone, items)
+        if rows:
+            with self._tx() as db:
+                db.executemany(_PUT_BOTTLENECK, rows)
 
     def missing_bottlenecks(self, backbone: str, shas: Iterable[str], variant: str = ORIGINAL) -> set[str]:
         """Which of `shas` have no valid bottleneck yet for `backbone`."""
@@ -210,6 +205,11 @@ class Store:
             return int(self._db().execute("SELECT COUNT(*) FROM bottlenecks").fetchone()[0])
         query = "SELECT COUNT(*) FROM bottlenecks WHERE backbone=?"
         return int(self._db().execute(query, (backbone,)).fetchone()[0])
+
+    def drop_bottlenecks(self, backbone: str) -> int:
+        """Drop every vector of `backbone` (a migration away from it is over); returns how many went."""
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM bottlenecks WHERE backbone = ?", (backbone,)).rowcount)
 
     def prune_bottlenecks(self, older_than_seconds: float) -> int:
         """Drop vectors no catalog file refers to, once they are older than the given age."""
@@ -334,15 +334,19 @@ class Store:
     def journal_begin(self, entry: JournalEntry) -> None:
         self.journal_begin_many([entry])
 
-    def journal_begin_many(self, entries: list[JournalEntry]) -> None:
-        """Write journal entries in one transaction (an inbox batch: one commit, not one per file)."""
+    def journal_begin_many(self, entries: list[JournalEntry], backbone: str = "",
+                           bottlenecks: Iterable[tuple[str, str, np.ndarray]] = ()) -> None:
+        """Write journal entries in one transaction (an inbox batch: one commit, not one per file), with the
+        batch's new (sha256, variant, vector) triples for `backbone` (`put_bottlenecks` in the same commit)."""
         now = time.time()
+        rows = _bottleneck_rows(backbone, bottlenecks)
         with self._tx() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO journal (id, source, destination, record, state, created, source_stat) "
                 "VALUES (?,?,?,?,?,?,?)",
                 [(e.id, e.source, e.destination, e.record, e.state, now, e.source_stat) for e in entries],
             )
+            db.executemany(_PUT_BOTTLENECK, rows)
 
     def journal_finish(self, entry_id: str) -> None:
         self.journal_finish_many([entry_id])
@@ -376,6 +380,19 @@ class Store:
         rows = self._db().execute(f"SELECT seq, kind, plan, state FROM review_actions WHERE state IN ({marks}) "
                                   "ORDER BY seq DESC", states).fetchall()
         return [ReviewActionRow(*r) for r in rows]
+
+_PUT_BOTTLENECK = "INSERT OR REPLACE INTO bottlenecks VALUES (?,?,?,?,?,?)"
+
+
+def _bottleneck_rows(backbone: str, items: Iterable[tuple[str, str, np.ndarray]]) -> list[tuple[object, ...]]:
+    """Rows of the bottlenecks table for (sha256, variant, vector) triples: float32 bytes with their CRC32."""
+    now = time.time()
+    rows: list[tuple[object, ...]] = []
+    for sha, variant, vector in items:
+        blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        rows.append((sha, backbone, variant, blob, zlib.crc32(blob), now))
+    return rows
+
 
 def _entry(row: tuple[object, ...]) -> CatalogEntry:
     path, label, sha, size, mtime, ok, ctime, inode = row

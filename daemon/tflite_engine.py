@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from daemon.atomic import write_atomic
-from daemon.backbone import Backbone, BackboneUnavailable
+from daemon.backbone import UNVERSIONED, Backbone, BackboneUnavailable, network_of
 from daemon.keras_engine import KerasBackbone
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,22 @@ class TfliteBackbone:
 
 
 def cache_path(cache_dir: Path, backbone_id: str) -> Path:
-    """Where the converted model of `backbone_id` is kept: a readable name plus a hash (ids hold slashes)."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_id)
-    return cache_dir / f"{readable}-{hashlib.sha256(backbone_id.encode()).hexdigest()[:12]}.tflite"
+    """Where the converted network of `backbone_id` is kept, named by its network (`daemon.backbone.network_of`:
+    the conversion does not depend on the preprocessing, so the ids of one network share it and a new
+    preprocessing version converts nothing)."""
+    return _named(cache_dir, network_of(backbone_id))
+
+
+def legacy_cache_path(cache_dir: Path, backbone_id: str) -> Path:
+    """Where a conversion of `backbone_id`'s network was kept before conversions were shared: named by the id of
+    its first preprocessing version (`…/v1`), as an upgraded store has it."""
+    return _named(cache_dir, f"{network_of(backbone_id)}/{UNVERSIONED}")
+
+
+def _named(cache_dir: Path, key: str) -> Path:
+    """A readable name plus a hash (ids hold slashes)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+    return cache_dir / f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.tflite"
 
 
 def manifest_path(model_path: Path) -> Path:
@@ -101,14 +114,14 @@ def _manifest(path: Path) -> dict[str, Any] | None:
 
 
 def read_cached(path: Path, backbone_id: str) -> bytes | None:
-    """The cached flatbuffer at `path` if its manifest says it is `backbone_id`'s in this format and its bytes
-    have the recorded sha256; None (with a log line saying why) when it is missing, stale or damaged."""
+    """The cached flatbuffer at `path` if its manifest says it is `backbone_id`'s network in this format and its
+    bytes have the recorded sha256; None (with a log line saying why) when it is missing, stale or damaged."""
     manifest = _manifest(path)
     if manifest is None:
         if path.exists():
             log.warning("cached TFLite model %s has no readable manifest; converting again", path)
         return None
-    if manifest.get("format") != CACHE_FORMAT or manifest.get("backbone") != backbone_id:
+    if manifest.get("format") != CACHE_FORMAT or network_of(str(manifest.get("backbone"))) != network_of(backbone_id):
         log.info("cached TFLite model %s is stale (format %s of %s); converting again", path,
                  manifest.get("format"), manifest.get("backbone"))
         return None
@@ -171,12 +184,25 @@ def _convert_and_check(make_keras: Callable[[], KerasBackbone], backbone_id: str
     return converted
 
 
+def _adopted(legacy: Path, path: Path, backbone_id: str) -> bytes | None:
+    """The conversion an older retraind kept at `legacy`, kept again at `path` (read once, converted never)."""
+    if legacy == path or not legacy.exists():
+        return None
+    model = read_cached(legacy, backbone_id)
+    if model is not None:
+        difference = float((_manifest(legacy) or {}).get("max_difference_vs_keras", 0.0))
+        write_cached(path, backbone_id, model, difference)
+    return model
+
+
 def tflite_backbone(make_keras: Callable[[], KerasBackbone], backbone_id: str, cache_dir: Path,
                     threads: int) -> TfliteBackbone:
     """The cached conversion of `backbone_id` (no TensorFlow imported), or a new one made by `make_keras` (a
     `KerasBackbone` factory, called only here), converted, checked against Keras and kept."""
     path = cache_path(cache_dir, backbone_id)
     model = read_cached(path, backbone_id)
+    if model is None:
+        model = _adopted(legacy_cache_path(cache_dir, backbone_id), path, backbone_id)
     if model is not None:
         try:
             return TfliteBackbone(model, backbone_id, threads)

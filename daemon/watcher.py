@@ -67,6 +67,12 @@ _KINDS: dict[type[FileSystemEvent], EventKind] = {
     DirMovedEvent: EventKind.MOVED,
 }
 
+#: What the watches ask for (watchdog's `event_filter`): only the kinds above. Without it inotify reported every
+#: open and close-without-write too (the daemon's own reads of each inbox and training image) and watchdog
+#: added a folder-modified event to each create, move and delete: four events in six, each carried through
+#: watchdog's threads to be dropped by `_Enqueue`.
+_EVENT_FILTER: list[type[FileSystemEvent]] = list(_KINDS)
+
 #: How often the guard checks that each root is still the folder watched (a stat each): "at once" for a
 #: `mv inbox inbox.old`, which inotify reports to nobody.
 ROOT_CHECK_SECONDS = 0.5
@@ -293,7 +299,8 @@ class Watcher:
         if mode == "events" and self._inotify is not None:
             try:
                 root.watches.append((self._inotify, self._inotify.schedule(handler, str(root.path),
-                                                                           recursive=True)))
+                                                                           recursive=True,
+                                                                           event_filter=_EVENT_FILTER)))
             except OSError as exc:
                 reason, hint = limit_hint(exc)
                 log.error("cannot watch %s folder %s: %s; it is polled every %g s instead", root.area, root.path,
@@ -303,8 +310,8 @@ class Watcher:
         elif mode == "events":
             mode = "polling"  # no inotify instance at all: said once at start
         if mode == "polling":
-            root.watches.append((self._polling, self._polling.schedule(handler, str(root.path),
-                                                                       recursive=True)))
+            root.watches.append((self._polling, self._polling.schedule(handler, str(root.path), recursive=True,
+                                                                       event_filter=_EVENT_FILTER)))
             log.info("%s folder %s (%s) is polled every %g s (watch.mode: %s)", root.area, root.path, fs.name,
                      self._config.poll_interval_seconds, self._config.mode)
         root.identity, root.mode, root.handler = identity, mode, handler
@@ -336,8 +343,8 @@ class Watcher:
                       self._config.poll_interval_seconds)
             self._metrics.watch_errors.labels(reason=reason).inc()
             try:
-                root.watches.append((self._polling, self._polling.schedule(root.handler, str(path),
-                                                                           recursive=True)))
+                root.watches.append((self._polling, self._polling.schedule(root.handler, str(path), recursive=True,
+                                                                           event_filter=_EVENT_FILTER)))
             except OSError:
                 continue  # gone meanwhile
             root.polled.append(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from daemon.backbone import Backbone, BackboneUnavailable
+from daemon.backbone import PREPROCESSING, Backbone, BackboneUnavailable
 from daemon.config import BackboneConfig
 from daemon.engines import select_engine
 from daemon.hookspecs import hookimpl
@@ -44,7 +44,7 @@ def weights_file(weights: str, cache_dir: Path) -> Path:
 
 def backbone_id(path: Path) -> str:
     with path.open("rb") as fh:
-        return f"{NAME}/{hashlib.file_digest(fh, 'sha256').hexdigest()[:16]}/v1"
+        return f"{NAME}/{hashlib.file_digest(fh, 'sha256').hexdigest()[:16]}/{PREPROCESSING}"
 
 
 def build(weights: str, cache_dir: Path) -> KerasBackbone:

@@ -26,6 +26,7 @@ from daemon.tflite_engine import (
     TfliteBackbone,
     cache_path,
     engine_difference,
+    legacy_cache_path,
     manifest_path,
     tflite_backbone,
 )
@@ -267,3 +268,20 @@ def test_the_daemon_counts_an_engine_fallback(run_app: Any) -> None:
         assert app.backbone.fell_back_from == "tflite"  # type: ignore[attr-defined]
         assert app.metrics.registry.get_sample_value("retraind_internal_errors_total",
                                                      {"where": "engine_fallback"}) == 1
+
+
+def test_one_conversion_serves_every_preprocessing_version_of_a_network(tmp_path: Path) -> None:
+    """A new preprocessing version (a migration, daemon/migration.py) converts nothing: the conversion depends
+    on the network only. An upgraded store keeps its conversion under the v1 id's name; it is taken from there."""
+    keras_backbone, builder, path = _converted_once(tmp_path)
+    legacy = legacy_cache_path(tmp_path, keras_backbone.id)
+    path.rename(legacy)
+    manifest_path(path).rename(manifest_path(legacy))
+
+    v2 = tflite_backbone(builder, "tiny/seed7/v2", tmp_path, threads=1)
+
+    assert builder.calls == 1 and v2.id == "tiny/seed7/v2" and path.is_file()
+    assert engine_difference(v2, keras_backbone) <= TOLERANCE
+    legacy.unlink()
+    assert tflite_backbone(builder, "tiny/seed7/v3", tmp_path, threads=1).id == "tiny/seed7/v3"
+    assert builder.calls == 1

@@ -6,44 +6,37 @@ root, one after the other, the tiny backbone's one network under two ids, real H
 from __future__ import annotations
 
 import dataclasses
-import io
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from daemon.app import App
 from daemon.hookspecs import hookimpl
 from daemon.status import format_status, from_daemon
+from plugins.pillow_decoder import retraind_decode_image
 from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
 from tests.test_daemon_e2e import results, scrape
 from tests.test_http_api import MODEL, call
 from tests.tiny_backbone import TinyBackbonePlugin, build_tiny
 
 JPEG = {"Content-Type": "image/jpeg"}
-V1, V9 = "tiny/seed7/v1", "tiny/seed7/v9"
+V1, V2 = "tiny/seed7/v1", "tiny/seed7/v2"
 
 
 class HeldDecoder:
-    """Makes a second preprocessing version, `v9` (Pillow's NEAREST filter: other pixels than v1's BILINEAR),
-    only once `release` is set, so the test sees the daemon while the re-cache under v9 waits."""
+    """Holds every decoding of preprocessing v2 until `release` is set, then leaves it to the shipped decoder, so
+    the test sees the daemon while the re-cache under v2 waits."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    @hookimpl
-    def retraind_preprocessing_versions(self) -> list[str]:
-        return ["v9"]
-
     @hookimpl(tryfirst=True)
-    def retraind_decode_image(self, data: bytes, size: tuple[int, int], preprocessing: str) -> np.ndarray | None:
-        if preprocessing != "v9":
-            return None
-        self.release.wait(timeout=60)
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.Resampling.NEAREST))
+    def retraind_decode_image(self, preprocessing: str) -> None:
+        if preprocessing == "v2":
+            self.release.wait(timeout=60)
 
 
 def classify(app: App, data: bytes, path: str = f"{MODEL}:classify") -> Any:
@@ -54,14 +47,15 @@ def classify(app: App, data: bytes, path: str = f"{MODEL}:classify") -> Any:
 
 def test_a_model_keeps_serving_while_the_store_is_cached_under_a_new_preprocessing(tmp_path: Path) -> None:
     seed_classes(tmp_path)
-    probes = [image_bytes("red", 7001), image_bytes("blue", 7002)]
+    probes = [image_bytes("red", 7001, size=(24, 20)), image_bytes("blue", 7002, size=(24, 20))]  # enlarged
+    assert not np.array_equal(*(retraind_decode_image(probes[0], (32, 32), 10**8, v) for v in ("v1", "v2")))
     with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin("v1"),)) as app:
         wait_for(lambda: app.serving.version, what="model 1")
         before = [classify(app, probe) for probe in probes]
     assert [answer["model_version"] for answer in before] == [1, 1]
 
     decoder = HeldDecoder()
-    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin("v9"), decoder)) as app:
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin("v2"), decoder)) as app:
         try:
             during_the_recache(app, tmp_path, probes, before, decoder)
         finally:
@@ -70,7 +64,7 @@ def test_a_model_keeps_serving_while_the_store_is_cached_under_a_new_preprocessi
 
 def during_the_recache(app: App, tmp_path: Path, probes: list[bytes], before: list[Any],
                        decoder: HeldDecoder) -> None:
-    """Model 1 (v1) answers and files while the re-cache under v9 is held; model 2 (v9) after it."""
+    """Model 1 (v1) answers and files while the re-cache under v2 is held; model 2 (v2) after it."""
     version = app.serving.version
     assert version is not None and (version.number, version.backbone) == (1, V1)
     assert call(app, "GET", "/readyz")[0] == 200
@@ -80,14 +74,14 @@ def during_the_recache(app: App, tmp_path: Path, probes: list[bytes], before: li
                      what="the inbox file filed during the re-cache")
     assert filed[0]["model_version"] == 1 and filed[0]["backbone"] == V1
     samples = scrape(app)
-    assert samples[f"retraind_migration_info{{serving=true,source={V1},target={V9}}}"] == 1
+    assert samples[f"retraind_migration_info{{serving=true,source={V1},target={V2}}}"] == 1
     assert samples["retraind_migration_images{state=total}"] == 24
     assert samples["retraind_migration_images{state=cached}"] < 24
     status = from_daemon(dataclasses.replace(app.config, http=dataclasses.replace(
         app.config.http, port=app.http.port)))  # type: ignore[union-attr]
-    assert status["migration"] == {"source": V1, "target": V9, "serving": True, "total": 24,
+    assert status["migration"] == {"source": V1, "target": V2, "serving": True, "total": 24,
                                    "cached": samples["retraind_migration_images{state=cached}"]}
-    assert "training images cached under tiny/seed7/v9" in format_status(status)
+    assert "training images cached under tiny/seed7/v2" in format_status(status)
     runs = app.trainer.runs
     code, _, body = call(app, "POST", f"{MODEL}:retrain", b"{}", {"Content-Type": "application/json"})
     assert code == 202, body
@@ -97,8 +91,9 @@ def during_the_recache(app: App, tmp_path: Path, probes: list[bytes], before: li
     decoder.release.set()
     wait_for(lambda: app.serving.version and app.serving.version.number == 2, timeout=60,
              what="model 2, trained on the re-cached images")
-    assert app.serving.version.backbone == V9
-    assert app.store.count_cached(V9) == (24, 24)
+    assert app.serving.version.backbone == V2
+    assert app.store.count_cached(V2) == (24, 24)
+    wait_for(lambda: app.store.count_bottlenecks(V1) == 0, what="the v1 bottlenecks dropped")
     assert not any(name.startswith("retraind_migration") for name in scrape(app))
     after = classify(app, probes[0])
     assert after["model_version"] == 2 and after["predictions"][0]["top_k"][0]["label"] == "red"

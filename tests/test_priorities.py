@@ -290,3 +290,96 @@ def test_the_next_inbox_batch_is_decoded_while_one_is_embedded(tmp_path: Path) -
         finally:
             engine.release.set()
         wait_for(lambda: len(list(data.glob("outbox/*/query-*.jpg.json"))) == 8, what="eight results")
+
+
+class GatedEngine(HeldEngine):
+    """The tiny backbone whose forward passes, while `gated`, each wait for a permit (`admit`); `waiting` is
+    how many wait now. Its decoder notes the content it was given, as `HeldEngine`'s does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = False
+        self.waiting = 0
+        self._permits = threading.Semaphore(0)
+        self._lock = threading.Lock()
+
+    def admit(self, passes: int = 1) -> None:
+        self._permits.release(passes)
+
+    @hookimpl
+    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
+        inner = TinyBackbonePlugin.retraind_make_backbone(self, config, cache_dir)
+        if inner is None:
+            return None
+        plugin = self
+
+        class Gated:
+            id, input_size, dim = inner.id, inner.input_size, inner.dim
+
+            def embed(self, images: np.ndarray) -> np.ndarray:
+                if plugin.gated:
+                    with plugin._lock:
+                        plugin.waiting += 1
+                    plugin._permits.acquire(timeout=60)
+                    with plugin._lock:
+                        plugin.waiting -= 1
+                return inner.embed(images)
+
+        return Gated()
+
+
+def test_inbox_files_that_arrive_during_a_burst_join_it(tmp_path: Path) -> None:
+    """A burst of 8 inbox files in batches of 4, and 4 more renamed in while its first batch is in the engine:
+    once that batch is filed, the 4 join the burst and are decoded while its second batch is still in the
+    engine, not after the burst's last batch (a turn boundary left the engine idle for 0.15-0.3 s)."""
+    seed_classes(tmp_path)
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    engine = GatedEngine()
+    with App(make_config(tmp_path, backbone={"batch_size": 4}), extra_plugins=(engine,)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+        for i in range(8):
+            write_image(outside / "burst" / f"query-{i}.jpg", "red", seed=9400 + i)
+        later = [write_image(outside / "later" / f"late-{i}.jpg", "blue", seed=9500 + i) for i in range(4)]
+        late = {hashlib.sha256(path.read_bytes()).hexdigest() for path in later}
+        arrived = data / "inbox" / "later"
+
+        def later_queued() -> bool:
+            return any(isinstance(e, FileEvent) and (e.dest or e.path).is_relative_to(arrived)
+                       for e in list(app.events.queue))
+
+        engine.gated = True
+        try:
+            os.rename(outside / "burst", data / "inbox" / "burst")
+            wait_for(lambda: engine.waiting == 1, what="the burst's first batch in the engine")
+            os.rename(outside / "later", arrived)
+            wait_for(later_queued, what="the event of the files renamed in later")
+            engine.admit()
+            wait_for(lambda: late <= engine.decoded, timeout=10,
+                     what="the later files decoded while the burst's second batch is in the engine")
+            assert engine.waiting == 1 and not list(data.glob("outbox/*/query-*.json"))[4:]
+        finally:
+            engine.gated = False
+            engine.admit(100)
+        wait_for(lambda: len(list(data.glob("outbox/*/*.jpg.json"))) == 12, what="twelve results")
+
+
+def test_an_inbox_files_bottleneck_is_kept_with_its_journal_entry(tmp_path: Path) -> None:
+    """The inbox's new bottlenecks are stored in the commit of the batch's journal entries, not on the engine's
+    thread: the same content dropped again is found in the store, not embedded again."""
+    seed_classes(tmp_path)
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),)) as app:
+        wait_for(lambda: app.serving.version and app.pipeline.idle.is_set(), what="first model")
+        hits = lambda: app.metrics.registry.get_sample_value("retraind_bottleneck_cache_hits_total") or 0.0
+        first = write_image(outside / "first.jpg", "red", seed=9600)
+        misses_before, hits_before = cached(app), hits()
+        os.rename(first, data / "inbox" / "first.jpg")
+        wait_for(lambda: result_of(data, "first.jpg"), what="the first file's result")
+        assert cached(app) == misses_before + 1
+        content = next(data.glob("*/**/first.jpg")).read_bytes()
+        assert app.store.get_bottlenecks(app.backbone.id, [hashlib.sha256(content).hexdigest()])
+        again = outside / "again.jpg"
+        again.write_bytes(content)
+        os.rename(again, data / "inbox" / "again.jpg")
+        wait_for(lambda: result_of(data, "again.jpg"), what="the second file's result")
+        assert (cached(app), hits()) == (misses_before + 1, hits_before + 1)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from daemon.config import ConfigError
-from daemon.ignore import DEFAULT_IGNORE
+from daemon.ignore import DEFAULT_IGNORE, below
 from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
 from tests.test_daemon_e2e import results
 
@@ -78,6 +78,18 @@ def test_ignore_patterns_are_configurable_and_validated(tmp_path: Path, run_app:
         with pytest.raises(ConfigError, match=rf"watch\.ignore\[{len(bad) - 1}\]: .*{problem}"):
             make_config(tmp_path, watch={"ignore": bad})
     assert make_config(tmp_path).watch.ignore == list(DEFAULT_IGNORE)
+
+
+def test_below_agrees_with_relative_to() -> None:
+    """`below` is the fast form of `Path.relative_to` the inbox's hot path uses: a sibling whose name starts
+    like the root's, the root itself and a path outside are not below it; odd bytes in names survive."""
+    root = Path("/data/inbox")
+    cases = [root / "a.jpg", root / "sub" / "b.jpg", root, Path("/data/inbox2/a.jpg"), Path("/data/inbo"),
+             Path("/data"), Path("/other/inbox/a.jpg"), root / os.fsdecode(b"caf\xe9.jpg")]
+    for path in cases:
+        expected = str(path.relative_to(root)) if path.is_relative_to(root) and path != root else None
+        assert below(path, root) == expected, path
+    assert below(Path("/x/y"), Path("/")) == "x/y"
 
 
 def test_a_download_paused_in_the_inbox_stays_its_writers_until_renamed(tmp_path: Path, run_app: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -17,8 +18,14 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from watchdog.events import FileSystemEvent
 
+from daemon import watcher as watcher_module
+from daemon.config import WatchConfig
+from daemon.events import FileEvent
 from daemon.inotify import InotifyObserver
+from daemon.metrics import Metrics
+from daemon.watcher import Watcher
 from tests.conftest import wait_for, write_image
 from tests.crash_child import EVENTS_LOG
 
@@ -167,3 +174,34 @@ def test_watchdogs_shutdown_race_line_is_not_an_error_of_ours(caplog: pytest.Log
         source.error("InotifyEmitter.queue_events() called when the thread is inactive")
         source.error("another watchdog error")
     assert [r.getMessage() for r in caplog.records] == ["another watchdog error"]
+
+
+def test_reading_a_watched_file_sends_the_watcher_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watches ask inotify only for what the daemon acts on: reading a file (the daemon reads every inbox
+    and training image) or a folder changing sends watchdog's threads no event to carry and drop (they were
+    four events in six of an inbox file's)."""
+    seen: list[type[object]] = []
+    handle = watcher_module._Enqueue.on_any_event
+
+    def noted(self: object, event: FileSystemEvent) -> None:
+        seen.append(type(event))
+        handle(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watcher_module._Enqueue, "on_any_event", noted)
+    inbox, events = tmp_path / "inbox", queue.Queue[object]()
+    inbox.mkdir()
+    watcher = Watcher({"inbox": inbox}, events, Metrics(), WatchConfig(mode="events"))
+    watcher.start()
+    try:
+        image = inbox / "a.jpg"
+        image.write_bytes(b"picture")
+        wait_for(lambda: any(isinstance(e, FileEvent) and e.path == image for e in list(events.queue)),
+                 what="the new file's event")
+        for _ in range(5):
+            image.read_bytes()
+        (inbox / "marker.jpg").write_bytes(b"last")  # events come in order: once it is queued, the reads were
+        wait_for(lambda: any(isinstance(e, FileEvent) and e.path.name == "marker.jpg" for e in list(events.queue)),
+                 what="the marker's event")
+    finally:
+        watcher.stop()
+    assert seen and all(kind in watcher_module._KINDS for kind in seen), sorted({k.__name__ for k in seen})
