@@ -19,7 +19,8 @@ from daemon.status import format_status, from_daemon
 from plugins.pillow_decoder import retraind_decode_image
 from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
 from tests.test_daemon_e2e import results, scrape
-from tests.test_http_api import MODEL, call
+from tests.test_http_api import MODEL, b64, call
+from tests.test_tfserving import post
 from tests.tiny_backbone import TinyBackbonePlugin, build_tiny
 
 JPEG = {"Content-Type": "image/jpeg"}
@@ -52,23 +53,27 @@ def test_a_model_keeps_serving_while_the_store_is_cached_under_a_new_preprocessi
     with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin("v1"),)) as app:
         wait_for(lambda: app.serving.version, what="model 1")
         before = [classify(app, probe) for probe in probes]
+        predicted = post(app, "predict", {"instances": [b64(probe) for probe in probes]})
     assert [answer["model_version"] for answer in before] == [1, 1]
 
     decoder = HeldDecoder()
     with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin("v2"), decoder)) as app:
         try:
-            during_the_recache(app, tmp_path, probes, before, decoder)
+            during_the_recache(app, tmp_path, probes, (before, predicted), decoder)
         finally:
             decoder.release.set()  # before the daemon stops: its caching thread waits for it
 
 
-def during_the_recache(app: App, tmp_path: Path, probes: list[bytes], before: list[Any],
+def during_the_recache(app: App, tmp_path: Path, probes: list[bytes], answers: tuple[list[Any], Any],
                        decoder: HeldDecoder) -> None:
-    """Model 1 (v1) answers and files while the re-cache under v2 is held; model 2 (v2) after it."""
+    """Model 1 (v1) answers (`answers`: its `:classify` and `:predict` answers before) and files while the
+    re-cache under v2 is held; model 2 (v2) after it."""
+    before, predicted = answers
     version = app.serving.version
     assert version is not None and (version.number, version.backbone) == (1, V1)
     assert call(app, "GET", "/readyz")[0] == 200
     assert [classify(app, probe) for probe in probes] == before  # the same top-1 and scores
+    assert post(app, "predict", {"instances": [b64(probe) for probe in probes]}) == predicted  # TF Serving's too
     inbox_file = write_image(tmp_path / "data" / "inbox" / "during.jpg", "red", seed=7003)
     filed = wait_for(lambda: [r for r in results(tmp_path) if r["file"] == inbox_file.name],
                      what="the inbox file filed during the re-cache")
