@@ -29,6 +29,9 @@ import numpy as np
 SHRINKAGE = 0.3
 #: Rows a score is fitted on at most (evenly spread), so a 50k-image set costs what 4k do.
 MAX_FIT_ROWS = 4000
+#: Rows per block where a (dim, dim) or (dim, n) float64 temporary would otherwise be made whole (2.5 MiB each)
+_BLOCK = 256
+_SPENT = np.empty((0, 0))
 #: Classes that play the unknown at most (evenly spread over the labels).
 MAX_LOCO_CLASSES = 12
 
@@ -70,25 +73,37 @@ class _Scatter:
         return cls((centred.T @ centred).astype(np.float64), onehot @ centred,
                    np.bincount(positions, minlength=classes))
 
-    def __sub__(self, other: _Scatter) -> _Scatter:
-        return _Scatter(self.matrix - other.matrix, self.sums - other.sums, self.counts - other.counts)
+    def without(self, part: _Scatter) -> _Scatter:
+        """These statistics less `part`'s (rows among these), written over `part`'s own arrays: a held-out
+        group's fit allocates one (dim, dim) float64 matrix, not two."""
+        np.subtract(self.matrix, part.matrix, out=part.matrix)
+        return _Scatter(part.matrix, self.sums - part.sums, self.counts - part.counts)
 
-    def factor(self, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    def factor(self, shrinkage: float, consume: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The present classes' centred means (classes', dim) float64 and the lower Cholesky factor L (dim, dim)
         float32 of the covariance shrunk towards (trace / dim) · I (its condition number is at most
         1 + (1 − shrinkage) / shrinkage × largest eigenvalue / mean eigenvalue, so float32 loses ~1e-5 at
-        worst, and factors it twice as fast); raises ValueError for no rows."""
+        worst, and factors it twice as fast); raises ValueError for no rows. `consume`: these statistics are a
+        temporary (a held-out group's): their float64 matrix is overwritten and released before the factor is
+        made, and this object is spent."""
         from scipy.linalg import cholesky
 
         present = self.counts > 0
         if not present.any():
             raise ValueError("a novelty score needs at least one image")
         sums, counts = self.sums[present], self.counts[present]
-        between = (sums.T / counts) @ sums
-        within = np.subtract(self.matrix, between, out=between)  # float64: the subtraction cancels
+        scatter = self.matrix
+        within = scatter if consume else np.empty_like(scatter)
+        if consume:
+            self.matrix = _SPENT
+        weighted = sums.T / counts
+        for start in range(0, len(within), _BLOCK):  # in row blocks: no second (dim, dim) float64 matrix
+            rows = slice(start, start + _BLOCK)
+            np.subtract(scatter[rows], weighted[rows] @ sums, out=within[rows])  # float64: it cancels
         total = int(counts.sum())
         scale = float(np.trace(within)) / (total * within.shape[0]) or 1.0
         covariance = within.astype(np.float32)  # scaled and shrunk in float32: 2 passes of 13 MB fewer per fit
+        del within, scatter
         covariance *= (1 - shrinkage) / total
         covariance.flat[:: covariance.shape[0] + 1] += shrinkage * scale
         return sums / counts[:, None], cholesky(covariance, lower=True, check_finite=False)
@@ -134,7 +149,7 @@ class ClassMahalanobis:
         def scores(group: np.ndarray) -> np.ndarray:
             inside = np.zeros(len(y), dtype=bool)
             inside[group] = True
-            means, factor = (pool.scatter - pool.scatter_of(inside[pool.rows])).factor(shrinkage)
+            means, factor = pool.scatter.without(pool.scatter_of(inside[pool.rows])).factor(shrinkage, consume=True)
             return _distances(factor, pool.centred(x[group]), means.astype(np.float32))
 
         return scores
@@ -185,9 +200,13 @@ def _distances(factor: np.ndarray, centred: np.ndarray, means: np.ndarray) -> np
     from scipy.linalg import solve_triangular
 
     solved = solve_triangular(factor, np.concatenate([centred, means]).T, lower=True, check_finite=False)
-    z, centres = solved[:, : len(centred)].astype(np.float64), solved[:, len(centred):].astype(np.float64)
-    squared = np.einsum("dn,dn->n", z, z)[:, None] - 2 * (z.T @ centres) + np.einsum("dc,dc->c", centres, centres)
-    best: np.ndarray = np.maximum(squared.min(axis=1), 0.0).astype(np.float32)
+    centres = solved[:, len(centred):].astype(np.float64)
+    lengths = np.einsum("dc,dc->c", centres, centres)
+    best = np.empty(len(centred), dtype=np.float32)
+    for start in range(0, len(centred), _BLOCK):  # float64 a block of rows at a time, not the whole group
+        z = solved[:, start:min(start + _BLOCK, len(centred))].astype(np.float64)
+        squared = np.einsum("dn,dn->n", z, z)[:, None] - 2 * (z.T @ centres) + lengths
+        best[start:start + len(squared)] = np.maximum(squared.min(axis=1), 0.0)
     return best
 
 
