@@ -252,20 +252,24 @@ class HeldEngine(TinyBackbonePlugin):
     def retraind_decode_image(self, data: bytes, size: tuple[int, int], max_pixels: int) -> None:
         self.decoded.add(hashlib.sha256(data).hexdigest())
 
+    def before_pass(self) -> None:
+        """Run on the engine's thread before each forward pass."""
+        if self.hold.is_set():
+            self.held.set()
+            self.release.wait(60)
+
     @hookimpl
     def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
         inner = super().retraind_make_backbone(config, cache_dir)
         if inner is None:
             return None
-        plugin = self
+        before_pass = self.before_pass
 
         class Held:
             id, input_size, dim = inner.id, inner.input_size, inner.dim
 
             def embed(self, images: np.ndarray) -> np.ndarray:
-                if plugin.hold.is_set():
-                    plugin.held.set()
-                    plugin.release.wait(60)
+                before_pass()
                 return inner.embed(images)
 
         return Held()
@@ -306,26 +310,13 @@ class GatedEngine(HeldEngine):
     def admit(self, passes: int = 1) -> None:
         self._permits.release(passes)
 
-    @hookimpl
-    def retraind_make_backbone(self, config: BackboneConfig, cache_dir: Path) -> Backbone | None:
-        inner = TinyBackbonePlugin.retraind_make_backbone(self, config, cache_dir)
-        if inner is None:
-            return None
-        plugin = self
-
-        class Gated:
-            id, input_size, dim = inner.id, inner.input_size, inner.dim
-
-            def embed(self, images: np.ndarray) -> np.ndarray:
-                if plugin.gated:
-                    with plugin._lock:
-                        plugin.waiting += 1
-                    plugin._permits.acquire(timeout=60)
-                    with plugin._lock:
-                        plugin.waiting -= 1
-                return inner.embed(images)
-
-        return Gated()
+    def before_pass(self) -> None:
+        if self.gated:
+            with self._lock:
+                self.waiting += 1
+            self._permits.acquire(timeout=60)
+            with self._lock:
+                self.waiting -= 1
 
 
 def test_inbox_files_that_arrive_during_a_burst_join_it(tmp_path: Path) -> None:
