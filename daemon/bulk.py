@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from daemon.atomic import TMP_PREFIX
-from daemon.backbone import preprocessing_of
+from daemon.backbone import preprocessing_of, served_as
 from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
 from daemon.config import ClassifyConfig, Config
@@ -76,6 +76,11 @@ class BulkWorker:
         self._config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, threads=threads))
         self._hooks = Hooks.of(config, plugins)
         self.backbone = build_backbone(self._hooks, self._config)
+        if version is not None:  # classify: the model's own preprocessing, as the daemon serves it
+            served = served_as(self.backbone, version.backbone, self._hooks.preprocessing_versions())
+            if served is None:
+                raise ValueError(f"model {version.number} ({version.backbone}) cannot run on {self.backbone.id}")
+            self.backbone = served
         self._reader = SourceReader(config.watch.max_file_bytes)
         self._version = version
 
