@@ -238,9 +238,11 @@ class TrustFit:
     Entering it draws the held-out pool (train and validation images, at most MAX_HELD_OUT) and its folds,
     and starts the novelty fits, which need no head, on the workers while the trainer fits the head: the
     served score, then the held-out scores of each fold and of each of up to MAX_LOCO_CLASSES classes left
-    out, one job per group (the built-in score: one scatter matrix, less each group's share), so every core
-    has work while the head is fitted. `finish(head, ...)` trains the `FOLDS` fold
-    heads on the workers (through `retraind_train_head`, at the served head's L2 strength), then fits the
+    out, one job per group (the built-in score: one scatter matrix, less each group's share), on one worker
+    fewer than there are until the head is fitted, so the head's thread keeps a core (on 2 cores, three busy
+    threads made its fit, which the fold heads wait for, 3x longer in wall time) and every other core has work.
+    `finish(head, ...)` queues the `FOLDS` fold heads on the workers (through `retraind_train_head`, at the
+    served head's L2 strength) ahead of the groups left, lets the groups take every worker, then fits the
     calibrator and derives the thresholds. Leaving the context waits for what is still running (the head
     was rejected, or a part failed).
 
