@@ -2,8 +2,10 @@
 
 - **Host** (DNS rebinding): the `Host` header must name the address the connection came in on, `localhost`,
   or an `http.allowed_hosts` entry (`*.example.org` matches its sub-domains); anything else is 421.
-- **Bearer token**: with `http.token_file`, every path but `http.paths_without_token` needs
-  `Authorization: Bearer <token>`, compared in constant time; 401 otherwise.
+- **Bearer token**: with `http.token_file`, every path but `http.paths_without_token` and the review page's
+  own static files (`/ui/`: no data, and a browser cannot send a header when it opens a page; the page then
+  asks for the token and sends it with every API call) needs `Authorization: Bearer <token>`, compared in
+  constant time; 401 otherwise.
 - **Cross-site callers**: a POST/PUT/PATCH/DELETE whose `Origin` is not this server, or whose
   `Sec-Fetch-Site` is `cross-site`/`same-site`, is 403: a web page the user visits cannot drive the API.
   (State-changing routes also require a JSON content type: see `StateChangingRoute`.)
@@ -26,6 +28,7 @@ from daemon.config import ConfigError, HttpConfig
 from daemon.http.errors import ApiError, error_response
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_PAGE, _PAGE_FILES = "/ui", "/ui/"  # the review page's static files (daemon/http/review.py mounts them)
 _CASE_FREE_PREFIXES = ("/v1/models/", "/v2")
 _LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -86,7 +89,7 @@ class Guard:
         if not self._host_allowed(host, scope):
             return (HTTPStatus.MISDIRECTED_REQUEST,
                     f"Host {host!r} is not this server's address; add it to http.allowed_hosts to serve it")
-        if self.token is not None and scope["path"] not in self.http.paths_without_token:
+        if self.token is not None and not self._without_token(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, credentials = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self.token):
@@ -94,6 +97,9 @@ class Guard:
         if scope["method"] not in _SAFE_METHODS and self._cross_site(headers, host):
             return HTTPStatus.FORBIDDEN, "cross-site requests are refused; call the API from the same origin"
         return None
+
+    def _without_token(self, path: str) -> bool:
+        return path in self.http.paths_without_token or path == _PAGE or path.startswith(_PAGE_FILES)
 
     def _host_allowed(self, host: str, scope: Scope) -> bool:
         server = scope.get("server")

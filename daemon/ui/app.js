@@ -22,10 +22,12 @@ function el(tag, attrs = {}, ...children) {
 
 async function api(method, path, body) {
   const headers = {};
-  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const sent = state.token;
+  if (sent) headers.Authorization = `Bearer ${sent}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   if (response.status === 401) {
+    if (state.token && state.token !== sent) return api(method, path, body); // asked for meanwhile: no second prompt
     const token = prompt("This daemon needs its token (the contents of http.token_file):");
     if (token) { state.token = token.trim(); sessionStorage.setItem("retraind-token", state.token); return api(method, path, body); }
   }
