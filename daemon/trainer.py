@@ -120,7 +120,9 @@ class Trainer(threading.Thread):
     def prepare(self) -> None:
         """Load what a fit needs (`retraind_on_training_pending`: SciPy for the built-in plugins), once per
         trainer; the trainer thread does it while the first quiet period runs, so the first run does not pay
-        for it. Later calls return at once."""
+        for it, and not while training images wait to be cached: the import's ~0.5 s of CPU, most of it with
+        the GIL held, slowed the forward passes of a fill's first second to a third of their speed (the
+        engine's thread takes the GIL back after every image). Later calls return at once."""
         if not self._prepared:
             self._prepared = True
             self._hooks.on_training_pending()
@@ -150,7 +152,8 @@ class Trainer(threading.Thread):
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
                                      self._config.training.quiet_period_seconds,
                                      self._forced and not self._recaching(), self._backlog)
-            self.prepare()
+            if not state.waiting:
+                self.prepare()  # not beside the caching: SciPy's import holds the GIL for ~0.5 s
             try:
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
