@@ -4,12 +4,14 @@ For each N, one subprocess fills a scratch store with N synthetic bottlenecks (a
 cluster per label, non-negative like pooled ReLU features) and their catalog rows, and times
 `Store.training_matrix` alone; a second, fresh subprocess builds a real App on that store (a stand-in
 backbone that is never run), lets its trainer prepare as a daemon's trainer thread does in the quiet period
-before its first run (`Trainer.prepare`: the plugins import SciPy; timed apart as `prepare`, its memory
-counted in the peak), and times one `Trainer.train_once()`: load, split, fit, evaluate, gate, publish.
+before a run (`Trainer.prepare`: the plugins import SciPy, and the training set is loaded and split; timed
+apart as `prepare`, its memory counted in the peak), and times one `Trainer.train_once()`: fit, evaluate,
+gate, publish (and the load again, had anything been committed since the preparation: nothing is here).
 `train_publish` runs until the new version serves; `train_publish_pictures` also includes the plots drawn
-after it; `train_publish_again` is a second run in the same process (up to 100k rows), as a running daemon's
-later retrains go (SciPy, loaded at the first fit, already imported); `cpu` is the process's CPU seconds until
-the new version serves (the work done, whatever the load). Of `train_publish`, `fit` is the served head's fit
+after it; `train_publish_again` is a second run in the same process (up to 100k rows), prepared again first,
+as a running daemon's later retrains go (SciPy, loaded at the first fit, already imported); `cpu` is the
+process's CPU seconds until the new version serves (the work done, whatever the load; the load itself is in
+`prepare` and `load_matrix`). Of `train_publish`, `fit` is the served head's fit
 (metrics.json `hyperparameters.fit_seconds`) and `trust_fit` what the calibration, review and novelty
 thresholds add after it (`trust.fit_seconds`: the out-of-fold heads, the calibrator, and waiting for the
 novelty fits, which run beside the head's fit; daemon/trust.py); `trust_started` is the trust fit's wall time
@@ -128,6 +130,7 @@ def train(root: Path, dim: int, cache: Path, again: bool) -> dict[str, Any]:
     first, first_cpu = plugin.published - started, plugin.cpu - cpu
     again_seconds = None
     if version is not None and again:  # a daemon's later retrain: SciPy and the rest already loaded
+        app.trainer.prepare()  # in the quiet period before it
         started = time.perf_counter()
         again_seconds = plugin.published - started if app.trainer.train_once() is not None else None
     app.stop()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon.backbone import Backbone, ServedAs, network_of, preprocessing_of
+from daemon.backbone import Backbone, preprocessing_of, served_as
 from daemon.engines import default_threads, gains_from_batches
 from daemon.images import Decoder, ImageFile, ImageRejected, decode_or_reject
 from daemon.metrics import Metrics
@@ -91,20 +91,19 @@ class Extractor:
     def runs(self, backbone_id: str) -> bool:
         """Whether this extractor can make bottlenecks for a model trained on `backbone_id`: its backbone's own
         id, or the same network with a preprocessing version the decoder makes (`running_as`)."""
-        return backbone_id == self.backbone.id or (
-            network_of(backbone_id) == network_of(self.backbone.id)
-            and preprocessing_of(backbone_id) in self._preprocessings)
+        return served_as(self.backbone, backbone_id, self._preprocessings) is not None
 
     def running_as(self, backbone_id: str) -> Extractor:
         """This extractor for a model trained on `backbone_id` (`runs` must say yes): the same engine, engine
         turns and decoding pools, with images decoded by that id's preprocessing and bottlenecks looked up and
         stored under that id. `self` for the backbone's own id."""
-        if backbone_id == self.backbone.id:
-            return self
-        if not self.runs(backbone_id):
+        served = served_as(self.backbone, backbone_id, self._preprocessings)
+        if served is None:
             raise ValueError(f"{backbone_id} cannot be run here: the configured backbone is {self.backbone.id}")
+        if served is self.backbone:
+            return self
         view = copy.copy(self)  # shares the pools, the turns and the store; `close` is the original's
-        view.backbone = ServedAs(self.backbone, backbone_id)
+        view.backbone = served
         return view
 
     def decode(self, data: bytes) -> np.ndarray:

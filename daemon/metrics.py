@@ -17,13 +17,14 @@ STAGES = ("decode", "route")
 #: Where a failure can be logged and survived (the daemon goes on; the work is retried or mended later):
 #: a pipeline step (a rescan mends it), a batch of files (tried one by one), one file (retried with a growing
 #: delay), the destination folder or the move of a classified inbox file, making a batch's moves and records
-#: durable, the move of an unusable one to rejected/, finishing an open journal entry, a retrain-policy plugin (the quiet period decides instead),
-#: the published model at start-up (a new one is trained), an HTTP request (answered with a JSON 500), an
-#: inference batch of the HTTP batcher (its requests get the error), the TFLite engine at start-up
+#: durable, the move of an unusable one to rejected/, finishing an open journal entry, a retrain-policy plugin
+#: (the quiet period decides instead), loading the training set ahead of a run in the quiet period (the run
+#: loads it), the published model at start-up (a new one is trained), an HTTP request (answered with a JSON
+#: 500), an inference batch of the HTTP batcher (its requests get the error), the TFLite engine at start-up
 #: (`backbone.engine: auto` runs the Keras engine instead).
 InternalErrorPlace = Literal["pipeline_step", "pipeline_batch", "pipeline_file", "inbox_folder", "inbox_move",
-                             "inbox_durable", "inbox_reject", "journal_recovery", "retrain_policy", "model_load", "http_request",
-                             "inference_batch", "engine_fallback"]
+                             "inbox_durable", "inbox_reject", "journal_recovery", "retrain_policy",
+                             "training_preload", "model_load", "http_request", "inference_batch", "engine_fallback"]
 INTERNAL_ERROR_PLACES: tuple[str, ...] = typing.get_args(InternalErrorPlace)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

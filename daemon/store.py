@@ -120,6 +120,7 @@ class Store:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._writes = 0  # write transactions committed through this object (`generation`)
         try:
             self._db().executescript(_SCHEMA)
             self._add_columns()
@@ -166,6 +167,18 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        with self._lock:  # after the commit: a generation taken before it differs from every later one
+            self._writes += 1
+
+    def generation(self) -> tuple[int, int, int]:
+        """A token of what this thread may read: equal tokens taken on one thread mean nothing was committed
+        to the database in between (by this object, SQLite's `data_version` of this thread's connection for
+        every other connection and process, and the thread itself). Take it before a read, so that a commit
+        racing the read makes the next token differ."""
+        with self._lock:
+            writes = self._writes
+        version = int(self._db().execute("PRAGMA data_version").fetchone()[0])
+        return writes, version, threading.get_ident()
 
     def close(self) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ from daemon.registry import ModelRegistry, ModelVersion
 from daemon.retrain_policy import RetrainState
 from daemon.serving import ServingModel
 from daemon.split import SPLIT_RULE, SPLITS, VALIDATION
-from daemon.store import Store
+from daemon.store import CatalogEntry, Store
 from daemon.trust import TrustFit
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ _NOT_HEAD_SETTINGS = frozenset({"quiet_period_seconds", "keep_versions", "gate_t
 _RETRY_FIRST_SECONDS, _RETRY_MAX_SECONDS = 10.0, 600.0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Preloaded:
+    """The training set as loaded at a store generation (`Store.generation`, on the trainer's thread)."""
+
+    generation: tuple[int, int, int]
+    entries: list[CatalogEntry]
+    dataset: Dataset
+
+
 class Trainer(threading.Thread):
     def __init__(
         self, config: Config, store: Store, backbone: Backbone, variants: VariantCache, registry: ModelRegistry,
@@ -65,6 +74,8 @@ class Trainer(threading.Thread):
         self._failures = 0
         self._retry_at: float | None = None
         self._prepared = False
+        self._preloaded: _Preloaded | None = None
+        self._preloaded_for = 0.0  # the last change the quiet period's preload was made after
         self.runs = 0  # finished runs, whatever their result
 
     def notify_change(self) -> None:
@@ -118,14 +129,46 @@ class Trainer(threading.Thread):
         return {key: value for key, value in settings.items() if key not in _NOT_HEAD_SETTINGS}
 
     def prepare(self) -> None:
-        """Load what a fit needs (`retraind_on_training_pending`: SciPy for the built-in plugins), once per
-        trainer; the trainer thread does it while the first quiet period runs, so the first run does not pay
-        for it, and not while training images wait to be cached: the import's ~0.5 s of CPU, most of it with
-        the GIL held, slowed the forward passes of a fill's first second to a third of their speed (the
-        engine's thread takes the GIL back after every image). Later calls return at once."""
+        """Get ready for the next run, on the thread that will train: load what a fit needs
+        (`retraind_on_training_pending`: SciPy for the built-in plugins, once per trainer), then load and split
+        the training set unless the store is unchanged since the last load (`Store.generation`). The trainer
+        thread does it while a quiet period runs, so the run does not pay for it; the run loads again if
+        anything was committed since."""
+        self._load_plugins()
+        self._preload()
+
+    def _load_plugins(self) -> None:
+        """`retraind_on_training_pending`, once. The trainer thread calls it while a quiet period runs, and not
+        while training images wait to be cached: SciPy's import (~0.5 s of CPU, most of it holding the GIL)
+        slowed the forward passes of a fill's first seconds, whose thread takes the GIL back after every image."""
         if not self._prepared:
             self._prepared = True
             self._hooks.on_training_pending()
+
+    def _preload(self) -> _Preloaded:
+        generation = self._store.generation()  # before the read: a commit racing it makes the next one differ
+        if self._preloaded is None or self._preloaded.generation != generation:
+            self._preloaded = None  # released before the next load: never two training matrices at once
+            entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
+            dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
+            self._preloaded = _Preloaded(generation, entries, dataset)
+        return self._preloaded
+
+    def _preload_when_half_quiet(self, state: RetrainState) -> None:
+        """`prepare()` once per quiet period, when half of it has passed with nothing waiting to be cached
+        (a load per change while images stream in would be wasted); a preload older than the last change is
+        dropped (its memory is not held while the training set changes)."""
+        if self._preloaded is not None and self._preloaded_for != state.last_change:
+            self._preloaded = None
+        if (self._preloaded_for == state.last_change or state.waiting
+                or state.now - state.last_change < state.quiet_period_seconds / 2):
+            return
+        self._preloaded_for = state.last_change
+        try:
+            self.prepare()
+        except Exception:  # the run loads again, and reports what fails
+            log.exception("could not load the training set ahead of the run")
+            self._metrics.internal_error("training_preload")
 
     def stop(self) -> None:
         with self._cond:
@@ -153,7 +196,7 @@ class Trainer(threading.Thread):
                                      self._config.training.quiet_period_seconds,
                                      self._forced and not self._recaching(), self._backlog)
             if not state.waiting:
-                self.prepare()  # not beside the caching: SciPy's import holds the GIL for ~0.5 s
+                self._load_plugins()
             try:
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread
@@ -164,6 +207,8 @@ class Trainer(threading.Thread):
                 with self._cond:
                     self._changes, self._forced = 0, False
                 self.train_once()
+            else:
+                self._preload_when_half_quiet(state)
 
     def _recaching(self) -> bool:
         """The serving model was trained on another backbone id and training images still wait to be cached
@@ -187,7 +232,7 @@ class Trainer(threading.Thread):
         """One training run; a failure is logged and counted, and the current model keeps serving. A new
         version is announced (`retraind_on_model_published`) once the run is over and counted: what plugins
         do then (the pictures) neither delays the model nor counts as training."""
-        self.prepare()
+        self._load_plugins()
         version = self._run_once()
         if version is not None:
             self._hooks.on_model_published(version)
@@ -240,9 +285,10 @@ class Trainer(threading.Thread):
         return self._publish(head, dataset, metrics, trust_fit)
 
     def _dataset(self) -> Dataset | None:
-        """The training set with its augmented rows; None when there is nothing to train on, or on a stop."""
-        entries, matrix = self._store.training_matrix(self._backbone.id, self._backbone.dim)
-        dataset = build_dataset(entries, matrix, self._config.split)  # its parts are views of `matrix`
+        """The training set with its augmented rows (the one `prepare` loaded, unless the store changed since);
+        None when there is nothing to train on, or on a stop."""
+        preloaded, self._preloaded = self._preload(), None  # the run's own: not held after it
+        entries, dataset = preloaded.entries, preloaded.dataset
         self._update_image_gauges(dataset)
         _log_conflicts(dataset)
         if len(dataset.labels) < 2:

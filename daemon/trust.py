@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,8 @@ FOLDS = 5
 MAX_HELD_OUT = 10_000
 OUT_OF_FOLD_FILE = "out_of_fold.jsonl"
 LOW_CONFIDENCE, UNFAMILIAR = "low_confidence", "unfamiliar"
+#: held-out groups (row indices into the pool) waiting to be scored, each with the future of its scores
+_Jobs = collections.deque[tuple[np.ndarray, Future[np.ndarray]]]
 
 
 @dataclass(frozen=True)
@@ -235,9 +238,11 @@ class TrustFit:
     Entering it draws the held-out pool (train and validation images, at most MAX_HELD_OUT) and its folds,
     and starts the novelty fits, which need no head, on the workers while the trainer fits the head: the
     served score, then the held-out scores of each fold and of each of up to MAX_LOCO_CLASSES classes left
-    out, one job per group (the built-in score: one scatter matrix, less each group's share), so every core
-    has work while the head is fitted. `finish(head, ...)` trains the `FOLDS` fold
-    heads on the workers (through `retraind_train_head`, at the served head's L2 strength), then fits the
+    out, one job per group (the built-in score: one scatter matrix, less each group's share), on one worker
+    fewer than there are until the head is fitted, so the head's thread keeps a core (on 2 cores, three busy
+    threads made its fit, which the fold heads wait for, 3x longer in wall time) and every other core has work.
+    `finish(head, ...)` queues the `FOLDS` fold heads on the workers (through `retraind_train_head`, at the
+    served head's L2 strength) ahead of the groups left, lets the groups take every worker, then fits the
     calibrator and derives the thresholds. Leaving the context waits for what is still running (the head
     was rejected, or a part failed).
 
@@ -254,6 +259,9 @@ class TrustFit:
         self._threads = threads or workers()
         self._stack = contextlib.ExitStack()
         self._novelty: Future[tuple[NoveltyScore, list[Future[np.ndarray]]]] | None = None
+        self._lanes_lock = threading.Lock()
+        self._lanes: tuple[Callable[[np.ndarray], np.ndarray], _Jobs] | None = None
+        self._lanes_running, self._head_fitted = 0, False
         self.started = 0.0
 
     def __enter__(self) -> Self:
@@ -272,19 +280,37 @@ class TrustFit:
         self._stack.close()
 
     def _fit_novelty(self) -> tuple[NoveltyScore, list[Future[np.ndarray]]]:
-        """The served score; then the held-out groups' scores, one job per group, `threads` at a time."""
+        """The served score; then the held-out groups' scores, one job per group, on `threads` − 1 lanes
+        while the served head is fitted (its thread keeps a core: three busy threads on two cores starved the
+        head, which the fold heads wait for), on `threads` lanes once it is."""
         novelty = self.hooks.fit_novelty(self.pool.x, self.pool.y)
         scorer = self.hooks.held_out_scorer(novelty, self.pool.x, self.pool.y)
         known, unknown = _held_out_groups(self.pool, self.folds)
-        jobs: collections.deque[tuple[np.ndarray, Future[np.ndarray]]] = collections.deque(
-            (group, Future()) for group in known + unknown)
+        jobs: _Jobs = collections.deque((group, Future()) for group in known + unknown)
         scores = [future for _, future in jobs]
-        for _ in range(self._threads):
-            self._executor.submit(self._score_next, scorer, jobs)
+        with self._lanes_lock:
+            self._lanes = scorer, jobs
+        self._open_lanes()
         return novelty, scores
 
-    def _score_next(self, scorer: Callable[[np.ndarray], np.ndarray],
-                    jobs: collections.deque[tuple[np.ndarray, Future[np.ndarray]]]) -> None:
+    def _open_lanes(self) -> None:
+        """Start held-out scoring lanes up to the number allowed now (see `_fit_novelty`)."""
+        with self._lanes_lock:
+            if self._lanes is None:
+                return
+            allowed = self._threads if self._head_fitted else max(1, self._threads - 1)
+            opened, self._lanes_running = allowed - self._lanes_running, max(allowed, self._lanes_running)
+        for _ in range(opened):
+            self._executor.submit(self._score_next, *self._lanes)
+
+    def head_fitted(self) -> None:
+        """The served head is fitted (or the run ends without it): the novelty scoring may take every
+        worker. Called by `out_of_fold` after it queues the fold heads, which therefore run first."""
+        with self._lanes_lock:
+            self._head_fitted = True
+        self._open_lanes()
+
+    def _score_next(self, scorer: Callable[[np.ndarray], np.ndarray], jobs: _Jobs) -> None:
         """Score the next held-out group, then queue this lane again behind what was submitted meanwhile: the
         fold heads, queued once the served head is fitted, run first (the calibrator waits for all of them),
         and the groups left fill the cores while the last fold heads and the calibrator run."""
@@ -318,6 +344,7 @@ class TrustFit:
         fits = {int(k): self._executor.submit(_fold_logits, self.dataset, pool, folds, int(k), self.hooks,
                                               training) for k in np.unique(folds)}
         logits = np.zeros((len(pool.y), len(self.dataset.labels)), dtype=np.float32)
+        self.head_fitted()
         for k, fit in fits.items():
             logits[folds == k] = fit.result()
         return logits

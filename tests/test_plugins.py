@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pluggy
 import pytest
 
@@ -242,3 +243,53 @@ def test_the_trainer_prepares_once_in_the_quiet_period_before_its_first_run(tmp_
     assert [kind for kind, _ in preparer.calls][:3] == ["pending", "policy", "head"]
     assert [kind for kind, _ in preparer.calls].count("pending") == 1
     assert {thread for _, thread in preparer.calls} == {"retraind-trainer"}
+
+
+class HeadSets:
+    """Records the labels and training rows of each served head's fit (not the trust fit's fold heads)."""
+
+    def __init__(self) -> None:
+        self.fits: list[tuple[tuple[str, ...], int]] = []
+
+    @hookimpl(tryfirst=True)
+    def retraind_train_head(self, dataset: Any, config: Any) -> None:
+        if not threading.current_thread().name.startswith("retraind-trust"):
+            self.fits.append((dataset.labels, len(dataset.training_rows.y)))
+
+
+def test_a_run_trains_on_what_was_committed_after_the_trainer_prepared(tmp_path: Path, tiny: Any) -> None:
+    """`Trainer.prepare` loads the training set ahead of the run (in the quiet period); a run uses it only if
+    nothing was committed since: images cached after it, through the daemon's store or another connection
+    (another process's `retraind import`), are trained on."""
+    from daemon.app import App
+    from daemon.store import CatalogEntry, Store
+    from tests.conftest import make_config
+
+    rng = np.random.default_rng(3)
+    recorder = HeadSets()
+    app = App(make_config(tmp_path), extra_plugins=(tiny, recorder))
+    try:
+        backbone, dim = app.backbone.id, app.backbone.dim
+
+        def add(store: Store, label: str, column: int) -> None:
+            shas = [f"{label}{i:061d}" for i in range(20)]
+            store.upsert_files([CatalogEntry(f"{label}/{i}.jpg", label, sha, 1, 1, True) for i, sha in enumerate(shas)])
+            vectors = rng.gamma(1.0, 0.2, (20, dim)).astype(np.float32)
+            vectors[:, column] += 3.0
+            store.put_bottlenecks(backbone, [(sha, "", vector) for sha, vector in zip(shas, vectors)])
+
+        add(app.store, "a", 0)
+        add(app.store, "b", 1)
+        app.trainer.prepare()
+        add(app.store, "c", 2)  # the daemon's own store, after the load
+        app.trainer.train_once()
+        app.trainer.prepare()
+        other = Store(app.store.path)
+        try:
+            add(other, "d", 3)  # another connection
+        finally:
+            other.close()
+        app.trainer.train_once()
+    finally:
+        app.stop()
+    assert [labels for labels, _ in recorder.fits] == [("a", "b", "c"), ("a", "b", "c", "d")]

@@ -104,3 +104,22 @@ def test_a_store_that_is_not_a_database_is_one_config_line(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="^folders.state: .* cannot be opened as a SQLite database"):
         App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin(),))
     assert store.read_bytes() == bytes(range(256)) * 20  # left as it was, for the user to look at
+
+
+def test_the_generation_changes_with_every_commit_by_this_store_or_another_connection(tmp_path: Path) -> None:
+    """`generation` tells the trainer whether the training set it loaded ahead of a run is still current:
+    a write through this store (on any thread, this one included) or through another connection (another
+    process's `retraind import`) changes it; reads do not."""
+    store, other = Store(tmp_path / "s.sqlite"), Store(tmp_path / "s.sqlite")
+    try:
+        before = store.generation()
+        store.training_matrix(BACKBONE, 4)
+        assert store.generation() == before
+        store.upsert_files([CatalogEntry("a/1.jpg", "a", "sha1", 1, 1, True)])
+        after_own = store.generation()
+        assert after_own != before
+        other.put_bottlenecks(BACKBONE, [("sha1", "", np.ones(4, dtype=np.float32))])
+        assert store.generation() != after_own
+    finally:
+        store.close()
+        other.close()

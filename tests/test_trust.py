@@ -4,6 +4,7 @@ that let a plugin replace the calibrator and the novelty score."""
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +285,48 @@ def test_a_plugin_scores_each_held_out_group_once_and_the_scores_land_on_their_r
         first_of = {fold: min(i for i, row in enumerate(fitted.out_of_fold) if row["fold"] == fold) for fold in folds}
         assert all(row["novelty"] == first_of[row["fold"]] for row in fitted.out_of_fold)
         assert sorted(scorer.groups[len(folds):]) == [list(range(60)), list(range(60, 120))]
+
+
+class _HoldingScorer:
+    """Holds the first held-out group until released, and signals when a second group starts meanwhile."""
+
+    def __init__(self) -> None:
+        self.first_started, self.second_started, self.release = (threading.Event() for _ in range(3))
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    @hookimpl
+    def retraind_held_out_scorer(self, novelty: object, x: np.ndarray, labels: np.ndarray) -> Any:
+        def scores(group: np.ndarray) -> np.ndarray:
+            with self.lock:
+                self.calls += 1
+                call = self.calls
+            if call == 1:
+                self.first_started.set()
+                self.release.wait(timeout=30)
+            elif call == 2:
+                self.second_started.set()
+            return np.zeros(len(group), dtype=np.float32)
+
+        return scores
+
+
+def test_the_novelty_scoring_leaves_the_head_a_core_until_the_head_is_fitted() -> None:
+    """While the trainer fits the served head, the held-out groups are scored on one worker fewer than the
+    trust fit has (three busy threads on two cores starved the head the fold heads wait for); once the head is
+    fitted, every worker scores."""
+    dataset = _dataset()
+    scorer = _HoldingScorer()
+    hooks = Hooks(make_plugin_manager(extra=(scorer,)))
+    head = hooks.train_head(dataset, TrainingConfig())
+    assert head is not None
+    with TrustFit(dataset, hooks, threads=2) as trust_fit:
+        try:
+            assert scorer.first_started.wait(timeout=30)
+            assert not scorer.second_started.wait(timeout=0.3)  # the other worker stays free for the head
+            trust_fit.head_fitted()
+            assert scorer.second_started.wait(timeout=30)  # beside the first group, still held
+        finally:
+            scorer.release.set()
+        fitted = trust_fit.finish(head, TrainingConfig(), ClassifyConfig(), {})
+    assert scorer.calls == 5 + 2 and len(fitted.out_of_fold) == 120
