@@ -260,8 +260,12 @@ class Store:
     # -- training-file catalog ---------------------------------------------------------------------------
 
     def upsert_file(self, entry: CatalogEntry) -> None:
-        """Add or replace one catalog entry (a chunk's entries: `put_bottlenecks`, with their vectors)."""
-        self.put_bottlenecks("", (), [entry])
+        self.upsert_files([entry])
+
+    def upsert_files(self, entries: Iterable[CatalogEntry]) -> None:
+        """Add or replace catalog entries in one transaction (a caching chunk's: `put_bottlenecks`, with their
+        vectors)."""
+        self.put_bottlenecks("", (), entries)
 
     def remove_files(self, path: str) -> int:
         """Forget `path` and everything below it (a deleted folder); returns how many entries went."""
