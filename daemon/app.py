@@ -126,7 +126,7 @@ class App:
         self.hooks.pm.register(self, name="retraind-app")  # it hears of published models through the hook
         make_folders(config)
         check_state_dir(config)
-        self.lock = InstanceLock(config.folder("state"), config.data_root)
+        self.lock = InstanceLock(config.folder("state"), config.data_root, (config.data_root, config.folder("inbox")))
         self.lock.acquire()  # before anything reads or writes the data: one daemon per data root
         try:
             self._build(config, progress or NoProgress())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Protocol
 
 import numpy as np
@@ -67,8 +68,20 @@ class ServedAs:
             raise ValueError(f"{backbone_id} is another network than {backbone.id}")
         self.id, self.input_size, self.dim = backbone_id, backbone.input_size, backbone.dim
         self.one_image_per_pass = getattr(backbone, "one_image_per_pass", False)
-        self._backbone = backbone
+        self.backbone = backbone  # the network itself, under its own id (what an export writes)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """The backbone's bottlenecks (N, dim) for uint8 images (N, height, width, 3)."""
-        return self._backbone.embed(images)
+        return self.backbone.embed(images)
+
+
+def served_as(backbone: Backbone, backbone_id: str, preprocessings: Collection[str]) -> Backbone | None:
+    """The configured `backbone` for a model trained on `backbone_id`: itself for its own id; a `ServedAs` for
+    the same network under another preprocessing version the decoder makes (`preprocessings`, from
+    `Hooks.preprocessing_versions`: the published model of a store being migrated); None for another network
+    or a version no decoder makes (that model cannot be run without building its own network)."""
+    if backbone_id == backbone.id:
+        return backbone
+    if network_of(backbone_id) == network_of(backbone.id) and preprocessing_of(backbone_id) in preprocessings:
+        return ServedAs(backbone, backbone_id)
+    return None

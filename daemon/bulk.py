@@ -29,16 +29,16 @@ from typing import Any
 import numpy as np
 
 from daemon.atomic import TMP_PREFIX
-from daemon.backbone import preprocessing_of
+from daemon.backbone import preprocessing_of, served_as
 from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.bulk_sources import SourceError, SourceFile, SourceReader, list_sources, open_source
-from daemon.config import Config
+from daemon.config import ClassifyConfig, Config
 from daemon.engines import build_backbone
 from daemon.images import ImageRejected, decode_or_reject
 from daemon.plugin_manager import Hooks
 from daemon.registry import ModelVersion
 from daemon.results import ClassificationResult
-from daemon.serving import ServingModel
+from daemon.trust import judge
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class BulkWorker:
         self._config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, threads=threads))
         self._hooks = Hooks.of(config, plugins)
         self.backbone = build_backbone(self._hooks, self._config)
+        if version is not None:  # classify: the model's own preprocessing, as the daemon serves it
+            served = served_as(self.backbone, version.backbone, self._hooks.preprocessing_versions())
+            if served is None:
+                raise ValueError(f"model {version.number} ({version.backbone}) cannot run on {self.backbone.id}")
+            self.backbone = served
         self._reader = SourceReader(config.watch.max_file_bytes)
         self._version = version
 
@@ -113,7 +118,7 @@ class BulkWorker:
         rows = batch.to_pydict()
         done = self.embed(rows)
         if self._version is not None:
-            return _records_table(self._version, rows, done, self._config.classify.top_k)
+            return _records_table(self._version, rows, done, self._config.classify)
         import pyarrow as pa
 
         dim = self.backbone.dim
@@ -128,19 +133,22 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _records_table(version: ModelVersion, rows: dict[str, list[Any]], done: Embedded, k: int) -> Any:
+def _records_table(version: ModelVersion, rows: dict[str, list[Any]], done: Embedded, classify: ClassifyConfig) -> Any:
     """The daemon's `results.jsonl` record per classified file (no destination: files stay where they are,
-    `path` says where), and the daemon's rejection record (`file`, `reason`, `error`, `time`) per bad one."""
+    `path` says where), judged as the daemon judges an inbox file (`trust.judge`: the calibrated top-k, the
+    novelty score, and `review_reason` where the daemon would send it to review), and the daemon's rejection
+    record (`file`, `reason`, `error`, `time`) per bad one."""
     import pyarrow as pa
 
     ok = [i for i, error in enumerate(done.error) if error is None]
-    tops = dict(zip(ok, ServingModel.top_k(version, done.vectors[ok], k))) if ok else {}
+    judged = dict(zip(ok, judge(version, done.vectors[ok], classify))) if ok else {}
     records, reasons = [], []
     for i, (shown, sha, error) in enumerate(zip(rows["shown"], done.sha256, done.error)):
         if error is None:
             result = ClassificationResult(
-                id=uuid.uuid4().hex, source=Path(shown), sha256=str(sha), top_k=tops[i],
-                model_version=version.number, backbone=version.backbone, time=_now(), extra={"path": shown})
+                id=uuid.uuid4().hex, source=Path(shown), sha256=str(sha), top_k=judged[i].top_k,
+                model_version=version.number, backbone=version.backbone, time=_now(),
+                review_reason=judged[i].review_reason, novelty=judged[i].novelty, extra={"path": shown})
             record = result.record()
         else:
             reason, _, message = error.partition(": ")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from daemon import __version__
 from daemon.backbone import BackboneUnavailable
 from daemon.bulk_cli import EX_DATAERR, add_commands
 from daemon.bulk_sources import SourceError
@@ -150,6 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retraind", description=__doc__)
     parser.add_argument("--config", help="config file (default: $RETRAIND_CONFIG or ./config.yaml)")
+    parser.add_argument("--version", action="version", version=f"retraind {__version__}")
     # `--config` also after the command (`retraind run --config ...`); SUPPRESS keeps a value given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

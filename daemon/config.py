@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,15 @@ from daemon.ignore import DEFAULT_IGNORE, check_pattern
 
 EX_CONFIG = 78
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where a float needs a
+    dot, so `1e-4` and `5e-1` were text (`training.l2[0]: expected float, got str '1e-4'`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 class ConfigError(Exception):
@@ -253,7 +263,8 @@ def _plugins(raw: Any) -> PluginsConfig:
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
-    """Check `value` against the type hint `hint`, converting only where YAML is ambiguous (int → float)."""
+    """Check `value` against the type hint `hint`, converting only where YAML is ambiguous (int → float, and a
+    whole float → int: `max_file_bytes: 6.4e7`)."""
     if hint is PluginsConfig:
         return _plugins(value)
     if dataclasses.is_dataclass(hint):
@@ -273,6 +284,8 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         return Path(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -328,7 +341,16 @@ def parse_section(cls: type[T], raw: Any, key: str) -> T:
 
 
 def _resolve_root(config: Config, base: Path) -> Config:
-    root = (base / config.data_root).resolve()
+    """Paths made as the config documents them: `~` (or `~user`) at the start is a home folder, in every key
+    that names a path; `data_root`, `backbone.weights`, `http.token_file` and the `publish` paths are relative
+    to the config's folder (`base`), the `folders` to `data_root`."""
+    folders = FoldersConfig(**{f.name: os.path.expanduser(getattr(config.folders, f.name))
+                               for f in dataclasses.fields(FoldersConfig)})
+    backbone = config.backbone
+    if backbone.weights != "imagenet":
+        backbone = dataclasses.replace(backbone, weights=_absolute(base, backbone.weights))
+    config = dataclasses.replace(config, folders=folders, backbone=backbone)
+    root = _absolute_path(base, str(config.data_root))
     if not root.parent.is_dir():
         raise ConfigError(f"data_root: parent folder {root.parent} does not exist; create it or fix the path")
     _check_folders(dataclasses.replace(config, data_root=root))
@@ -392,9 +414,14 @@ def _check_folders(config: Config) -> None:
                                       "each folder its own place")
 
 
+def _absolute_path(base: Path, path: str) -> Path:
+    """A path from the config: `~` at its start is the home folder, and a relative one is relative to `base`."""
+    return (base / os.path.expanduser(path)).resolve()
+
+
 def _absolute(base: Path, path: str) -> str:
     """An optional path from the config, made absolute against the config's folder ("" stays "": off)."""
-    return str((base / path).resolve()) if path else ""
+    return str(_absolute_path(base, path)) if path else ""
 
 
 def is_loopback(host: str) -> bool:
@@ -425,7 +452,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"config: {path} is not UTF-8 text: line {line} holds the byte 0x{data[exc.start]:02x}; "
                           "save the file as UTF-8") from exc
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             if node is not None:

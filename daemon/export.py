@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from daemon.atomic import TMP_PREFIX, write_atomic
-from daemon.backbone import Backbone, BackboneUnavailable
+from daemon.backbone import Backbone, BackboneUnavailable, ServedAs
 from daemon.calibration import TemperatureScaling
 from daemon.head import Head
 from daemon.keras_engine import KerasBackbone
@@ -149,8 +149,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def keras_network(backbone: Backbone) -> KerasBackbone:
-    """The Keras engine `backbone` must be: the export writes its whole network. Raises BackboneUnavailable
-    (naming `backbone.name`) when the backbone's plugin built another kind."""
+    """The Keras engine `backbone` must be: the export writes its whole network (of a `ServedAs`, the network
+    itself: the SavedModel decodes and resizes in its own graph, whatever the preprocessing version). Raises
+    BackboneUnavailable (naming `backbone.name`) when the backbone's plugin built another kind."""
+    if isinstance(backbone, ServedAs):
+        backbone = backbone.backbone
     if not isinstance(backbone, KerasBackbone):
         raise BackboneUnavailable(f"backbone.name: export needs a Keras network; the plugin for {backbone.id} "
                                   "built another kind")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.backbone import Backbone, preprocessing_of
+from daemon.backbone import Backbone, preprocessing_of, served_as
 from daemon.config import Config, ConfigError
 from daemon.engines import build_backbone
 from daemon.images import ImageRejected, read_image_file
@@ -33,7 +33,10 @@ class Published:
 
 
 def load_published(config: Config, plugins: Iterable[object] = (), engine: str | None = None) -> Published:
-    """The CURRENT version and its backbone (`engine` overrides `backbone.engine`, e.g. `keras` for export)."""
+    """The CURRENT version and its backbone (`engine` overrides `backbone.engine`, e.g. `keras` for export). A
+    version of the configured network under another preprocessing version the decoder makes (a store being
+    migrated, `daemon/migration.py`) is run as the daemon serves it: the configured network, images decoded with
+    the version's own preprocessing (`served_as`). Another network is a `ConfigError`."""
     version = ModelRegistry.of(config).current()
     if version is None:
         raise NoModel(f"no model yet: add images under {config.folder('classes')}/<label>/ and let the "
@@ -41,10 +44,11 @@ def load_published(config: Config, plugins: Iterable[object] = (), engine: str |
     if engine is not None:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, engine=engine))
     hooks = Hooks.of(config, plugins)
-    backbone = build_backbone(hooks, config)
-    if backbone.id != version.backbone:
+    configured = build_backbone(hooks, config)
+    backbone = served_as(configured, version.backbone, hooks.preprocessing_versions())
+    if backbone is None:
         raise ConfigError(f"backbone.name: model {version.number} was trained on {version.backbone}, but the "
-                          f"config builds {backbone.id}; set backbone.name/weights to match or let it retrain")
+                          f"config builds {configured.id}; set backbone.name/weights to match or let it retrain")
     return Published(dataclasses.replace(version, trust=load_trust(version, hooks)), backbone, hooks)
 
 

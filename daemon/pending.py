@@ -8,8 +8,12 @@ quiet period. So a file is due:
   on platforms without close events, or whose close event was lost);
 - once unchanged for `settle_seconds` otherwise (moved in from outside, found by a scan, attributes touched).
 A name that looks like a writer's working name (rsync's `.name.XXXXXX`, `*.part`, ...) is about to be renamed:
-it waits `settle_seconds × TEMPORARY_FACTOR` even when closed. A file that failed can be held back until a
-retry time.
+it waits `settle_seconds × TEMPORARY_FACTOR` even when closed. An empty file beside its own working copy
+(`photo.jpg` of 0 bytes beside `photo.jpg.part`: Firefox makes that placeholder when a download starts and
+renames the `.part` onto it when it ends) is not complete either: it waits, looked at again every
+`settle_seconds × TEMPORARY_FACTOR` (at least `PLACEHOLDER_RECHECK_SECONDS`), until the rename fills it or the
+working copy is gone (a cancelled download; then it is taken, and rejected as empty). A file that failed can
+be held back until a retry time.
 """
 
 from __future__ import annotations
@@ -26,12 +30,21 @@ from daemon.events import EventKind
 WRITING_FACTOR = 10.0
 TEMPORARY_FACTOR = 10.0
 _TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".swp", "~", ".download")
+#: The working copies a download or a writer fills beside the placeholder it made under the final name.
+_WORKING_COPY_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp")
+PLACEHOLDER_RECHECK_SECONDS = 1.0
 _RSYNC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9]{6}$")  # rsync writes `.name.XXXXXX`, then renames to `name`
 
 
 def looks_temporary(path: Path) -> bool:
     name = path.name
     return bool(_RSYNC_TEMP.match(name)) or name.startswith((".#", ".~")) or name.lower().endswith(_TEMP_SUFFIXES)
+
+
+def is_placeholder(path: Path) -> bool:
+    """Whether `path`, an empty file, has a working copy of its own name beside it (`photo.jpg.part`)."""
+    name = os.fspath(path)
+    return any(os.path.lexists(name + suffix) for suffix in _WORKING_COPY_SUFFIXES)
 
 
 Signature = tuple[int, int] | None
@@ -53,6 +66,7 @@ class _Seen:
     writing: bool  # seen growing, and no close since
     temporary: bool  # a writer's working name
     not_before: float = 0.0
+    recheck: float = 0.0  # an empty placeholder (`is_placeholder`): not before this, unless it changes
     turn: int = 0  # which heap entry is this file's current one (older entries are skipped)
 
     def deadline(self, settle: float) -> float:
@@ -62,7 +76,7 @@ class _Seen:
             wait = 0.0
         else:
             wait = settle * WRITING_FACTOR if self.writing else settle
-        return max(self.not_before, self.since + wait)
+        return max(self.not_before, self.recheck, self.since + wait)
 
 
 def _size_changed(old: Signature, new: Signature) -> bool:
@@ -110,7 +124,7 @@ class PendingFiles:
         elif kind is EventKind.MODIFIED and (not seen.closed or _size_changed(seen.signature, signature)):
             seen.closed, seen.writing = False, True  # being written; after a close, only a new size says so
         if signature != seen.signature:
-            seen.signature, seen.since = signature, now
+            seen.signature, seen.since, seen.recheck = signature, now, 0.0
         self._schedule(path, seen)
 
     def retry(self, path: Path, delay: float) -> None:
@@ -123,10 +137,11 @@ class PendingFiles:
         self._seen.pop(path, None)
 
     def due(self) -> list[Path]:
-        """Pop the files ready to process; files that vanished are dropped, changed ones wait again."""
+        """Pop the files ready to process; files that vanished are dropped, changed ones and placeholders wait
+        again."""
         now = time.monotonic()
         ready: list[Path] = []
-        changed: list[Path] = []
+        waiting: list[Path] = []
         while self._heap and self._heap[0][0] <= now:
             item = heapq.heappop(self._heap)
             if not self._current(item):
@@ -138,11 +153,14 @@ class PendingFiles:
                 del self._seen[path]
             elif signature != seen.signature:  # changed with no event telling us: wait for it to settle
                 seen.signature, seen.since, seen.closed = signature, now, False
-                changed.append(path)
+                waiting.append(path)
+            elif signature is not None and signature[0] == 0 and is_placeholder(path):  # a download under way
+                seen.recheck = now + max(PLACEHOLDER_RECHECK_SECONDS, self.settle_seconds * TEMPORARY_FACTOR)
+                waiting.append(path)
             else:
                 ready.append(path)
                 del self._seen[path]
-        for path in changed:
+        for path in waiting:
             self._schedule(path, self._seen[path])
         return ready
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import warnings
 from types import ModuleType
 
@@ -149,6 +150,14 @@ def retraind_preprocessing_versions() -> list[str]:
     return list(VERSIONS)
 
 
+def _bomb_message(exc: Exception, max_pixels: int) -> str:
+    """Pillow's bomb error without its own figure: above twice its limit it says `exceeds limit of 178956970
+    pixels`, a number no setting has; the pixels it counted and the configured limit are what a user needs."""
+    counted = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{counted.group(1)} pixels" if counted else "too many pixels"
+    return f"decompression bomb: {pixels}, above watch.max_image_pixels={max_pixels}"
+
+
 @hookimpl(trylast=True)
 def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int, preprocessing: str) -> np.ndarray | None:
     if preprocessing not in VERSIONS:
@@ -158,7 +167,7 @@ def retraind_decode_image(data: bytes, size: tuple[int, int], max_pixels: int, p
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("too_large", f"decompression bomb, above watch.max_image_pixels={max_pixels}: {exc}") from exc
+        raise ImageRejected("too_large", _bomb_message(exc, max_pixels)) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected("unsupported", f"not an image in a format retraind reads ({', '.join(IMAGE_FORMATS)})") from exc
     except Exception as exc:  # damaged data makes Pillow raise almost anything (struct.error, IndexError...)

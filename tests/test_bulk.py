@@ -27,6 +27,7 @@ from daemon.bulk_manifest import MANIFEST, Manifest
 from daemon.cli import main
 from daemon.config import BackboneConfig
 from daemon.hookspecs import hookimpl
+from daemon.trust import judge
 from tests.conftest import SHARED_DATA, image_bytes, seed_classes, wait_for, write_image
 from tests.test_cli import write_config
 from tests.tiny_backbone import TinyBackbonePlugin
@@ -203,6 +204,12 @@ def test_a_crashed_embed_leaves_no_output_that_import_takes(
 def test_classify_writes_the_daemons_records_and_leaves_files_in_place(
         tmp_path: Path, ray_local: None, run_app: Any, tiny: TinyBackbonePlugin,
         capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: a bulk record is the daemon's record for the same file, the filing decision included. `bulk
+    classify` used to write only the calibrated top-k: `review_reason` and `novelty` were null, so an archive
+    run said "filed" where the daemon sends the file to review. INPUT: a config that reviews every image
+    (`classify.confidence_threshold: 1`); each record must carry the daemon's `low_confidence` and its novelty
+    score."""
+    review_all = {"confidence_threshold": 1.0}
     seed_classes(tmp_path)
     source, out = tmp_path / "archive", tmp_path / "results"
     files = {f"{colour}-{i}.jpg": image_bytes(colour, 900 + i) for colour in ("red", "blue") for i in range(2)}
@@ -210,14 +217,16 @@ def test_classify_writes_the_daemons_records_and_leaves_files_in_place(
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_bytes(data)
     cut, _ = broken(source, "odd")
-    with run_app() as app:
+    with run_app(classify=review_all) as app:
         version = wait_for(lambda: app.serving.version, what="first model")
-        tops = app.serving.top_k(version, app.extractor.embed(np.stack(
-            [app.extractor.decode(data) for data in files.values()])), 5)
+        vectors = app.extractor.embed(np.stack([app.extractor.decode(data) for data in files.values()]))
+        tops = app.serving.top_k(version, vectors, 5)
+        judged = judge(version, vectors, app.config.classify)
         write_image(tmp_path / "data" / "inbox" / "one.jpg", "red", seed=77)
         results = tmp_path / "data" / "results.jsonl"
         daemon_record = json.loads(wait_for(lambda: results.exists() and results.read_text(), what="a record"))
-    config = write_config(tmp_path)
+    assert daemon_record["review_reason"] == "low_confidence"
+    config = write_config(tmp_path, classify=review_all)
 
     assert run(config, "bulk", "classify", str(source), "--out", str(out), tiny=tiny) == 0
     assert "classified 6 files" in capsys.readouterr().out
@@ -225,8 +234,10 @@ def test_classify_writes_the_daemons_records_and_leaves_files_in_place(
                for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert len(records) == 6 and sorted(p.relative_to(source).as_posix() for p in source.rglob("*.jpg")) == \
         sorted(records), "every file is still where it was, with one record"
-    for (name, data), top in zip(files.items(), tops):
+    for (name, data), top, judgement in zip(files.items(), tops, judged):
         record = records[name]
+        assert record["review_reason"] == judgement.review_reason == "low_confidence"
+        assert judgement.novelty is not None and record["novelty"] == pytest.approx(judgement.novelty, rel=1e-4)
         assert set(record) == set(daemon_record) | {"path"}
         assert (record["label"], record["model_version"], record["sha256"], record["destination"]) == (
             top[0][0], version.number, hashlib.sha256(data).hexdigest(), None)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from daemon import __version__
 from daemon.cli import EX_CANTCREAT, EX_UNAVAILABLE, main
 from daemon.config import EX_CONFIG
 from tests.conftest import make_config, seed_classes, wait_for, write_image
@@ -259,3 +260,11 @@ def test_port_in_use_is_a_config_error(tmp_path: Path, tiny: Any) -> None:
         config = make_config(tmp_path, http={"port": taken.getsockname()[1]})
         with pytest.raises(ConfigError, match=r"^http.port: cannot listen on 127.0.0.1:\d+"):
             App(config, extra_plugins=(tiny,))
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: the usual first command of a new user, `retraind --version`, was a usage error (status 2). INPUT:
+    that flag; it prints the version `retraind_build_info` and `GET /v2` report, and exits 0."""
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"retraind {__version__}\n"

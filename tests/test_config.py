@@ -160,3 +160,34 @@ def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     assert run.returncode == EX_CONFIG
     assert run.stderr.strip().splitlines() == [
         "retraind: classify.top_k: given twice in config.yaml (lines 2 and 4); keep one"]
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
+    """KIND: YAML 1.2 numbers that PyYAML (YAML 1.1: a float needs a dot) reads as text. `l2: [1e-4, 1e-3]`, as
+    ML papers and retrain.py's flags write strengths, was `training.l2[0]: expected float, got str '1e-4'`, and
+    `max_file_bytes: 6.4e7` an error too. INPUT: those values in a config file; they load as the numbers."""
+    (tmp_path / "config.yaml").write_text("training:\n  l2: [1e-4, 1E-3, 1.e-2]\n  quiet_period_seconds: 5e-1\n"
+                                          "watch:\n  max_file_bytes: 6.4e7\n", encoding="utf-8")
+    config = load_config(tmp_path / "config.yaml")
+    assert config.training.l2 == [1e-4, 1e-3, 1e-2] and config.training.quiet_period_seconds == 0.5
+    assert config.watch.max_file_bytes == 64_000_000 and isinstance(config.watch.max_file_bytes, int)
+    with pytest.raises(ConfigError, match=r"^classify.top_k: expected int, got float 2.5$"):
+        parse_config({"classify": {"top_k": 2.5}}, tmp_path)
+
+
+def test_paths_start_at_home_and_at_the_configs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KIND: a path-valued key not read as the config says ("relative paths are relative to this file's
+    folder"). `~/...` was taken literally: `data_root: ~/photos` failed naming a folder `~` beside the config,
+    and `folders: {inbox: ~/Downloads}` silently made `<data_root>/~/Downloads`; a relative `backbone.weights`
+    was opened from the working directory (`/` under systemd), not the config's folder. INPUT: those values."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    config = parse_config({"data_root": "~/photos", "folders": {"inbox": "~/Downloads"},
+                           "backbone": {"weights": "weights/lite0.pth"}, "http": {"token_file": "~/token"},
+                           "publish": {"tf_serving_base_path": "~/tf"}}, tmp_path / "etc")
+    assert config.data_root == home / "photos"
+    assert config.folder("inbox") == home / "Downloads" and config.folder("classes") == home / "photos" / "classes"
+    assert config.backbone.weights == str(tmp_path / "etc" / "weights" / "lite0.pth")
+    assert config.http.token_file == str(home / "token") and config.publish.tf_serving_base_path == str(home / "tf")
+    assert parse_config({}, tmp_path).backbone.weights == "imagenet"

@@ -10,11 +10,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from daemon.app import App
+from daemon.instance_lock import AlreadyRunning
 from daemon.plugin_manager import ISOLATED_HOOKS
-from tests.conftest import seed_classes, wait_for
+from tests.conftest import make_config, seed_classes, wait_for
 from tests.test_daemon_e2e import results, scrape
 from tests.test_field_decoding import REPO, free_port, start_child, stop_child
 from tests.test_reliability_input import encoded, pixels
+from tests.tiny_backbone import TinyBackbonePlugin
 
 REJECT_REASONS = ("empty", "corrupt", "unsupported", "too_large", "unreadable")  # the README's list
 OUTCOMES = ("classified", "review")
@@ -49,6 +54,26 @@ def test_every_reason_and_known_label_series_is_exported_at_zero_from_the_start(
     with run_app() as app:  # a restart: the labels of the model loaded from disk are known at once
         restarted = scrape(app)
     assert restarted.get("retraind_classifications_total{label=red,outcome=review}") == 0.0
+
+
+
+def test_a_second_daemon_with_its_state_elsewhere_is_refused_too(tmp_path: Path, run_app: Any) -> None:
+    """KIND: the one-daemon lock lived only in `folders.state`: a second daemon on the same data root, or on
+    the same inbox, whose state folder is elsewhere (a hand-started `retraind run` beside the systemd service,
+    which keeps its state in /var/lib/retraind) started, and both took every inbox file. INPUT: while a daemon
+    runs, a second one on its data root with another `folders.state`, and a third with another data root and
+    state but the first one's inbox; both are refused naming the shared folder, and the first keeps running."""
+    data = tmp_path / "data"
+    (tmp_path / "b").mkdir()
+    with run_app() as app:
+        for config, shared in ((make_config(tmp_path, folders={"state": str(tmp_path / "state-b")}), data),
+                               (make_config(tmp_path / "b", folders={"inbox": str(data / "inbox")}), data / "inbox")):
+            with pytest.raises(AlreadyRunning) as refused, App(config, extra_plugins=(TinyBackbonePlugin(),)):
+                pass
+            assert str(refused.value).startswith(f"another retraind is running on {shared} "), refused.value
+        assert app.pipeline.is_alive()
+    with App(make_config(tmp_path, folders={"state": str(tmp_path / "state-b")}), extra_plugins=(TinyBackbonePlugin(),)):
+        pass  # once the first has stopped, the folders are free
 
 
 def test_a_second_daemon_on_the_same_data_root_exits_and_leaves_the_first_alone(tmp_path: Path) -> None:

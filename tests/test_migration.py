@@ -6,18 +6,27 @@ root, one after the other, the tiny backbone's one network under two ids, real H
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from daemon.app import App
+from daemon.backbone import ServedAs
+from daemon.cli import main
+from daemon.config import load_config
+from daemon.export import keras_network
 from daemon.hookspecs import hookimpl
+from daemon.keras_engine import KerasBackbone
+from daemon.oneshot import load_published
 from daemon.status import format_status, from_daemon
 from plugins.pillow_decoder import retraind_decode_image
 from tests.conftest import image_bytes, make_config, seed_classes, wait_for, write_image
+from tests.test_cli import write_config
 from tests.test_daemon_e2e import results, scrape
 from tests.test_http_api import MODEL, b64, call
 from tests.test_tfserving import post
@@ -120,3 +129,36 @@ def test_a_model_of_another_network_is_not_served_and_the_migration_is_shown(tmp
         assert samples[f"retraind_migration_info{{serving=false,source={V1},target=tiny/seed8/v1}}"] == 1
         wait_for(lambda: app.serving.version, timeout=60, what="model 2")
         assert (app.serving.version.number, app.serving.version.backbone) == (2, "tiny/seed8/v1")
+
+
+def test_the_one_shot_commands_run_a_model_of_another_preprocessing_version(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """KIND: the commands that run the published model without a daemon refused a model the daemon serves.
+    After an upgrade (a store of v1, the config building v2) `retraind classify` exited 78 with `set
+    backbone.name/weights to match`, which no setting can do, and so did `bulk classify` and `export`, until
+    the daemon had re-cached every training image. INPUT: a model under `tiny/seed7/v1`, the configured backbone
+    `tiny/seed7/v2` (one network); `classify` and a bulk worker give the daemon's own answer for a picture whose
+    v1 and v2 pixels differ, and the export takes the network itself."""
+    seed_classes(tmp_path)
+    probe = tmp_path / "probe.jpg"
+    probe.write_bytes(image_bytes("red", 7001, size=(24, 20)))  # enlarged to the input: v1 and v2 pixels differ
+    with App(make_config(tmp_path), extra_plugins=(TinyBackbonePlugin("v1"),)) as app:
+        wait_for(lambda: app.serving.version, what="model 1")
+        (answer,) = classify(app, probe.read_bytes())["predictions"]
+    config = write_config(tmp_path)
+
+    assert main(["--config", str(config), "classify", str(probe)], plugins=[TinyBackbonePlugin("v2")]) == 0
+    printed = "".join(f"\n  {top['label']} (score = {top['score']:.5f})" for top in answer["top_k"])
+    assert capsys.readouterr().out == f"{probe}:{printed}\n"
+
+    pa = pytest.importorskip("pyarrow")
+    from daemon.bulk import BulkWorker
+    from daemon.bulk_sources import list_sources
+    loaded = load_config(config)
+    model = load_published(loaded, [TinyBackbonePlugin("v2")])
+    assert model.backbone.id == V1 and isinstance(keras_network(ServedAs(build_tiny("v2"), V1)), KerasBackbone)
+    worker = BulkWorker(loaded, [TinyBackbonePlugin("v2")], 1, model.version)
+    listed = list_sources([str(probe)], lambda rel: True)
+    (line,) = worker(pa.Table.from_pylist([dataclasses.asdict(f) for f in listed]))["record"].to_pylist()
+    record = json.loads(line)
+    assert record["backbone"] == V1 and record["top_k"] == answer["top_k"]

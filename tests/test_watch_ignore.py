@@ -118,3 +118,34 @@ def test_a_download_paused_in_the_inbox_stays_its_writers_until_renamed(tmp_path
         wait_for(lambda: len(results(tmp_path)) == 2, what="the finished download classified")
     assert [r["file"] for r in results(tmp_path)] == ["real.jpg", "photo.jpg"]
     assert (data / "inbox" / "Unconfirmed 1234.crdownload").exists()
+
+
+def test_a_firefox_download_placeholder_waits_for_its_part_file(tmp_path: Path, run_app: Any) -> None:
+    """KIND: Firefox starts a download by creating an empty placeholder under the final name (`photo.jpg`, 0
+    bytes, closed at once) beside the file it fills (`photo.jpg.part`), and renames the `.part` onto the
+    placeholder when done. The placeholder used to be taken at its close and rejected as `empty`: every
+    download into the inbox left a spurious `rejected/photo.jpg` and counted a reject. INPUT: that pair in
+    the inbox, left well past the settle wait, then the finished `.part` renamed onto the placeholder; and a
+    cancelled download (`gone.jpg` whose `.part` is deleted), whose empty placeholder is rejected as before."""
+    data = tmp_path / "data"
+    seed_classes(tmp_path, per_label=8)
+    whole = image_bytes("red", 7)
+    with run_app(watch={"settle_seconds": 0.1}, classify={"confidence_threshold": 0.0}) as app:
+        wait_for(lambda: app.serving.version, what="a first model")
+        inbox = data / "inbox"
+        for name in ("photo.jpg", "gone.jpg"):
+            (inbox / name).write_bytes(b"")
+            (inbox / f"{name}.part").write_bytes(whole[: len(whole) // 2])
+        write_image(inbox / "real.jpg", "blue", seed=8)
+        wait_for(lambda: results(tmp_path), what="the complete image classified")
+        time.sleep(2.0)  # 20 x settle_seconds: the placeholders were taken at once before
+        assert not os.listdir(data / "rejected")
+        assert (inbox / "photo.jpg").stat().st_size == 0 and (inbox / "gone.jpg").exists()
+        (inbox / "photo.jpg.part").write_bytes(whole)
+        os.replace(inbox / "photo.jpg.part", inbox / "photo.jpg")
+        wait_for(lambda: len(results(tmp_path)) == 2, what="the finished download classified")
+        (inbox / "gone.jpg.part").unlink()
+        wait_for(lambda: (data / "rejected" / "gone.jpg").exists(), what="the cancelled placeholder rejected")
+    assert [r["file"] for r in results(tmp_path)] == ["real.jpg", "photo.jpg"]
+    assert sorted(os.listdir(data / "rejected")) == ["gone.jpg", "gone.jpg.error.json"]
+    assert '"empty"' in (data / "rejected" / "gone.jpg.error.json").read_text()
