@@ -34,7 +34,7 @@ from daemon.backbone import Backbone, preprocessing_of, served_as
 from daemon.engines import default_threads, gains_from_batches
 from daemon.images import Decoder, ImageFile, ImageRejected, decode_or_reject
 from daemon.metrics import Metrics
-from daemon.store import ORIGINAL, Store
+from daemon.store import ORIGINAL, CatalogEntry, Store
 
 #: Images a background turn embeds at most on an engine that does not gain from batches
 BACKGROUND_PIECE = 4
@@ -149,7 +149,7 @@ class Extractor:
         """Wait for `jobs` in order and embed their decoded images a batch at a time (background work: a
         piece at a time, as soon as a piece is decoded), while the pool goes on decoding the rest; the new
         bottlenecks are stored in one commit, or, unless `keep`, left in `unstored` for the caller to store
-        with its own writes (the inbox: in its journal's commit, off the engine's thread, which stood still for
+        (and count) with its own writes (the inbox: in its journal's commit, off the engine's thread, which stood still for
         the 3.5-4 ms of each batch's commit). A background piece on an engine that runs one image per pass
         costs what a batch does, and embedding it at once keeps the engine busy beside the decoding: a
         chunk of phone photos had the engine wait for 32 decodes, then embed 32 with the pool idle."""
@@ -173,15 +173,21 @@ class Extractor:
         if batch:
             computed += self._embed_batch(batch, result, urgent)
         if keep:
-            self._store.put_bottlenecks(self.backbone.id, computed)
+            self.keep(computed)
         else:
             result.unstored = computed
-        self._metrics.cache_misses.inc(len(computed))
         return result
 
-    def keep(self, unstored: Sequence[tuple[str, str, np.ndarray]]) -> None:
-        """Store what a `gather(keep=False)` left in `unstored`, in one commit."""
-        self._store.put_bottlenecks(self.backbone.id, unstored)
+    def keep(self, unstored: Sequence[tuple[str, str, np.ndarray]], files: Sequence[CatalogEntry] = ()) -> None:
+        """Store what a `gather(keep=False)` left in `unstored`, with the catalog entries `files` whose
+        bottlenecks they are, in one commit (any thread); `retraind_bottleneck_cache_misses_total` counts
+        them once stored (a caller that stores them otherwise counts them with `stored`)."""
+        self._store.put_bottlenecks(self.backbone.id, unstored, files)
+        self.stored(len(unstored))
+
+    def stored(self, computed: int) -> None:
+        """Count `computed` new bottlenecks, stored by the caller (the inbox: with its journal entries)."""
+        self._metrics.cache_misses.inc(computed)
 
     def _embed_batch(self, batch: list[Job], result: Extraction, urgent: bool) -> list[tuple[str, str, np.ndarray]]:
         vectors = self.embed(np.stack([job.image for job in batch if job.image is not None]), urgent)

@@ -133,7 +133,7 @@ def retraind_on_training_pending() -> None:
     out of date, and the trainer waits for the retrain policy (the quiet period).
 
     Called once per trainer (start-up, config reload), on the trainer thread, before its first run (while the
-    quiet period runs, when there is one). Load here what a fit needs, so the first run does not pay for it: the built-in head and
+    quiet period runs, when there is one, and once no training image waits to be cached). Load here what a fit needs, so the first run does not pay for it: the built-in head and
     novelty plugins import SciPy (~0.5 s in a fresh process). A failure is logged and counted, never
     propagated; the run still happens."""
 

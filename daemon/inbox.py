@@ -154,6 +154,7 @@ class InboxProcessor:
             self._extractor.running_as(backbone).keep(bottlenecks)
             return
         entries = self._journal.begin([result for result, _ in routed], backbone, bottlenecks)
+        self._extractor.stored(len(bottlenecks))
         moved: list[tuple[JournalEntry, ClassificationResult, float]] = []
         group = GroupCommit()  # the moves' folders are made durable with the records, before the entries close
         for entry, (result, started) in zip(entries, routed):

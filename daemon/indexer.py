@@ -12,6 +12,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from daemon.extractor import Extractor, Job
 from daemon.images import ImageRejected, folder_link_message, read_image_file
 from daemon.metrics import Metrics
@@ -64,11 +66,14 @@ class _Planned:
 
 @dataclass
 class Indexing:
-    """A chunk of training files being read and decoded (`TrainingIndexer.begin`), and its catalog rows."""
+    """A chunk of training files being read and decoded (`TrainingIndexer.begin`), then its catalog rows and new
+    bottlenecks to write (`embed`), written by `commit`."""
 
     planned: list[_Planned] = field(default_factory=list)
     jobs: list[Future[Job]] = field(default_factory=list)
     writes: list[CatalogEntry] = field(default_factory=list)
+    bottlenecks: list[tuple[str, str, np.ndarray]] = field(default_factory=list)
+    changed: bool = False  # a file's content is new to the training set
     lost: bool = False  # a file that was usable no longer is
 
 
@@ -103,7 +108,9 @@ class TrainingIndexer:
 
     def index(self, paths: list[Path]) -> None:
         """Bring each file's catalog entry up to date; only content not yet in the store hits the backbone."""
-        self.end(self.begin(paths))
+        chunk = self.begin(paths)
+        self.embed(chunk)
+        self.commit(chunk)
 
     def begin(self, paths: list[Path]) -> Indexing:
         """Decide which files must be read (new or changed since their catalog entry) and start reading,
@@ -118,10 +125,10 @@ class TrainingIndexer:
         chunk.jobs = self._extractor.submit(loads)
         return chunk
 
-    def end(self, chunk: Indexing) -> None:
-        """Embed what `begin` started and write the chunk's catalog rows in one transaction."""
-        extraction = self._extractor.gather(chunk.jobs)
-        changed = False
+    def embed(self, chunk: Indexing) -> None:
+        """Embed what `begin` started and make the chunk's catalog rows; nothing is written yet (`commit`)."""
+        extraction = self._extractor.gather(chunk.jobs, keep=False)
+        chunk.bottlenecks = extraction.unstored
         for p in chunk.planned:
             key = str(p.path)
             sha = extraction.hashes.get(key)
@@ -131,9 +138,13 @@ class TrainingIndexer:
             if problem is not None:
                 chunk.lost |= self._skipped(entry, problem)
             elif not (p.known and p.known.ok and p.known.sha256 == sha and p.has_vector):
-                changed = True  # else touched, not changed: no retrain needed
-        self._store.upsert_files(chunk.writes)
-        if changed or chunk.lost:
+                chunk.changed = True  # else touched, not changed: no retrain needed
+
+    def commit(self, chunk: Indexing) -> None:
+        """Write an embedded chunk's new bottlenecks and catalog rows in one transaction (any thread: the caching
+        thread has it done beside the next chunk's forward pass), then tell the trainer if the set changed."""
+        self._extractor.keep(chunk.bottlenecks, chunk.writes)
+        if chunk.changed or chunk.lost:
             self._on_change()
 
     def _plan(self, path: Path, chunk: Indexing) -> _Planned | None:

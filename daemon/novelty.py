@@ -25,6 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
+from daemon.nogil_lapack import cholesky_lower, solve_lower
+
 #: Shrinkage of the tied covariance towards (trace / dim) · I.
 SHRINKAGE = 0.3
 #: Rows a score is fitted on at most (evenly spread), so a 50k-image set costs what 4k do.
@@ -86,8 +88,6 @@ class _Scatter:
         worst, and factors it twice as fast); raises ValueError for no rows. `consume`: these statistics are a
         temporary (a held-out group's): their float64 matrix is overwritten and released before the factor is
         made, and this object is spent."""
-        from scipy.linalg import cholesky
-
         present = self.counts > 0
         if not present.any():
             raise ValueError("a novelty score needs at least one image")
@@ -106,7 +106,7 @@ class _Scatter:
         del within, scatter
         covariance *= (1 - shrinkage) / total
         covariance.flat[:: covariance.shape[0] + 1] += shrinkage * scale
-        return sums / counts[:, None], cholesky(covariance, lower=True, check_finite=False)
+        return sums / counts[:, None], cholesky_lower(covariance)  # without the GIL: the heads' steps go on
 
 
 class ClassMahalanobis:
@@ -195,11 +195,9 @@ class _FitRows:
 
 def _distances(factor: np.ndarray, centred: np.ndarray, means: np.ndarray) -> np.ndarray:
     """min_c |L⁻¹(x − μ_c)|² (n,) float32 for centred rows (n, dim) and centred means (classes, dim): one
-    triangular solve (no inverse is formed), then |z|² − 2·z·m_c + |m_c|² in float64 (float32 would cancel
-    badly where z is near a class centre)."""
-    from scipy.linalg import solve_triangular
-
-    solved = solve_triangular(factor, np.concatenate([centred, means]).T, lower=True, check_finite=False)
+    triangular solve (no inverse is formed; without the GIL), then |z|² − 2·z·m_c + |m_c|² in float64
+    (float32 would cancel badly where z is near a class centre)."""
+    solved = solve_lower(factor, np.concatenate([centred, means]))
     centres = solved[:, len(centred):].astype(np.float64)
     lengths = np.einsum("dc,dc->c", centres, centres)
     best = np.empty(len(centred), dtype=np.float32)

@@ -189,12 +189,16 @@ class Store:
 
     # -- bottlenecks -------------------------------------------------------------------------------------
 
-    def put_bottlenecks(self, backbone: str, items: Iterable[tuple[str, str, np.ndarray]]) -> None:
-        """Store (sha256, variant, vector) triples for `backbone` in one transaction."""
-        rows = _bottleneck_rows(backbone, items)
-        if rows:
+    def put_bottlenecks(self, backbone: str, items: Iterable[tuple[str, str, np.ndarray]],
+                        files: Iterable[CatalogEntry] = ()) -> None:
+        """Store (sha256, variant, vector) triples for `backbone`, and add or replace the catalog entries `files`
+        (a caching chunk's rows, whose bottlenecks these are), in one transaction: one commit and one WAL
+        fsync for both."""
+        rows, entries = _bottleneck_rows(backbone, items), _file_rows(files)
+        if rows or entries:
             with self._tx() as db:
                 db.executemany(_PUT_BOTTLENECK, rows)
+                db.executemany(_UPSERT_FILE, entries)
 
     def missing_bottlenecks(self, backbone: str, shas: Iterable[str], variant: str = ORIGINAL) -> set[str]:
         """Which of `shas` have no valid bottleneck yet for `backbone`."""
@@ -259,11 +263,9 @@ class Store:
         self.upsert_files([entry])
 
     def upsert_files(self, entries: Iterable[CatalogEntry]) -> None:
-        """Add or replace catalog entries in one transaction (one commit per chunk of files, not per file)."""
-        rows = [(e.path, e.label, e.sha256, e.size, e.mtime_ns, int(e.ok), e.ctime_ns, e.inode) for e in entries]
-        if rows:
-            with self._tx() as db:
-                db.executemany(f"INSERT OR REPLACE INTO files ({_FILE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+        """Add or replace catalog entries in one transaction (a caching chunk's: `put_bottlenecks`, with their
+        vectors)."""
+        self.put_bottlenecks("", (), entries)
 
     def remove_files(self, path: str) -> int:
         """Forget `path` and everything below it (a deleted folder); returns how many entries went."""
@@ -395,6 +397,11 @@ class Store:
         return [ReviewActionRow(*r) for r in rows]
 
 _PUT_BOTTLENECK = "INSERT OR REPLACE INTO bottlenecks VALUES (?,?,?,?,?,?)"
+_UPSERT_FILE = f"INSERT OR REPLACE INTO files ({_FILE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
+
+
+def _file_rows(entries: Iterable[CatalogEntry]) -> list[tuple[object, ...]]:
+    return [(e.path, e.label, e.sha256, e.size, e.mtime_ns, int(e.ok), e.ctime_ns, e.inode) for e in entries]
 
 
 def _bottleneck_rows(backbone: str, items: Iterable[tuple[str, str, np.ndarray]]) -> list[tuple[object, ...]]:

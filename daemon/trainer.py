@@ -138,6 +138,9 @@ class Trainer(threading.Thread):
         self._preload()
 
     def _load_plugins(self) -> None:
+        """`retraind_on_training_pending`, once. The trainer thread calls it while a quiet period runs, and not
+        while training images wait to be cached: SciPy's import (~0.5 s of CPU, most of it holding the GIL)
+        slowed the forward passes of a fill's first seconds, whose thread takes the GIL back after every image."""
         if not self._prepared:
             self._prepared = True
             self._hooks.on_training_pending()
@@ -192,7 +195,8 @@ class Trainer(threading.Thread):
                 state = RetrainState(self._first_change, self._last_change, time.monotonic(), self._changes,
                                      self._config.training.quiet_period_seconds,
                                      self._forced and not self._recaching(), self._backlog)
-            self._load_plugins()
+            if not state.waiting:
+                self._load_plugins()
             try:
                 retrain = self._hooks.should_retrain(state)
             except Exception:  # a policy plugin's bug must not end the trainer thread

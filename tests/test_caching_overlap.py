@@ -5,6 +5,7 @@ a time (a copy, file by file) are begun together, not one chunk of one file afte
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -109,4 +110,44 @@ def test_files_handed_over_one_at_a_time_are_begun_together(tmp_path: Path) -> N
     catalog = store.catalog()
     assert sorted(catalog) == sorted(f"red/red-{i}.jpg" for i in range(13))
     assert all(entry.ok for entry in catalog.values())
+    store.close()
+
+
+def test_the_next_chunk_is_embedded_while_a_chunk_is_committed(tmp_path: Path) -> None:
+    """132 training files make two chunks (128 + 4). While another writer holds the store's write lock, the
+    first chunk's commit waits for it; the second chunk is embedded meanwhile (before, the caching thread
+    committed each chunk itself, between one chunk's forward pass and the next, and the engine stood still).
+    Once the lock is let go both chunks are catalogued, in one commit each."""
+    classes = tmp_path / "classes"
+    (classes / "red").mkdir(parents=True)
+    paths = []
+    for i in range(132):
+        paths.append(classes / "red" / f"red-{i}.jpg")
+        paths[-1].write_bytes(f"image {i}".encode())
+    engine = Engine()
+    store = Store(tmp_path / "store.sqlite")
+    metrics = Metrics()
+    extractor = Extractor(engine, lambda data, size, max_pixels, preprocessing: np.zeros((8, 8, 3), dtype=np.uint8),
+                          store, metrics, 10**8, batch_size=32)
+    indexer = TrainingIndexer(classes, store, extractor, metrics, 10**6, on_change=lambda: None)
+    backfill = Backfill(indexer, NoProgress(), metrics, on_retry=lambda paths: None, on_idle=lambda: None)
+    other = sqlite3.connect(tmp_path / "store.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer (a backup, `retraind import`) holds the write lock
+    backfill.start()
+    try:
+        backfill.index(paths)
+        wait_for(lambda: sum(engine.calls) == 132, timeout=15,
+                 what="the second chunk embedded while the first one's commit waits for the store")
+        assert store.catalog() == {} and backfill.outstanding() == 132
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        wait_for(lambda: backfill.outstanding() == 0, what="both chunks committed")
+        backfill.stop()
+        backfill.join()
+        extractor.close()
+    catalog = store.catalog()
+    assert sorted(catalog) == sorted(f"red/red-{i}.jpg" for i in range(132))
+    assert len(store.get_bottlenecks(engine.id, [entry.sha256 or "" for entry in catalog.values()])) == 132
+    assert metrics.registry.get_sample_value("retraind_bottleneck_cache_misses_total") == 132
     store.close()

@@ -21,6 +21,7 @@ from daemon.events import EventKind, FileEvent
 from daemon.extractor import Extractor
 from daemon.hookspecs import hookimpl
 from daemon.metrics import Metrics
+from daemon.retrain_policy import RetrainState
 from daemon.store import Store
 from tests.conftest import make_config, seed_classes, wait_for, write_image
 from tests.tiny_backbone import TinyBackbonePlugin
@@ -74,6 +75,37 @@ def test_inbox_is_served_during_a_backfill_and_no_head_is_trained_before_it_ends
         wait_for(lambda: cached(app) >= before + backlog + 1, what="the backfill's end")
         assert app.trainer.runs == runs, "a head was trained while training images were still being cached"
         wait_for(lambda: app.trainer.runs > runs, what="the retrain after the backfill")
+
+
+class PolicyWatch:
+    """Notes, at each retrain-policy call made while training images wait to be cached, whether the trainer had
+    already loaded what a fit needs (`retraind_on_training_pending`); defers every decision to the built-in."""
+
+    def __init__(self) -> None:
+        self.prepared = False
+        self.while_waiting: list[bool] = []
+
+    @hookimpl
+    def retraind_on_training_pending(self) -> None:
+        self.prepared = True
+
+    @hookimpl
+    def retraind_should_retrain(self, state: RetrainState) -> None:
+        if state.waiting:
+            self.while_waiting.append(self.prepared)
+
+
+def test_the_trainer_prepares_once_the_backlog_is_cached(tmp_path: Path) -> None:
+    """200 training images (two caching chunks, ~3 s on the slowed engine): the trainer is told of the first
+    chunk's images while the second is cached, and waits, but loads SciPy (`retraind_on_training_pending`: ~0.5
+    s of CPU, most of it holding the GIL) only once nothing waits to be cached, before its first run."""
+    seed_classes(tmp_path, per_label=100)
+    watch = PolicyWatch()
+    with App(make_config(tmp_path), extra_plugins=(SlowBackbone(), watch)) as app:
+        wait_for(lambda: app.trainer.runs, what="the first model")
+    assert watch.while_waiting, "the trainer was never asked while images waited to be cached"
+    assert not any(watch.while_waiting), "the trainer prepared while training images were still being cached"
+    assert watch.prepared
 
 
 def test_a_renamed_in_file_is_taken_without_the_settle_wait(tmp_path: Path) -> None:
