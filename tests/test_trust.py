@@ -67,6 +67,23 @@ def test_sgr_threshold_keeps_its_precision_on_fresh_images() -> None:
     assert sgr_threshold(np.ones(60), np.ones(60, dtype=bool), 0.9) is not None
 
 
+def test_a_small_perfect_record_that_proves_the_target_files_everything() -> None:
+    """KIND: a small, clean training set whose out-of-fold record proves the target precision when every image
+    is filed was sent to review whole: SGR's first probe files half of the images, and half a perfect record
+    proves less than all of it. INPUT: 67 held-out images, every top-1 right, distinct scores (QA-6 saw
+    67 of 67 file nothing)."""
+    scores = np.linspace(0.99, 0.4, 67)
+    found = sgr_threshold(scores, np.ones(67, dtype=bool), 0.9)
+    assert found is not None and found.coverage == 1.0 and found.threshold == pytest.approx(0.4)
+    assert found.precision_bound >= 0.9
+    assert sgr_threshold(scores[:30], np.ones(30, dtype=bool), 0.9) is None  # 30 right of 30 prove too little
+    right = np.ones(67, dtype=bool)
+    right[-1] = False  # one wrong still proves 90 % filing all 67
+    assert (found := sgr_threshold(scores, right, 0.9)) is not None and found.coverage == 1.0
+    right[-6:] = False  # six wrong do not, and no smaller set of these few images proves it either
+    assert sgr_threshold(scores, right, 0.9) is None
+
+
 def test_mahalanobis_finds_the_unknown_cluster_and_round_trips(tmp_path: Path) -> None:
     means = RNG.normal(0, 4, (3, 20))
     y = np.repeat(np.arange(3), 100)
