@@ -161,7 +161,10 @@ def check_size(path: object, size: int, max_bytes: int) -> None:
 def decode_or_reject(decode: Decoder, data: bytes, size: tuple[int, int], max_pixels: int,
                      preprocessing: str) -> np.ndarray:
     """`decode` (the decoder hook) as uint8 pixels of `size` (width, height) made by the `preprocessing` version;
-    raises `ImageRejected`, also when no decoder plugin took the content."""
+    raises `ImageRejected`, also when no decoder plugin took the content ("empty" for no bytes at all: an
+    HTTP body's `{"b64": ""}`; files are judged empty before they are read)."""
+    if not data:
+        raise ImageRejected("empty", "the image is empty (0 bytes)")
     image = decode(data, size, max_pixels, preprocessing)
     if image is None:
         raise ImageRejected("unsupported", "no decoder plugin could read this content")

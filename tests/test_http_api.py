@@ -109,8 +109,9 @@ def test_status_metadata_and_classify(served: App) -> None:
     (b'{"instances": [{"b64": "***"}]}', {"Content-Type": "application/json"}, 400, "invalid base64"),
     (json.dumps({"instances": [b64(b"GIF89a")] * (MAX_INSTANCES + 1)}).encode(), {}, 400, "1 to"),
     (json.dumps({"instances": [b64(b"\x89PNG\r\n")]}).encode(), {}, 422, "not a usable image"),
+    (b'{"instances": [{"b64": ""}]}', {"Content-Type": "application/json"}, 422, "not a usable image (empty)"),
 ], ids=["empty", "garbage", "bad-json", "no-instances", "zero-instances", "not-b64-object", "bad-b64",
-        "too-many", "broken-png"])
+        "too-many", "broken-png", "empty-b64"])
 def test_bad_classify_requests(served: App, body: bytes, headers: dict[str, str], status: int, words: str) -> None:
     assert_error(call(served, "POST", f"{MODEL}:classify", body, headers), status, words)
 
