@@ -22,6 +22,7 @@ from daemon.config import Config, ConfigError, load_config
 from daemon.instance_lock import AlreadyRunning
 from daemon.logs import setup_logging
 from daemon.notify import SystemdNotifier
+from daemon.status import files_waiting
 
 log = logging.getLogger("retraind")
 
@@ -89,12 +90,12 @@ class ServiceProgress:
 
 
 def status_line(status: DaemonStatus, progress: ServiceProgress) -> str:
-    """`serving model 3; caching bottlenecks 512/4000; 2 inbox files waiting`."""
+    """`serving model 3; caching bottlenecks 512/4000; 2 files waiting in the inbox`."""
     parts = [f"serving model {status.model_version}" if status.model_version is not None
              else f"no model yet: waiting for images in {status.classes}/<label>/ (two labels or more)"]
     parts += [text for text in (progress.text(),) if text]
     if status.inbox_waiting:
-        parts.append(f"{status.inbox_waiting} inbox files waiting")
+        parts.append(f"{files_waiting(status.inbox_waiting)} in the inbox")
     return "; ".join(parts)
 
 

@@ -29,6 +29,11 @@ class DaemonUnavailable(Exception):
     """No daemon answers on the configured HTTP address."""
 
 
+
+def files_waiting(count: int) -> str:
+    """`1 file waiting`, `3 files waiting`: the inbox's backlog in `retraind status` and the systemd STATUS line."""
+    return f"{count} file waiting" if count == 1 else f"{count} files waiting"
+
 def api_url(config: Config) -> str:
     """Where the daemon listens, as a client reaches it (a wildcard bind is reached on loopback)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.http.host, config.http.host)
@@ -170,7 +175,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"last training: {_ago(status['last_training'])}")
     if status["training_runs"] is not None:
         lines.append("training runs: " + ", ".join(f"{n} {r}" for r, n in sorted(status["training_runs"].items())))
-    lines.append(f"inbox:         {status['inbox_pending']} files waiting")
+    lines.append(f"inbox:         {files_waiting(status['inbox_pending'])}")
     if migration := status.get("migration"):
         meanwhile = "served meanwhile" if migration["serving"] else "another network: nothing is served meanwhile"
         lines.append(f"migration:     {migration['cached']} of {migration['total']} training images cached under "

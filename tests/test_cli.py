@@ -55,7 +55,7 @@ def test_status_from_the_state_dir(trained: Path, tmp_path: Path, capsys: pytest
     assert run(trained, "status") == 0
     out = capsys.readouterr().out
     assert "state dir" in out and "version 1, 2 labels, backbone tiny/seed7/v1" in out
-    assert "inbox:         1 files waiting" in out and "last training:" in out
+    assert "inbox:         1 file waiting" in out and "last training:" in out
     # the calibrator's parameters as `name=value`, not a Python dict's repr
     calibration = r"^calibration:\s+temperature \(temperature=\d+(\.\d+)?\), error \(ECE\)"
     assert re.search(calibration, out, re.MULTILINE), out
@@ -268,3 +268,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"retraind {__version__}\n"
+
+
+def test_the_inbox_backlog_is_counted_in_words_that_agree() -> None:
+    """KIND: `retraind status` and the systemd STATUS line said "1 files waiting". INPUT: one inbox file waiting,
+    then two."""
+    from daemon.app import DaemonStatus
+    from daemon.service import ServiceProgress, status_line
+
+    line = status_line(DaemonStatus(3, 1, Path("classes")), ServiceProgress())
+    assert line == "serving model 3; 1 file waiting in the inbox"
+    assert status_line(DaemonStatus(3, 2, Path("classes")), ServiceProgress()).endswith("; 2 files waiting in the inbox")
+    assert status_line(DaemonStatus(3, 0, Path("classes")), ServiceProgress()) == "serving model 3"
