@@ -98,6 +98,10 @@ def test_status_metadata_and_classify(served: App) -> None:
     code, headers, _ = call(app, "HEAD", "/healthz")
     assert code == 200 and int(headers["content-length"]) > 0
 
+    # the server's own address, as a person types it into a browser, leads to the review page
+    code, headers, _ = call(app, "GET", "/")
+    assert (code, headers["location"]) == (301, "/ui/")
+
 
 @pytest.mark.parametrize(("body", "headers", "status", "words"), [
     (b"", {}, 400, "empty body"),

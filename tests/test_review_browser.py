@@ -98,8 +98,9 @@ def test_label_with_a_key_retrain_and_undo(tmp_path: Path, run_app: Any, browser
 def test_the_page_of_a_daemon_with_a_token_loads_and_asks_for_it(tmp_path: Path, run_app: Any, browser: Any) -> None:
     """KIND: with `http.token_file` the page's own files needed the bearer token, which a browser cannot send
     when it opens a page: `/ui/` was a 401 JSON body, so the page that asks for the token never loaded. INPUT:
-    a daemon with a token and an image in review; the page loads, asks for the token, and shows the card with
-    its thumbnail (fetched with the token), while the API still refuses a call without it."""
+    a daemon with a token and an image in review, opened at the server's own address (`/` redirects to the page
+    without the token too); the page loads, asks for the token, and shows the card with its thumbnail (fetched
+    with the token), while the API still refuses a call without it."""
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -110,10 +111,11 @@ def test_the_page_of_a_daemon_with_a_token_loads_and_asks_for_it(tmp_path: Path,
         first_model(app)
         write_image(app.config.folder("inbox") / "odd.jpg", "red", 42)
         wait_for(lambda: (app.config.folder("review") / "odd.jpg.json").exists(), what="the image in review")
-        browser.get(f"http://127.0.0.1:{app.http.port}/ui/")
+        browser.get(f"http://127.0.0.1:{app.http.port}/")
         asked = WebDriverWait(browser, 30).until(expected_conditions.alert_is_present())
         asked.send_keys(token)
         asked.accept()
+        assert browser.current_url == f"http://127.0.0.1:{app.http.port}/ui/"
         wait_for(lambda: browser.execute_script(
             "const img = document.querySelector('#queue .card.selected img');"
             "return img !== null && img.complete && img.naturalWidth > 0;"), what="a card with its thumbnail")

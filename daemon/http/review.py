@@ -185,11 +185,12 @@ async def thumbnail(request: Request) -> Response:
 
 
 async def ui_root(request: Request) -> Response:
-    """The review page."""
+    """The review page, for `/ui` and for the server's own address (`/`: what a person types in a browser)."""
     return RedirectResponse("/ui/", status_code=HTTPStatus.MOVED_PERMANENTLY)
 
 
 ROUTES: list[BaseRoute] = [
+    Route("/", ui_root, methods=["GET"], name="root"),
     Route("/ui", ui_root, methods=["GET"], name="ui_root"),
     Mount("/ui", app=StaticFiles(directory=UI_FOLDER, html=True), name="ui"),
     Route("/v1/review", queue, methods=["GET"], name="review_queue"),

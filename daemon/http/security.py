@@ -28,7 +28,8 @@ from daemon.config import ConfigError, HttpConfig
 from daemon.http.errors import ApiError, error_response
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_PAGE, _PAGE_FILES = "/ui", "/ui/"  # the review page's static files (daemon/http/review.py mounts them)
+#: the review page's static files (daemon/http/review.py mounts them) and the addresses that redirect to them
+_PAGE, _PAGE_FILES = ("/", "/ui"), "/ui/"
 _CASE_FREE_PREFIXES = ("/v1/models/", "/v2")
 _LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -99,7 +100,7 @@ class Guard:
         return None
 
     def _without_token(self, path: str) -> bool:
-        return path in self.http.paths_without_token or path == _PAGE or path.startswith(_PAGE_FILES)
+        return path in self.http.paths_without_token or path in _PAGE or path.startswith(_PAGE_FILES)
 
     def _host_allowed(self, host: str, scope: Scope) -> bool:
         server = scope.get("server")
