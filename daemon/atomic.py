@@ -169,10 +169,20 @@ def _cut(raw: bytes, size: int) -> bytes:
     return raw[:size]
 
 
+def utf8_name(name: str) -> str:
+    """`name` as the file system gave it (bytes that are not UTF-8 held as surrogate escapes, PEP 383) with each
+    such byte replaced by U+FFFD, so that a JSON record, the catalog and a label can hold it; a name that is
+    valid UTF-8 comes back unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def free_name(folder: Path, name: str, tag: str, room: int = RECORD_ROOM, taken: Collection[Path] = ()) -> Path:
     """`folder/name`, or `folder/<stem>-<tag>[-n]<suffix>` when another entry already has that name (or it is
     in `taken`: names given to a batch's files not moved yet) or when the name would not leave `room` bytes of
-    the folder's NAME_MAX for a record's suffix (its stem is then cut to fit)."""
+    the folder's NAME_MAX for a record's suffix (its stem is then cut to fit). Every name it gives is valid
+    UTF-8 (`utf8_name`): a file filed or taught under a name that is not would be skipped for training and
+    written into records that strict JSON readers refuse."""
+    name = utf8_name(name)
     limit = name_max(folder) - room
 
     def free(candidate: Path) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.atomic import GroupCommit, free_name, move_atomic, write_atomic
+from daemon.atomic import GroupCommit, free_name, move_atomic, utf8_name, write_atomic
 from daemon.burst_log import BurstLog
 from daemon.config import Config
 from daemon.extractor import Extraction, Extractor, Job
@@ -249,7 +249,8 @@ class InboxProcessor:
             folder.mkdir(parents=True, exist_ok=True)
             destination = free_name(folder, path.name, tag)
             record_path = destination.with_name(destination.name + ".error.json")
-            record = {"file": path.name, "reason": problem.reason, "error": str(problem), "time": _now()}
+            record = {"file": utf8_name(path.name), "reason": problem.reason, "error": utf8_name(str(problem)),
+                      "time": _now()}  # valid UTF-8 whatever the name's bytes, as a result's record
             write_atomic(record_path, json.dumps(record).encode())
             move_atomic(path, destination)
         except OSError as exc:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.atomic import utf8_name
+
 
 @dataclass(frozen=True)
 class ClassificationResult:
@@ -37,7 +39,7 @@ class ClassificationResult:
         """The machine-readable record (sidecar and `results.jsonl` line)."""
         return {
             "id": self.id,
-            "file": self.source.name,
+            "file": utf8_name(self.source.name),  # the inbox name; bytes that are not UTF-8 as U+FFFD
             "destination": str(self.destination) if self.destination else None,
             "label": self.label,
             "confidence": self.confidence,

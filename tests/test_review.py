@@ -228,3 +228,28 @@ def test_a_thumbnail_never_reads_more_than_the_size_limit(tmp_path: Path, run_ap
         with image.open("r+b") as grown:
             grown.truncate(app.config.watch.max_file_bytes + 1)
         assert_error(call(app, "GET", f"/v1/thumbnails/{group[0]['sha256']}"), 400, "above watch.max_file_bytes")
+
+
+def test_a_name_that_is_not_utf8_is_filed_under_one_that_is_and_can_be_taught(tmp_path: Path, run_app: Any) -> None:
+    """KIND: a file whose name is not valid UTF-8 (bytes of another system's encoding) was filed under that
+    name: its records held lone surrogate escapes that strict JSON readers refuse, and a reviewer who labelled
+    it put it into classes/ under a name training skips. INPUT: b"caf\\xe9.jpg" (Latin-1) dropped into the
+    inbox, sent to review, then labelled."""
+    import orjson  # a strict reader: lone surrogates are not UTF-8
+
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        version = first_model(app)
+        write_image(app.config.folder("inbox") / os.fsdecode(b"caf\xe9.jpg"), "green", 7)
+        (group,) = in_review(app, 1)["groups"]
+        review = app.config.folder("review")
+        assert sorted(os.listdir(review)) == ["caf\ufffd.jpg", "caf\ufffd.jpg.json"]
+        record = orjson.loads((review / "caf\ufffd.jpg.json").read_bytes())
+        assert record["file"] == "caf\ufffd.jpg" and record["destination"] == str(review / "caf\ufffd.jpg")
+        code, _, answer = post(app, f"/v1/review/{group[0]['id']}:label", {"label": "green", "group": True})
+        assert code == 200, answer
+        assert (app.config.folder("classes") / "green" / "caf\ufffd.jpg").exists()
+        newer = wait_for(lambda: app.serving.version.number > version and app.serving.version, what="a retrain")
+        assert sum(newer.metrics["images"]["green"].values()) == 1
+    lines = (tmp_path / "data" / "results.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["file"] for line in lines] == ["caf\ufffd.jpg"]
