@@ -29,9 +29,10 @@ from daemon.events import EventKind
 
 WRITING_FACTOR = 10.0
 TEMPORARY_FACTOR = 10.0
-_TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".swp", "~", ".download")
 #: The working copies a download or a writer fills beside the placeholder it made under the final name.
 _WORKING_COPY_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp")
+#: A writer's working names: those, an editor's swap file, a backup copy.
+_TEMP_SUFFIXES = (*_WORKING_COPY_SUFFIXES, ".swp", "~")
 PLACEHOLDER_RECHECK_SECONDS = 1.0
 _RSYNC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9]{6}$")  # rsync writes `.name.XXXXXX`, then renames to `name`
 
