@@ -288,7 +288,8 @@ class App:
             if self.serving.version is not None:  # published before a stop, or its export failed: catch up
                 self.publisher.submit(self.serving.version)
         if self.batcher is not None and self.http is not None:
-            warm_up(self.backbone, self.config.http.batching.max_batch_size)  # the batcher's largest batch too
+            if gains_from_batches(self.backbone):  # the batcher's largest batch too (not TFLite: one image a
+                warm_up(self.backbone, self.config.http.batching.max_batch_size)  # pass; lanes made when needed)
             self.batcher.start()
             self.api.start()
             self.http.start()

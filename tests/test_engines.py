@@ -6,6 +6,7 @@ documented; the daemon warms its engine before it says it is ready."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -152,6 +153,29 @@ def test_litert_gives_tf_lite_interpreter_bottlenecks(tmp_path: Path) -> None:
 
     np.testing.assert_allclose(converted.embed(images), _tf_interpreter_embed(path.read_bytes(), images), rtol=0,
                                atol=INTERPRETER_TOLERANCE)
+
+
+def test_several_images_run_on_one_thread_lanes_with_the_same_bits(tmp_path: Path) -> None:
+    """One image runs on the interpreter with every thread; several on one-thread lanes (made at the first
+    batch), each lane taking the next image when it is free. The bottlenecks are the same bits either way,
+    in the images' order, whatever the batch's length; a bad batch raises and the engine goes on."""
+    keras_backbone, _, path = _converted_once(tmp_path)
+    converted = TfliteBackbone(path.read_bytes(), keras_backbone.id, threads=2)
+    images = _images(7, converted.input_size, seed=4)
+    one_by_one = np.concatenate([converted.embed(image[None]) for image in images])
+    lanes: set[str] = set()
+    threading.setprofile(lambda *_: lanes.add(threading.current_thread().name))
+    try:
+        assert not [t for t in threading.enumerate() if t.name == "retraind-engine-lane"]
+        for count in (2, 3, 7):
+            assert np.array_equal(converted.embed(images[:count]), one_by_one[:count]), count
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    assert "retraind-engine-lane" in lanes
+    assert np.array_equal(converted.embed(images[:1]), one_by_one[:1])
+    with pytest.raises(ValueError):
+        converted.embed(np.zeros((3, 8, 8, 3), dtype=np.uint8))
+    assert np.array_equal(converted.embed(images), one_by_one)
 
 
 def _loud_backbone() -> KerasBackbone:
