@@ -5,8 +5,8 @@ The pipeline hands it the training files that are due and the paths that left `c
 on one queue: a file deleted and created again is forgotten and indexed in that order. It alone calls the
 indexer. A chunk's rows and bottlenecks are committed on a thread of their own (`retraind-cache-commit`) while
 the next chunk is embedded, one chunk at a time and in order; a forget, the stop and going idle wait for it. A chunk that fails is tried again file by file; files that fail alone are handed back to the
-pipeline (`on_retry`), which takes them again later with a growing delay. `STOP` ends it after the work in
-hand."""
+pipeline (`on_retry`), which takes them again later with a growing delay. `stop()` ends it after the chunk
+in hand."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class Backfill(threading.Thread):
         self._outstanding = 0  # files handed over and not yet indexed
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retraind-cache-commit")
         self._committing: tuple[list[Path], Future[None]] | None = None  # the chunk being committed
+        self._stopping = threading.Event()
 
     def outstanding(self) -> int:
         """Training files handed over and not yet indexed (any thread)."""
@@ -58,6 +59,9 @@ class Backfill(threading.Thread):
         self._work.put(path)
 
     def stop(self) -> None:
+        """End after the chunk in hand: chunks still queued are dropped (their files are not cataloged, so the
+        next start's scan takes them); a stop never waits for a backlog of thousands of images."""
+        self._stopping.set()
         self._work.put(STOP)
 
     def run(self) -> None:
@@ -73,7 +77,9 @@ class Backfill(threading.Thread):
         begun: tuple[list[Path], Indexing | None] | None = None
         held: object = None  # an item taken off the queue while merging, handled next
         while True:
-            if held is not None:
+            if self._stopping.is_set():
+                item = STOP
+            elif held is not None:
                 item, held = held, None
             else:
                 try:

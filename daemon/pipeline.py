@@ -6,7 +6,8 @@ file is never queued behind a backlog of training images (the two share the engi
 turn is the reconcile scan, so a start-up is ready (the last model serving) before the scan has run. Each
 turn costs what changed: due files come off a deadline heap, counts are kept, not recounted; a flood of
 training-file events (10,000 files copied in) is handled a slice per turn, after the inbox's. A `STOP`
-sentinel on the queue ends it (and the caching thread) after the work in hand.
+sentinel on the queue ends it (and the caching thread) after the work in hand: the inbox batches begun and the
+training chunk being cached; files not begun stay where they are, for the next start's scan.
 
 A batch that fails (a bug, a full disk, a decoder that raises) is tried again file by file, so one bad file
 never holds back the others; files that fail alone are taken again later, with a growing delay. Any other
@@ -158,13 +159,11 @@ class Pipeline(threading.Thread):
             self.backfill.join()
 
     def _loop(self) -> None:
-        stopping = False
-        while not stopping:
+        while True:
             for item in self._drain():  # everything but training-file events, which wait in `_later`
-                if item is STOP:
-                    stopping = True
-                else:
-                    self._safely(self._dispatch, item)
+                if item is STOP:  # the turns before it finished their work; what is still due stays put
+                    return
+                self._safely(self._dispatch, item)
             self._safely(self._process_due)  # inbox files first: they never wait behind a flood of events
             for _ in range(min(len(self._later), _LATER_PER_TURN)):
                 self._safely(self._dispatch, self._later.popleft())
@@ -284,25 +283,27 @@ class Pipeline(threading.Thread):
             self._guarded(functools.partial(self._finish, prepared, batch), batch)
             taken.difference_update(batch)
             self._progress.went_round()
-            if joined < _JOIN_PER_TURN:
-                for path in self._arrived():
-                    if path in taken:
-                        self._pending["inbox"].retry(path, _FIRST_RETRY_SECONDS)
-                    else:
-                        taken.add(path)
-                        todo.append(path)
-                        joined += 1
+            arrived = self._arrived(take=joined < _JOIN_PER_TURN)
+            if STOP in self._held:
+                todo.clear()  # the batches begun are finished; the rest waits in the inbox for the next start
+            for path in arrived:
+                if path in taken:
+                    self._pending["inbox"].retry(path, _FIRST_RETRY_SECONDS)
+                else:
+                    taken.add(path)
+                    todo.append(path)
+                    joined += 1
 
-    def _arrived(self) -> list[Path]:
-        """Inbox files due now, from the events queued since the turn began (training-file events go to
-        `_later` as in every turn). Once `STOP` has come (it is held for the loop, after this turn) none join:
-        the batches begun are finished and the rest waits in the inbox for the next start."""
+    def _arrived(self, take: bool) -> list[Path]:
+        """Inbox files due now (when `take`), from the events queued since the turn began (training-file
+        events go to `_later` as in every turn). Once `STOP` has come (held for the loop, which then ends)
+        none are taken."""
         for item in self._drain(wait=False):
             if item is STOP:
                 self._held.append(item)
             else:
                 self._safely(self._dispatch, item)
-        return [] if STOP in self._held else self._pending["inbox"].due()
+        return self._pending["inbox"].due() if take and STOP not in self._held else []
 
     def _begin(self, batch: list[Path]) -> Future[PreparedBatch]:
         """`batch` begun (its decoding queued behind the batches begun before it) and then embedded on `_ahead`;
