@@ -57,12 +57,12 @@ class TfliteBackbone:
 
     One image runs on an interpreter with `threads` threads (the lowest latency: HTTP's single requests, one
     inbox file). Several images run on `LANES` interpreters at once ("lanes", made at the first call with
-    several images: +~21 MiB each for Lite0), the threads shared among them (on 2 cores: one each), each lane
-    taking the next image when it is free, the caller's thread driving the first. XNNPACK's threads meet at a barrier after every operator, so one
-    interpreter with 2 threads runs at the pace of whichever thread the scheduler set aside: beside a process
-    using 28 % of one core, Lite0 fell from 170 to 101-111 img/s on 2 cores with 2 threads, and to 146-162 img/s
-    on two one-thread lanes (178 alone against 170; /tmp-free figures in README "Performance"). In the daemon,
-    decoding and filing are that other work. The bottlenecks are the same bits either way.
+    several images: +~21 MiB each for Lite0) that share the threads (on 2 cores: one each), each lane taking
+    the next image when it is free, the caller's thread driving the first. XNNPACK's threads meet at a barrier
+    after every operator, so one interpreter with 2 threads runs at the pace of whichever thread the scheduler
+    set aside: beside a process using 28 % of one core, Lite0 fell from 170 to 101-111 img/s on 2 cores with
+    2 threads, and to 146-162 img/s on two one-thread lanes (178 alone against 170; README "Engines"). In the
+    daemon, decoding and filing are that other work. The bottlenecks are the same bits either way.
 
     `model` is the flatbuffer's bytes; raises ValueError or RuntimeError (LiteRT's errors) for a model it
     cannot load."""
