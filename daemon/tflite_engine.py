@@ -37,6 +37,8 @@ from daemon.keras_engine import KerasBackbone
 
 log = logging.getLogger(__name__)
 
+#: Interpreters a batch runs on at most (each holds its own copy of the packed weights)
+LANES = 2
 #: The largest difference in any bottleneck value allowed between the engines. Measured: 1.5e-5 for Lite0 over
 #: the 403 tuxpaint6 images (values up to 5.8), 4e-9 for Inception v3 with random weights.
 TOLERANCE = 1e-4
@@ -54,13 +56,13 @@ class TfliteBackbone:
     for Lite0, the same for Inception v3), behind a lock: an interpreter must not be entered by two threads.
 
     One image runs on an interpreter with `threads` threads (the lowest latency: HTTP's single requests, one
-    inbox file). Several images run on `threads` one-thread interpreters at once ("lanes", made at the first
-    call with several images: +~21 MiB each for Lite0), each lane taking the next image when it is free, the
-    caller's thread driving the first. XNNPACK's threads meet at a barrier after every operator, so one
-    interpreter with 2 threads runs at the pace of whichever thread the scheduler set aside: beside a process
-    using 28 % of one core, Lite0 fell from 170 to 101-111 img/s on 2 cores with 2 threads, and to 146-162 img/s
-    on two one-thread lanes (178 alone against 170; /tmp-free figures in README "Performance"). In the daemon,
-    decoding and filing are that other work. The bottlenecks are the same bits either way.
+    inbox file). Several images run on `LANES` interpreters at once ("lanes", made at the first call with
+    several images: +~21 MiB each for Lite0) that share the threads (on 2 cores: one each), each lane taking
+    the next image when it is free, the caller's thread driving the first. XNNPACK's threads meet at a barrier
+    after every operator, so one interpreter with 2 threads runs at the pace of whichever thread the scheduler
+    set aside: beside a process using 28 % of one core, Lite0 fell from 170 to 101-111 img/s on 2 cores with
+    2 threads, and to 146-162 img/s on two one-thread lanes (178 alone against 170; README "Engines"). In the
+    daemon, decoding and filing are that other work. The bottlenecks are the same bits either way.
 
     `model` is the flatbuffer's bytes; raises ValueError or RuntimeError (LiteRT's errors) for a model it
     cannot load."""
@@ -80,11 +82,13 @@ class TfliteBackbone:
         """uint8 (N, height, width, 3) → float32 (N, dim); one `invoke` per image."""
         out = np.empty((len(images), self.dim), dtype=np.float32)
         with self._lock:
-            if len(images) == 1 or self.threads == 1:
+            if len(images) == 1 or self.threads == 1:  # (one thread: a lane would be the same interpreter)
                 self._interpreter.run(images, out)
                 return out
             if not self._lanes:
-                self._lanes = [_Lane(self._model, 1) for _ in range(self.threads)]
+                count = min(LANES, self.threads)
+                self._lanes = [_Lane(self._model, self.threads // count + (lane < self.threads % count))
+                               for lane in range(count)]
             rows = itertools.count()  # each lane takes the next image when it is free: none waits for another
             failed: list[BaseException] = []
             helping = [threading.Thread(target=lane.run, args=(images, out, rows, failed), name="retraind-engine-lane")

@@ -155,12 +155,14 @@ def test_litert_gives_tf_lite_interpreter_bottlenecks(tmp_path: Path) -> None:
                                atol=INTERPRETER_TOLERANCE)
 
 
-def test_several_images_run_on_one_thread_lanes_with_the_same_bits(tmp_path: Path) -> None:
-    """One image runs on the interpreter with every thread; several on one-thread lanes (made at the first
-    batch), each lane taking the next image when it is free. The bottlenecks are the same bits either way,
-    in the images' order, whatever the batch's length; a bad batch raises and the engine goes on."""
+@pytest.mark.parametrize("threads", [2, 3])
+def test_several_images_run_on_lanes_with_the_same_bits(tmp_path: Path, threads: int) -> None:
+    """One image runs on the interpreter with every thread; several on `LANES` interpreters sharing the
+    threads (made at the first batch), each lane taking the next image when it is free. The bottlenecks are
+    the same bits either way, in the images' order, whatever the batch's length; a bad batch raises and the
+    engine goes on."""
     keras_backbone, _, path = _converted_once(tmp_path)
-    converted = TfliteBackbone(path.read_bytes(), keras_backbone.id, threads=2)
+    converted = TfliteBackbone(path.read_bytes(), keras_backbone.id, threads=threads)
     images = _images(7, converted.input_size, seed=4)
     one_by_one = np.concatenate([converted.embed(image[None]) for image in images])
     lanes: set[str] = set()
