@@ -117,7 +117,12 @@ class Pipeline(threading.Thread):
     def start(self) -> None:
         self._on_backlog(1)  # unknown until the first scan has run: no training before it
         self.backfill.start()
-        super().start()
+        try:
+            super().start()
+        except BaseException:  # the OS refused the thread: the app stops only a pipeline that runs
+            self.backfill.stop()
+            self.backfill.join()
+            raise
 
     def _notify(self, item: object) -> None:
         """From the caching thread: never block on a full queue (the pipeline may be stopping)."""

@@ -16,6 +16,8 @@ Kill points between the inbox's steps (the process kills itself with SIGKILL, so
 - `--watch-fsync`: every fsync of an inbox record (a sidecar `<image>.json`, `results.jsonl`) is noted in the
   events log as `fsync <name> <open>`, `<open>` the journal entries open for it at that moment (all of them
   for `results.jsonl`); `--kill-at-fsync N` kills right after the N-th of them, inside the group commit.
+With `--refuse-thread NAME`, starting the thread named NAME fails once, as when the OS refuses a thread (memory,
+a pids limit): a start that fails half-way.
 """
 
 from __future__ import annotations
@@ -136,6 +138,22 @@ class FsyncWatch:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def refuse_thread_start(name: str) -> None:
+    """Wraps `threading.Thread.start` in this process (fault injection, the daemon's code untouched): starting a
+    thread named `name` raises what CPython raises when the OS refuses a thread (memory or address space
+    exhausted, a pids limit), once."""
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == name and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    refused: list[str] = []
+    threading.Thread.start = refusing  # type: ignore[method-assign]
+
+
 _CAP_VERSION_3, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 0x20080522, 1, 2
 
 
@@ -160,6 +178,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kill-in-sink", type=int, default=0, help="SIGKILL in the N-th retraind_on_result call")
     parser.add_argument("--watch-fsync", action="store_true", help="note each fsync of an inbox record")
     parser.add_argument("--kill-at-fsync", type=int, default=0, help="SIGKILL after the N-th noted fsync")
+    parser.add_argument("--refuse-thread", default="", help="starting the thread of this name fails, once")
     args = parser.parse_args(argv)
     if args.permissions_apply:
         drop_permission_override()
@@ -167,6 +186,8 @@ def main(argv: list[str]) -> int:
     plugins = _plugins(config.data_root) + ((KillInSink(args.kill_in_sink),) if args.kill_in_sink else ())
     if args.watch_fsync:
         FsyncWatch(config.data_root, args.kill_at_fsync)
+    if args.refuse_thread:
+        refuse_thread_start(args.refuse_thread)
     setup_logging(config.log_level)
     stop = threading.Event()
 
