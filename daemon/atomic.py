@@ -123,8 +123,10 @@ def _copy(src: Path, tmp: Path) -> None:
 
 
 def move_atomic(src: Path, dst: Path) -> None:
-    """Move a file into place; across file systems it is copied to a temporary name first. A relative
-    symlink is first re-pointed where it lies (atomically), so that it reaches the same file from anywhere."""
+    """Move a file into place; across file systems it is copied to a temporary name first, and the copy is
+    removed again when the original cannot be (a read-only folder): a failed move leaves the file in one place.
+    A relative symlink is first re-pointed where it lies (atomically), so that it reaches the same file from
+    anywhere."""
     if os.path.islink(src) and not os.path.isabs(target := os.readlink(src)):
         absolute = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(src)), target))
         _place(src, lambda tmp: os.symlink(absolute, tmp))
@@ -134,7 +136,11 @@ def move_atomic(src: Path, dst: Path) -> None:
         if exc.errno != errno.EXDEV:  # another file system: copy, then remove the original
             raise
         _place(dst, lambda tmp: _copy(src, tmp))
-        src.unlink()
+        try:
+            src.unlink()
+        except BaseException:
+            dst.unlink()
+            raise
     _sync_folder(dst.parent)
 
 

@@ -42,6 +42,11 @@ class ActionRefused(ValueError):
     """A decision that cannot be carried out as asked (a bad label, a file that is gone); nothing moved."""
 
 
+class ActionFailed(OSError):
+    """A decision the file system refused half-way (a read-only folder, a full disk); what it had done is undone
+    (or, if that fails too, finished at the next start). The message names the file and the cause."""
+
+
 @dataclass
 class Plan:
     """What one decision does to the file system. Paths are absolute; `removed` keeps each removed file's
@@ -103,12 +108,28 @@ class ReviewActions:
         """Journal `plan`, carry it out, mark it done; returns its sequence number (for undo)."""
         with self._lock:
             seq = self._store.review_begin(kind, plan.to_json())
-            _do(plan)
+            try:
+                _do(plan)
+            except OSError as exc:
+                raise self._failed(seq, plan, exc) from exc
             self._store.review_set_state(seq, "done")
         self._metrics.review_actions.labels(action=kind).inc()
         log.info("review: %s %s", kind, ", ".join(f"{s.name} -> {d.parent.name}/" for s, d in plan.moves)
                  or json.dumps(plan.subject))
         return seq
+
+    def _failed(self, seq: int, plan: Plan, exc: OSError) -> ActionFailed:
+        """Undo what decision `seq` did before `exc`; the error to answer with."""
+        where = f"{exc.filename}: " if exc.filename else ""
+        try:
+            _undo(plan)
+        except OSError:
+            log.exception("review: decision #%d failed (%s%s) and cannot be undone now; the next start finishes it",
+                          seq, where, exc.strerror or exc)
+            return ActionFailed(f"{where}{exc.strerror or exc}; the decision is finished at the next start")
+        self._store.review_set_state(seq, "undone")
+        log.error("review: decision #%d failed and was undone: %s%s", seq, where, exc.strerror or exc)
+        return ActionFailed(f"{where}{exc.strerror or exc}; nothing was changed: try again once that is mended")
 
     def undo(self) -> ReviewActionRow | None:
         """Undo the newest decision still done; None when there is nothing to undo."""

@@ -253,3 +253,29 @@ def test_a_name_that_is_not_utf8_is_filed_under_one_that_is_and_can_be_taught(tm
         assert sum(newer.metrics["images"]["green"].values()) == 1
     lines = (tmp_path / "data" / "results.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["file"] for line in lines] == ["caf\ufffd.jpg"]
+
+
+def test_a_decision_that_cannot_move_its_file_changes_nothing_and_says_why(tmp_path: Path, run_app: Any) -> None:
+    """Kind: a decision whose move fails (review/ read-only: a bind mount, so the move to classes/ crosses file
+    systems and its copy is made before the source is removed) is undone; the answer names the file and the
+    cause; the file is in one place (review/), and the same decision succeeds once the folder is writable."""
+    from tests.test_reliability_disk import mount, unmount
+
+    seed_classes(tmp_path)
+    with run_app(**ALL_TO_REVIEW) as app:
+        first_model(app)
+        write_image(app.config.folder("inbox") / "leaf.jpg", "green", 7)
+        (group,) = in_review(app, 1)["groups"]
+        review, taught = app.config.folder("review"), app.config.folder("classes") / "green"
+        mount("--bind", str(review), str(review))
+        try:
+            mount("-o", "remount,bind,ro", str(review))
+            code, _, answer = post(app, f"/v1/review/{group[0]['id']}:label", {"label": "green", "group": True})
+            assert code == 503 and "leaf.jpg" in answer["error"] and "Read-only file system" in answer["error"], answer
+            assert sorted(p.name for p in review.iterdir()) == ["leaf.jpg", "leaf.jpg.json"]
+            assert not list(taught.glob("*")), "a copy was left in classes/: the file is in two places"
+        finally:
+            unmount(review)
+        code, _, answer = post(app, f"/v1/review/{group[0]['id']}:label", {"label": "green", "group": True})
+        assert code == 200, answer
+        assert [p.name for p in taught.iterdir()] == ["leaf.jpg"] and not list(review.iterdir())

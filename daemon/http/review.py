@@ -37,7 +37,7 @@ from daemon.http.errors import ApiError
 from daemon.http.security import StateChangingRoute
 from daemon.images import ImageRejected, read_image_file
 from daemon.review import Review
-from daemon.review_actions import ActionRefused
+from daemon.review_actions import ActionFailed, ActionRefused
 
 UI_FOLDER = Path(__file__).resolve().parent.parent / "ui"
 MAX_PAGE = 200
@@ -51,13 +51,16 @@ def _review(request: Request) -> tuple[Api, Review]:
 
 
 async def _off_loop(api: Api, work: Callable[[], T]) -> T:
-    """Run file-system work on the API's pool; a missing id is 404, a refused decision 400."""
+    """Run file-system work on the API's pool; a missing id is 404, a refused decision 400, one the file
+    system refused (read-only, full) 503."""
     try:
         return await asyncio.get_running_loop().run_in_executor(api.pool, work)
     except KeyError as exc:
         raise ApiError(HTTPStatus.NOT_FOUND, f"no such item: {exc.args[0]} (it may have been moved already)") from exc
     except ActionRefused as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+    except ActionFailed as exc:
+        raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from exc
 
 
 async def _options(request: Request) -> dict[str, Any]:
