@@ -17,6 +17,7 @@ Thread-safety: one lock; callers are the HTTP API's worker threads.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -184,9 +185,23 @@ def now_iso() -> str:
 
 
 def _move(source: Path, destination: Path) -> None:
-    if os.path.lexists(source) and not os.path.lexists(destination):
+    """Move `source` to `destination` unless it is gone or done. A source whose destination already holds its
+    bytes is what a stop left between a move's copy across file systems and the removal of the original (at
+    most one unlink apart): the move is finished by removing it, so the file is in one place."""
+    if not os.path.lexists(source):
+        return
+    if not os.path.lexists(destination):
         destination.parent.mkdir(parents=True, exist_ok=True)
         move_atomic(source, destination)
+    elif _same_bytes(source, destination):
+        source.unlink()
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def _do(plan: Plan) -> None:
@@ -207,7 +222,8 @@ def _undo(plan: Plan) -> list[Path]:
     for source, destination in reversed(plan.moves):
         if not os.path.lexists(destination) and not os.path.lexists(source):
             gone.append(destination)
-        if os.path.lexists(source) and os.path.lexists(destination):  # its old name was taken meanwhile
+        if (os.path.lexists(source) and os.path.lexists(destination)  # its old name was taken meanwhile
+                and not _same_bytes(source, destination)):  # (not by this undo's own copy: `_move` ends it)
             source = free_name(source.parent, source.name, "undone")
         _move(destination, source)
     for path, text in plan.removed.items():  # the records (`sidecar_of`) of moved images

@@ -16,7 +16,8 @@ Kill points between the inbox's steps (the process kills itself with SIGKILL, so
 - `--watch-fsync`: every fsync of an inbox record (a sidecar `<image>.json`, `results.jsonl`) is noted in the
   events log as `fsync <name> <open>`, `<open>` the journal entries open for it at that moment (all of them
   for `results.jsonl`); `--kill-at-fsync N` kills right after the N-th of them, inside the group commit.
-With `--refuse-thread NAME`, starting the thread named NAME fails once, as when the OS refuses a thread (memory,
+`--kill-at-unlink NAME` kills it as it is about to remove a file named NAME (the original of a move across
+file systems, once its copy is in place). With `--refuse-thread NAME`, starting the thread named NAME fails once, as when the OS refuses a thread (memory,
 a pids limit): a start that fails half-way.
 """
 
@@ -138,6 +139,19 @@ class FsyncWatch:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kill_at_unlink(name: str) -> None:
+    """Wraps `os.unlink` in this process (fault injection, the daemon's code untouched): removing a file named
+    `name` kills the process with SIGKILL first."""
+    unlink = os.unlink
+
+    def killing(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+        if os.path.basename(os.fspath(path)) == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    os.unlink = killing  # type: ignore[assignment]
+
+
 def refuse_thread_start(name: str) -> None:
     """Wraps `threading.Thread.start` in this process (fault injection, the daemon's code untouched): starting a
     thread named `name` raises what CPython raises when the OS refuses a thread (memory or address space
@@ -151,7 +165,7 @@ def refuse_thread_start(name: str) -> None:
         start(thread)
 
     refused: list[str] = []
-    threading.Thread.start = refusing  # type: ignore[method-assign]
+    threading.Thread.start = refusing  # type: ignore[assignment,method-assign]
 
 
 _CAP_VERSION_3, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 0x20080522, 1, 2
@@ -179,6 +193,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--watch-fsync", action="store_true", help="note each fsync of an inbox record")
     parser.add_argument("--kill-at-fsync", type=int, default=0, help="SIGKILL after the N-th noted fsync")
     parser.add_argument("--refuse-thread", default="", help="starting the thread of this name fails, once")
+    parser.add_argument("--kill-at-unlink", default="", help="SIGKILL as a file of this name is removed")
     args = parser.parse_args(argv)
     if args.permissions_apply:
         drop_permission_override()
@@ -188,6 +203,8 @@ def main(argv: list[str]) -> int:
         FsyncWatch(config.data_root, args.kill_at_fsync)
     if args.refuse_thread:
         refuse_thread_start(args.refuse_thread)
+    if args.kill_at_unlink:
+        kill_at_unlink(args.kill_at_unlink)
     setup_logging(config.log_level)
     stop = threading.Event()
 

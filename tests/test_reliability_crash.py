@@ -18,10 +18,12 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import zlib
 from collections.abc import Callable
 from contextlib import closing
@@ -91,6 +93,10 @@ def check_state(data: Path) -> None:
     assert len({line["id"] for line in lines}) == len({line["sha256"] for line in lines}) == len(lines)
 
 
+#: the vector of the all-black images an engine is warmed up with (with HTTP on, a batch of them)
+WARM_UP = vector_hash(np.zeros(ColourGrid.dim, np.float32))
+
+
 class Daemon:
     """The crash child: started, killed with SIGKILL or stopped with SIGTERM; every end is checked.
     `permissions_apply`: even run as root, file permissions stop it."""
@@ -156,7 +162,7 @@ class Daemon:
         self._check_ended()
 
     def _check_ended(self) -> None:
-        computed = self._embedded()[self._embedded_from :]
+        computed = [v for v in self._embedded()[self._embedded_from :] if v != WARM_UP]
         assert not set(computed) & self._stored_before, "a vector already stored was computed again"
         assert len(computed) == len(set(computed)), "a vector was computed twice in one run"
         check_state(self.data)
@@ -323,3 +329,50 @@ def test_kill_9_between_an_inbox_batch_s_records_and_its_journal_close(tmp_path:
         assert journaled, f"{point}: the kill landed before the batch was journaled or after it closed"
         daemon.finish(lambda: trained_on_everything(daemon.data))  # recovery, then the rest of the files
         check_inbox_outcome(daemon.data, dropped, set())
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_kill_9_inside_a_review_decision_across_file_systems(tmp_path: Path) -> None:
+    """review/ on another mount (a bind mount over itself: a move from it copies, then removes the original);
+    kills between the copy and the removal, of a label decision and of its undo. After each restart the file is
+    in one place: the interrupted move is finished, never done again to a second name."""
+    from tests.test_reliability_disk import mount, unmount
+
+    daemon = Daemon(tmp_path)
+    port = free_port()
+    (tmp_path / "config.yaml").write_text(CONFIG.replace("http: {enabled: false}", f"http: {{port: {port}}}")
+                                          .replace("confidence_threshold: 0.0", "confidence_threshold: 1.0"))
+    add_training_images(daemon.data, 10, "base")
+    review, taught = daemon.data / "review", daemon.data / "classes" / "red"
+    review.mkdir(parents=True)
+    mount("--bind", str(review), str(review))
+    try:
+        daemon.start()
+        add_images(daemon.data / "inbox", ["doubt.png"], "red", 4242)
+        wait_for(lambda: (review / "doubt.png.json").exists(), what="the file in review/")
+        daemon.stop()
+        for decision in ("/v1/review/{id}:label", "/v1/review:undo"):
+            daemon.start("--kill-at-unlink", "doubt.png")
+            queue = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/review", timeout=10))
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}" + decision.format(id=queue["groups"][0][0]["id"] if queue["groups"] else ""),
+                data=json.dumps({"label": "red", "group": True}).encode(), method="POST",
+                headers={"Content-Type": "application/json"})
+            with pytest.raises(OSError):  # the daemon is killed before it answers
+                urllib.request.urlopen(request, timeout=10)
+            daemon.killed_itself()
+            assert (review / "doubt.png").exists() and (taught / "doubt.png").exists()  # the kill point
+            daemon.start()
+            wait_for(lambda: trained_on_everything(daemon.data), what="the restarted daemon to settle")
+            daemon.stop()
+            in_review = sorted(p.name for p in review.iterdir() if not p.name.endswith(".json"))
+            in_classes = sorted(p.name for p in taught.glob("doubt*"))
+            assert (in_review, in_classes) == (([], ["doubt.png"]) if decision.endswith(":label") else
+                                               (["doubt.png"], [])), decision
+    finally:
+        unmount(review)
