@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -66,8 +67,62 @@ def sees_gpu() -> bool:
 
 
 def default_threads() -> int:
-    """Every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Every core this process may run on: the cores of its CPU affinity, at most the whole CPUs of its
+    cgroup's quota (`cpu_quota`; at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.floor(quota)))
+
+
+def cpu_quota(cgroups: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPUs per period this process's cgroup may use (`docker run --cpus`, systemd's `CPUQuota=`): the
+    smallest quota on its cgroup's path up to the root, from cgroup v2's `cpu.max` (`QUOTA PERIOD` or `max
+    PERIOD`) or v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none), read as Go's automaxprocs and the JVM's
+    container support read them. None when there is no quota or none can be read. A quota leaves the cores
+    visible, so without it a 1-CPU container on 16 cores ran 16 engine threads, throttled."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":  # v2: one hierarchy for every controller
+            quotas += _quotas(cgroups, path, _v2_quota)
+        elif "cpu" in controllers.split(","):  # v1: mounted under the controllers' names, or `cpu` alone
+            for mount in dict.fromkeys((cgroups / controllers, cgroups / "cpu")):
+                quotas += _quotas(mount, path, _v1_quota)
+    return min(quotas, default=None)
+
+
+def _quotas(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    """The quotas set on `path` and each of its ancestors under `mount` (a container sees its own cgroup at
+    the root)."""
+    found, parts = [], [part for part in path.split("/") if part]
+    for depth in range(len(parts), -1, -1):
+        quota = read(mount.joinpath(*parts[:depth]))
+        if quota is not None:
+            found.append(quota)
+    return found
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota < 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def select_engine(config: BackboneConfig, cache_dir: Path, backbone_id: str,

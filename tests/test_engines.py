@@ -6,6 +6,9 @@ documented; the daemon warms its engine before it says it is ready."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +20,7 @@ import pytest
 
 from daemon.backbone import Backbone
 from daemon.config import BackboneConfig
-from daemon.engines import gains_from_batches, sees_gpu, select_engine
+from daemon.engines import cpu_quota, default_threads, gains_from_batches, sees_gpu, select_engine
 from daemon.hookspecs import hookimpl
 from daemon.keras_engine import KerasBackbone
 from daemon.tflite_engine import (
@@ -311,3 +314,50 @@ def test_one_conversion_serves_every_preprocessing_version_of_a_network(tmp_path
     legacy.unlink()
     assert tflite_backbone(builder, "tiny/seed7/v3", tmp_path, threads=1).id == "tiny/seed7/v3"
     assert builder.calls == 1
+
+
+def _cgroup_file(folder: Path, name: str, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+
+
+def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path: Path) -> None:
+    """Kind: a container or service limited to fewer CPUs than it sees (`docker run --cpus=1`, systemd's
+    `CPUQuota=100%`) ran one engine thread per visible core, throttled. The smallest quota on the cgroup's path
+    counts, cgroup v2 or v1; no quota, or none readable, is None."""
+    v2, membership = tmp_path / "v2", tmp_path / "cgroup"
+    membership.write_text("0::/system.slice/retraind.service\n")
+    _cgroup_file(v2, "cpu.max", "max 100000\n")
+    _cgroup_file(v2 / "system.slice", "cpu.max", "150000 100000\n")
+    _cgroup_file(v2 / "system.slice" / "retraind.service", "cpu.max", "max 100000\n")
+    assert cpu_quota(v2, membership) == 1.5
+    (v2 / "system.slice" / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2, membership) is None
+
+    v1 = tmp_path / "v1"
+    membership.write_text("4:memory:/x\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    _cgroup_file(v1 / "cpu,cpuacct", "cpu.cfs_quota_us", "200000\n")  # a container sees its cgroup at the root
+    _cgroup_file(v1 / "cpu,cpuacct", "cpu.cfs_period_us", "100000\n")
+    assert cpu_quota(v1, membership) == 2.0
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(v1, membership) is None
+    assert cpu_quota(tmp_path / "none", tmp_path / "missing") is None
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)
+
+
+def test_a_process_in_a_cgroup_with_a_one_cpu_quota_runs_one_thread(tmp_path: Path) -> None:
+    """The same through the kernel: a real cgroup v1 `cpu` group with a quota of one CPU (root and a writable
+    cgroup v1 hierarchy needed: skipped with the reason otherwise)."""
+    group = Path("/sys/fs/cgroup/cpu") / f"retraind-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup v1 cpu group here: {exc}")
+    try:
+        (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text())))
+        probe = "from daemon.engines import default_threads; print(default_threads())"
+        done = subprocess.run(["sh", "-c", f'echo $$ > {group}/tasks && exec "$0" -c "$1"', sys.executable, probe],
+                              capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+        assert done.stdout.strip() == "1", done
+    finally:
+        group.rmdir()
